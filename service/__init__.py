@@ -1,0 +1,1 @@
+"""digitserve: a LitServe microservice for handwritten-digit classification."""

@@ -1,0 +1,59 @@
+"""The one configuration object: command-line flags and ``DIGITSERVE_*`` environment variables.
+
+Precedence: flag > environment > default. Validated once at start-up; a bad value stops the
+service with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.device import Accelerator
+
+
+class Limits(BaseSettings):
+    """Size limits on every input. Defaults are what a 2-core box survives comfortably."""
+
+    model_config = SettingsConfigDict(env_prefix="DIGITSERVE_", extra="ignore")
+
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body")
+    max_instances: int = Field(64, ge=1, description="images in one request")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="width x height of one encoded image, checked from its header")
+    max_image_side: int = Field(8192, ge=28, description="longest side of one encoded image")
+    max_ig_steps: int = Field(256, ge=1, description="most integrated-gradients steps one explain may ask for")
+
+
+class Settings(Limits):
+    """Everything ``python -m service`` accepts. Each field is ``--kebab-flag`` and ``DIGITSERVE_UPPER_NAME``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DIGITSERVE_",
+        extra="ignore",
+        cli_prog_name="python -m service",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=1024, le=65535, description="port to bind")
+    store: Path = Field(Path("model_store"), description="model store folder")
+    model: str = Field("mnist-fnn", min_length=1, description="model name in the store")
+    version: int | None = Field(None, ge=1, description="pin a version (default: the highest)")
+    accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
+    batch_timeout_ms: float = Field(2.0, ge=0, le=1000, description="how long a worker waits to fill a batch")
+    workers: int = Field(1, ge=1, le=64, description="predict workers per device")
+    explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")
+    api_servers: int = Field(1, ge=1, le=64, description="HTTP (uvicorn) processes")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request still unanswered after this gets 504")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
+
+    @model_validator(mode="after")
+    def _batch_within_timeout(self) -> "Settings":
+        if self.batch_timeout_ms / 1000 >= self.request_timeout_s:
+            raise ValueError("batch-timeout-ms must be shorter than request-timeout-s")
+        return self

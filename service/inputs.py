@@ -1,0 +1,146 @@
+"""HTTP body -> validated, MNIST-normalised images. Runs in the API server, before anything is queued.
+
+Everything a client can get wrong is found here and becomes an ``InputError`` (a 4xx with a
+detail); only well-formed work reaches the model workers, so one bad request can never fail
+another request's batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from service.config import Limits
+from service.errors import InputError
+from service.preprocess import decode_image, to_mnist, validate_pixels
+from service.schema import INSTANCES, Instance
+
+Options = TypeVar("Options", bound=BaseModel)
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+
+
+@dataclass
+class Decoded:
+    """A request's images in 0..1, (N, 28, 28), in request order, and its other fields."""
+
+    images: np.ndarray
+    options: BaseModel
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """Pydantic's errors as one readable line: ``instances.0.pixels: Input should be a valid list``."""
+    parts = []
+    for err in error.errors()[:5]:
+        where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "body"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(error.errors()) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit (by header or by counting)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_payload_bytes:
+        raise InputError(413, f"payload is {declared} bytes; the limit is {limits.max_payload_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_payload_bytes:
+            raise InputError(413, f"payload exceeds the limit of {limits.max_payload_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse(request: Request, body: bytes, options_model: type[Options], limits: Limits) -> Decoded:
+    """Dispatch on content type; count, decode and preprocess every image."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        raw, options = _parse_json(body, options_model)
+    elif content_type == "multipart/form-data":
+        raw, options = await _parse_multipart(request, body, options_model, limits)
+    else:
+        raise InputError(
+            415, f"unsupported content type {content_type or '(none)'!r}: send application/json "
+            '({"instances": [...]}) or multipart/form-data with "file" parts'
+        )
+    if len(raw) > limits.max_instances:
+        raise InputError(413, f"{len(raw)} instances in one request; the limit is {limits.max_instances}")
+    images = np.stack([_to_mnist(item, i, limits) for i, item in enumerate(raw)])
+    return Decoded(images=images, options=options)
+
+
+def _parse_json(body: bytes, options_model: type[Options]) -> tuple[list[Instance], BaseModel]:
+    if not body.strip():
+        raise InputError(400, 'request body is empty: send {"instances": [{"image_b64": ...} | {"pixels": ...}]}')
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise InputError(400, "JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(400, f"body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise InputError(422, f'body must be a JSON object {{"instances": [...]}}, got {type(payload).__name__}')
+    if "instances" not in payload:
+        raise InputError(422, 'instances: field required ({"instances": [{"image_b64": ...} | {"pixels": ...}]})')
+    try:
+        instances = INSTANCES.validate_python(payload.pop("instances"))
+    except ValidationError as e:
+        raise InputError(422, describe(e, prefix="instances")) from None
+    return instances, _options(options_model, payload)
+
+
+async def _parse_multipart(request: Request, body: bytes, options_model: type[Options], limits: Limits):
+    async def once():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, once(), max_files=limits.max_instances + 1,
+                                     max_fields=32, max_part_size=limits.max_payload_bytes).parse()
+    except (MultiPartException, ValueError, KeyError) as e:
+        raise InputError(400, f"multipart body could not be parsed: {e}") from None
+    files, fields = [], {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "file":
+                raise InputError(422, f"unexpected file part {key!r}: name image parts 'file'")
+            files.append(await value.read())
+        else:
+            fields[key] = value
+    if not files:
+        raise InputError(422, "multipart body has no 'file' part (curl -F file=@digit.png)")
+    return files, _options(options_model, fields)
+
+
+def _options(options_model: type[Options], fields: dict) -> BaseModel:
+    try:
+        return options_model.model_validate(fields)
+    except ValidationError as e:
+        raise InputError(422, describe(e)) from None
+
+
+def _to_mnist(item: Instance | bytes, index: int, limits: Limits) -> np.ndarray:
+    try:
+        if isinstance(item, bytes):
+            return to_mnist(decode_image(item, limits))
+        if item.pixels is not None:
+            return validate_pixels(item.pixels)
+        return to_mnist(decode_image(_b64(item.image_b64), limits))
+    except InputError as e:
+        raise e.at(f"instance {index}") from None
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(_DATA_URL.sub("", text.strip(), count=1), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "image_b64 is not valid base64") from None

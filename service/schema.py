@@ -1,0 +1,42 @@
+"""The JSON request and response shapes of /predict and /explain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
+
+
+class Instance(BaseModel):
+    """One image: encoded bytes in base64, or a 28x28 array of 0..255 numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_b64: str | None = None
+    pixels: list[list[float]] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Instance":
+        if (self.image_b64 is None) == (self.pixels is None):
+            raise ValueError("give exactly one of 'image_b64' or 'pixels'")
+        return self
+
+
+INSTANCES = TypeAdapter(Annotated[list[Instance], Field(min_length=1)])
+
+
+class PredictOptions(BaseModel):
+    """/predict takes no options beside its instances; anything else is an unknown field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExplainOptions(PredictOptions):
+    """What /explain computes; in JSON beside ``instances``, or as multipart form fields."""
+
+    method: Method = "integrated_gradients"
+    target: int | None = Field(None, ge=0, le=9, description="class to explain (default: the predicted one)")
+    steps: int = Field(32, ge=1, description="integrated-gradients steps")
+    top_k: int = Field(10, ge=1, le=100, description="hidden units listed per layer")
+    heatmap: bool = False
