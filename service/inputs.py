@@ -11,13 +11,14 @@ import base64
 import binascii
 import json
 import re
+from email import policy
+from email.parser import BytesParser
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from service.config import Limits
@@ -61,13 +62,13 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-async def parse(request: Request, body: bytes, options_model: type[Options], limits: Limits) -> Decoded:
-    """Dispatch on content type; count, decode and preprocess every image."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limits: Limits) -> Decoded:
+    """Dispatch on content type; count, decode and preprocess every image. CPU-bound, no I/O."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         raw, options = _parse_json(body, options_model)
     elif content_type == "multipart/form-data":
-        raw, options = await _parse_multipart(request, body, options_model, limits)
+        raw, options = _parse_multipart(headers, body, options_model, limits)
     else:
         raise InputError(
             415, f"unsupported content type {content_type or '(none)'!r}: send application/json "
@@ -99,23 +100,22 @@ def _parse_json(body: bytes, options_model: type[Options]) -> tuple[list[Instanc
     return instances, _options(options_model, payload)
 
 
-async def _parse_multipart(request: Request, body: bytes, options_model: type[Options], limits: Limits):
-    async def once():
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, once(), max_files=limits.max_instances + 1,
-                                     max_fields=32, max_part_size=limits.max_payload_bytes).parse()
-    except (MultiPartException, ValueError, KeyError) as e:
-        raise InputError(400, f"multipart body could not be parsed: {e}") from None
+def _parse_multipart(headers: Headers, body: bytes, options_model: type[Options], limits: Limits):
+    """Form parts: one or more ``file`` parts (curl -F file=@digit.png) and option fields."""
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + headers.get("content-type", "").encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        raise InputError(400, "multipart body could not be parsed (missing or wrong boundary)")
     files, fields = [], {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if key != "file":
-                raise InputError(422, f"unexpected file part {key!r}: name image parts 'file'")
-            files.append(await value.read())
-        else:
-            fields[key] = value
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename() is not None:
+            if name != "file":
+                raise InputError(422, f"unexpected file part {name!r}: name image parts 'file'")
+            files.append(part.get_payload(decode=True) or b"")
+        elif name:
+            fields[name] = part.get_payload(decode=True).decode("utf-8", "replace")
     if not files:
         raise InputError(422, "multipart body has no 'file' part (curl -F file=@digit.png)")
     return files, _options(options_model, fields)

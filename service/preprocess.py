@@ -22,6 +22,8 @@ from service.model import IMAGE_SIDE, MNIST_MEAN, MNIST_STD
 BOX = 20  # MNIST fits each digit in a 20x20 box ...
 INK_THRESHOLD = 0.1  # ... of pixels brighter than this share of the brightest, after background removal
 
+_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, from the header, with our own limits
 
 
@@ -34,6 +36,9 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
     except Exception:
+        kind = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+        if kind:
+            raise InputError(400, f"image data is truncated or corrupt (it starts like a {kind} file)") from None
         raise InputError(400, "bytes are not an image in a format we can read (PNG, JPEG, GIF, BMP, WebP, TIFF...)") from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -67,7 +72,7 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32)
+    return np.array(image.convert("L"), dtype=np.float32)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
@@ -87,7 +92,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     h, w = ink.shape
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    box = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    box = np.array(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     np.clip(box, 0, 1, out=box)
     box /= max(float(box.max()), 1e-6)
 

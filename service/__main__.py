@@ -1,0 +1,50 @@
+"""``python -m service``: validate the configuration and the model store, then serve.
+
+Start-up problems (a bad setting, a missing or corrupt model, ``cuda`` without a GPU) end
+the process with one clear line and exit code 2, before any worker is spawned.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service import store
+from service.config import Settings
+from service.device import DeviceError, resolve_device
+from service.metrics_dir import use_fresh_dir
+
+
+def main() -> int:
+    try:
+        settings = Settings(_cli_parse_args=True)
+        device = resolve_device(settings.accelerator)
+        model = store.load(settings.store, settings.model, settings.version, "cpu")  # verify before spawning
+    except ValidationError as e:
+        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except (SettingsError, DeviceError, store.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics_dir = use_fresh_dir()
+    # Imported only now: prometheus-client picks multiprocess mode when first imported.
+    from service.server import build_server
+
+    server = build_server(settings, model, device.type)
+    logging.getLogger("digitserve").info("serving %s v%d on %s at http://%s:%d", model.name, model.version,
+                                         device, settings.host, settings.port)
+    try:
+        server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
+                   log_level=settings.log_level, generate_client_file=False)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

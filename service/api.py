@@ -1,0 +1,110 @@
+"""The LitAPI stages that run in the model workers: setup, decode_request, batch, predict, unbatch, encode_response.
+
+Requests arrive already validated and preprocessed by the API server (``service.inputs``):
+each is a float32 (n, 784) array of normalised images. A worker merges several requests
+with different image counts into one forward pass and splits the answers back in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import litserve as ls
+import numpy as np
+import torch
+from litserve.loops.simple_loops import BatchedLoop
+
+from service import metrics, store
+from service.config import Settings
+from service.model import INPUT_SIZE
+
+log = logging.getLogger("digitserve")
+
+
+@dataclass(slots=True)
+class Work:
+    """What the API server queues for a worker: one request's images, its options, when it arrived."""
+
+    images: np.ndarray  # float32 (n, 784), normalised
+    options: dict[str, Any]
+    arrived: float  # time.monotonic() at arrival (system-wide on Linux, so comparable across processes)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Several requests' images in one tensor, and what is needed to split the answers back."""
+
+    x: torch.Tensor
+    counts: list[int]
+    options: list[dict[str, Any]]
+    arrivals: list[float]
+
+
+class DigitAPI(ls.LitAPI):
+    """Shared worker set-up: load the pinned version onto this worker's device and warm it up."""
+
+    def __init__(self, settings: Settings, version: int, api_path: str):
+        super().__init__(
+            max_batch_size=settings.max_batch_size,
+            batch_timeout=settings.batch_timeout_ms / 1000,
+            api_path=api_path,
+            loop=BatchedLoop(),  # always batched, also at max_batch_size 1: one code path
+        )
+        self.settings = settings
+        self.version = version
+
+    def setup(self, device: str) -> None:
+        torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
+        self.torch_device = torch.device(device)
+        self.loaded = store.load(self.settings.store, self.settings.model, self.version, self.torch_device)
+        self.model = self.loaded.model
+        self.model_ref = {"name": self.loaded.name, "version": self.loaded.version}
+        self.warm_up()
+        metrics.MODEL_INFO.labels(self.loaded.name, str(self.loaded.version), self.torch_device.type).set(1)
+        log.info("worker ready: %s v%d on %s", self.loaded.name, self.loaded.version, device)
+
+    def warm_up(self) -> None:
+        """One real inference before /health turns 200, so the first client never pays for it."""
+        with torch.inference_mode():
+            self.model(torch.zeros(2, INPUT_SIZE, device=self.torch_device))
+
+    def decode_request(self, request: Work) -> Work:
+        return request
+
+    def batch(self, inputs: list[Work]) -> Batch:
+        x = torch.from_numpy(np.concatenate([w.images for w in inputs])).to(self.torch_device)
+        return Batch(x, [len(w.images) for w in inputs], [w.options for w in inputs], [w.arrived for w in inputs])
+
+    def unbatch(self, output: tuple[list, list[int]]) -> list[list]:
+        results, counts = output
+        bounds = np.cumsum([0, *counts])
+        return [results[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def encode_response(self, output: list[dict]) -> bytes:
+        return json.dumps({"model": self.model_ref, "predictions": output}).encode()
+
+
+class PredictAPI(DigitAPI):
+    """``/predict``: probabilities for every image, no hooks, under inference mode."""
+
+    def __init__(self, settings: Settings, version: int):
+        super().__init__(settings, version, "/predict")
+
+    def predict(self, batch: Batch) -> tuple[list, list[int]]:
+        started = time.monotonic()
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(batch.x), dim=1).cpu().numpy()
+        version = str(self.version)
+        metrics.observe_forward("predict", version, batch.arrivals, len(probs), started)
+        metrics.observe_predictions(version, probs)
+        return [prediction(p) for p in probs], batch.counts
+
+
+def prediction(probs: np.ndarray) -> dict:
+    """One image's answer: the label, its confidence and all ten probabilities."""
+    label = int(probs.argmax())
+    return {"label": label, "confidence": float(probs[label]), "probabilities": probs.tolist()}

@@ -1,0 +1,98 @@
+"""Prometheus metrics, correct across processes (prometheus-client multiprocess mode).
+
+LitServe runs API servers and model workers as separate processes, so every process writes
+its samples to files in one folder (``PROMETHEUS_MULTIPROC_DIR``) and ``/metrics`` sums them.
+prometheus-client decides at import time whether it is in that mode:
+``service.metrics_dir.use_fresh_dir`` must run before this module is first imported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics"}
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+REQUESTS = Counter("digitserve_requests_total", "HTTP requests answered, by endpoint and status code",
+                   ["endpoint", "status", "version"])
+REQUEST_SECONDS = Histogram("digitserve_request_duration_seconds", "Time from request arrival to the response",
+                            ["endpoint", "version"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("digitserve_in_flight_requests", "Requests being handled now", ["endpoint", "version"],
+                  multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram("digitserve_queue_wait_seconds", "Time from request arrival to the start of its model forward",
+                       ["endpoint", "version"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("digitserve_batch_size", "Images per model forward", ["endpoint", "version"],
+                       buckets=BATCH_BUCKETS)
+FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds", "Duration of one model forward (explain: the whole attribution)",
+                            ["endpoint", "version"], buckets=FORWARD_BUCKETS)
+PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
+CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
+                       buckets=CONFIDENCE_BUCKETS)
+MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves", ["name", "version", "device"],
+                   multiprocess_mode="livemax")
+
+
+def render() -> Response:
+    """The sum over every process's samples, in Prometheus text format."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def observe_forward(endpoint: str, version: str, arrivals: list[float], images: int, started: float) -> None:
+    """One model forward: its size, its duration, and how long each of its requests waited for it."""
+    BATCH_SIZE.labels(endpoint, version).observe(images)
+    FORWARD_SECONDS.labels(endpoint, version).observe(time.monotonic() - started)
+    wait = QUEUE_WAIT.labels(endpoint, version)
+    for arrived in arrivals:
+        wait.observe(started - arrived)
+
+
+def observe_predictions(version: str, probs: np.ndarray) -> None:
+    labels = probs.argmax(1)
+    for label, count in enumerate(np.bincount(labels, minlength=probs.shape[1])):
+        if count:
+            PREDICTIONS.labels(str(label), version).inc(int(count))
+    confidence = CONFIDENCE.labels(version)
+    for value in probs.max(1):
+        confidence.observe(float(value))
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels."""
+
+    def __init__(self, app: ASGIApp, version: str):
+        self.app = app
+        self.version = version
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = ENDPOINTS.get(scope["path"], "other")
+        started = time.monotonic()
+        status = 500  # if the app fails before sending headers, that is what the client sees
+        in_flight = IN_FLIGHT.labels(endpoint, self.version)
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            in_flight.dec()
+            REQUESTS.labels(endpoint, str(status), self.version).inc()
+            REQUEST_SECONDS.labels(endpoint, self.version).observe(time.monotonic() - started)

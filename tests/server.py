@@ -1,0 +1,113 @@
+"""Start the real service (``python -m service``) on a free port and talk HTTP to it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path):
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not healthy after {timeout} s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def spawn(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """Start the service without waiting for it; its stdout/stderr go to a log file in ``log_dir``."""
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), *args],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    return Server(process, port, log)
+
+
+@contextmanager
+def running(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    server = spawn(log_dir, *args, env=env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        # the whole process group: no worker may outlive a test
+        try:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def metric_samples(text: str, name: str) -> dict[tuple, float]:
+    """``{(label=value, ...): value}`` for one metric name in a Prometheus text exposition."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                samples[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
