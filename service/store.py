@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,8 @@ def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], m
     """
     model_dir = Path(store) / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
+    tmp = model_dir / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would survive the rename and hide the version from other users
     try:
         weights = tmp / WEIGHTS_FILE
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
