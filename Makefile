@@ -3,10 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Real MNIST: ../shared/datasets on our machines; elsewhere tests download into a cache.
-export DIGITSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
+# Real MNIST, one setting: ../shared/datasets on our machines; where it is absent (empty setting)
+# the tests and `make train` download into ~/.cache/digitserve.
+export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
+TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test train venv clean
+.PHONY: serve test train venv system-deps clean
 
 venv: $(STAMP)
 
@@ -20,11 +22,15 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(PY) -m service
 
-test: $(STAMP)
+# Debian tools the tests drive for real (prometheus/promtool, docker-compose, wrk); installs only what is missing.
+system-deps:
+	bash .ci/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 train: $(STAMP)
-	$(PY) -m service.train --data-dir $(DIGITSERVE_DATA_DIR) --store model_store
+	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
 
 clean:
 	rm -rf $(VENV) .pytest_cache
