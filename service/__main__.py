@@ -6,8 +6,11 @@ the process with one clear line and exit code 2, before any worker is spawned.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -36,6 +39,7 @@ def main() -> int:
     from service.server import build_server
 
     server = build_server(settings, model, device.type)
+    signal.signal(signal.SIGTERM, functools.partial(_stop, os.getpid()))
     logging.getLogger("digitserve").info("serving %s v%d on %s at http://%s:%d", model.name, model.version,
                                          device, settings.host, settings.port)
     try:
@@ -43,7 +47,22 @@ def main() -> int:
                    log_level=settings.log_level, generate_client_file=False)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if server.failure:
+        print(f"error: {server.failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _stop(main_pid: int, signum: int, frame: object) -> None:
+    """SIGTERM (docker stop, Kubernetes) takes LitServe's Ctrl-C path, which runs our draining shutdown;
+    a second SIGTERM must not cut that drain short. Processes forked from this one (LitServe's
+    manager) inherit the handler: for them SIGTERM keeps its default meaning."""
+    if os.getpid() != main_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from typing import Any
 import litserve as ls
 import numpy as np
 import torch
-from litserve.loops.simple_loops import BatchedLoop
 
 from service import metrics, store
 from service.config import Settings
+from service.explain import Explainer
+from service.loop import CollectingLoop
 from service.model import INPUT_SIZE
 
 log = logging.getLogger("digitserve")
@@ -52,7 +53,7 @@ class DigitAPI(ls.LitAPI):
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout_ms / 1000,
             api_path=api_path,
-            loop=BatchedLoop(),  # always batched, also at max_batch_size 1: one code path
+            loop=CollectingLoop(),  # always batched, also at max_batch_size 1: one code path
         )
         self.settings = settings
         self.version = version
@@ -102,6 +103,36 @@ class PredictAPI(DigitAPI):
         metrics.observe_forward("predict", version, batch.arrivals, len(probs), started)
         metrics.observe_predictions(version, probs)
         return [prediction(p) for p in probs], batch.counts
+
+
+class ExplainAPI(DigitAPI):
+    """``/explain``: attributions and hooked activations, in its own worker pool so it never slows /predict."""
+
+    def __init__(self, settings: Settings, version: int):
+        super().__init__(settings, version, "/explain")
+
+    def setup(self, device: str) -> None:
+        super().setup(device)
+        norm = self.loaded.metadata.normalization
+        self.explainer = Explainer(self.model, norm.mean, norm.std)
+
+    def predict(self, batch: Batch) -> tuple[list, list[int]]:
+        """Requests that ask for the same computation share one batched explanation."""
+        started = time.monotonic()
+        bounds = np.cumsum([0, *batch.counts])
+        groups: dict[tuple, list[int]] = {}
+        for request, options in enumerate(batch.options):
+            key = (options["method"], options["steps"], options["top_k"], options["heatmap"], options["quadrature"])
+            groups.setdefault(key, []).append(request)
+        per_request: list[list[dict]] = [[] for _ in batch.counts]
+        for (method, steps, top_k, heatmap, quadrature), requests in groups.items():
+            rows = [r for q in requests for r in range(bounds[q], bounds[q + 1])]
+            targets = [batch.options[q]["target"] for q in requests for _ in range(batch.counts[q])]
+            reports = self.explainer.explain(batch.x[rows], method, targets, steps, top_k, heatmap, quadrature)
+            for q in requests:
+                per_request[q], reports = reports[: batch.counts[q]], reports[batch.counts[q]:]
+        metrics.observe_forward("explain", str(self.version), batch.arrivals, len(batch.x), started)
+        return [report for reports in per_request for report in reports], batch.counts
 
 
 def prediction(probs: np.ndarray) -> dict:

@@ -50,6 +50,7 @@ class Settings(Limits):
     explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")
     api_servers: int = Field(1, ge=1, le=64, description="HTTP (uvicorn) processes")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request still unanswered after this gets 504")
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
 
     @model_validator(mode="after")

@@ -66,7 +66,7 @@ def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limi
     """Dispatch on content type; count, decode and preprocess every image. CPU-bound, no I/O."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        raw, options = _parse_json(body, options_model)
+        raw, options = _parse_json(body, options_model, limits)
     elif content_type == "multipart/form-data":
         raw, options = _parse_multipart(headers, body, options_model, limits)
     else:
@@ -80,7 +80,7 @@ def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limi
     return Decoded(images=images, options=options)
 
 
-def _parse_json(body: bytes, options_model: type[Options]) -> tuple[list[Instance], BaseModel]:
+def _parse_json(body: bytes, options_model: type[Options], limits: Limits) -> tuple[list[Instance], BaseModel]:
     if not body.strip():
         raise InputError(400, 'request body is empty: send {"instances": [{"image_b64": ...} | {"pixels": ...}]}')
     try:
@@ -97,7 +97,7 @@ def _parse_json(body: bytes, options_model: type[Options]) -> tuple[list[Instanc
         instances = INSTANCES.validate_python(payload.pop("instances"))
     except ValidationError as e:
         raise InputError(422, describe(e, prefix="instances")) from None
-    return instances, _options(options_model, payload)
+    return instances, _options(options_model, payload, limits)
 
 
 def _parse_multipart(headers: Headers, body: bytes, options_model: type[Options], limits: Limits):
@@ -118,12 +118,12 @@ def _parse_multipart(headers: Headers, body: bytes, options_model: type[Options]
             fields[name] = part.get_payload(decode=True).decode("utf-8", "replace")
     if not files:
         raise InputError(422, "multipart body has no 'file' part (curl -F file=@digit.png)")
-    return files, _options(options_model, fields)
+    return files, _options(options_model, fields, limits)
 
 
-def _options(options_model: type[Options], fields: dict) -> BaseModel:
+def _options(options_model: type[Options], fields: dict, limits: Limits) -> BaseModel:
     try:
-        return options_model.model_validate(fields)
+        return options_model.model_validate(fields, context={"max_ig_steps": limits.max_ig_steps})
     except ValidationError as e:
         raise InputError(422, describe(e)) from None
 

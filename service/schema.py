@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
 
@@ -37,6 +37,17 @@ class ExplainOptions(PredictOptions):
 
     method: Method = "integrated_gradients"
     target: int | None = Field(None, ge=0, le=9, description="class to explain (default: the predicted one)")
-    steps: int = Field(32, ge=1, description="integrated-gradients steps")
+    steps: int = Field(32, ge=1, description="integrated-gradients steps (at most the service's max_ig_steps)")
+    quadrature: Literal["midpoint", "exact"] = Field(
+        "midpoint", description="integrated gradients: midpoint rule over `steps`, or the exact path integral"
+    )
     top_k: int = Field(10, ge=1, le=100, description="hidden units listed per layer")
     heatmap: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _within_limit(cls, steps: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_ig_steps")
+        if limit is not None and steps > limit:
+            raise ValueError(f"steps must be at most {limit} (this service's max_ig_steps)")
+        return steps

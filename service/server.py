@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
+import threading
 import time
 
 import litserve as ls
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from litserve.server import BaseRequestHandler
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from service import inputs, metrics
-from service.api import DigitAPI, PredictAPI, Work
+from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
 from service.config import Settings
 from service.errors import InputError
 from service.preprocess import normalize
-from service.schema import PredictOptions
+from service.schema import ExplainOptions, PredictOptions
 from service.store import LoadedModel
 
 OFFLOAD_BYTES = 256 * 1024
@@ -39,6 +41,17 @@ class DigitRequestHandler(BaseRequestHandler):
         self.options_model = options_model
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
+        if self.server.draining.is_set():
+            raise HTTPException(503, "shutting down: not taking new work", headers={"Retry-After": "1"})
+        with self.server.in_flight.get_lock():
+            self.server.in_flight.value += 1
+        try:
+            return await self._answer(request)
+        finally:
+            with self.server.in_flight.get_lock():
+                self.server.in_flight.value -= 1
+
+    async def _answer(self, request: Request) -> Response:
         arrived = time.monotonic()
         settings: Settings = self.server.settings
         try:
@@ -76,25 +89,88 @@ class DigitRequestHandler(BaseRequestHandler):
 
 
 class DigitServer(ls.LitServer):
-    """LitServer with digitserve's request handler and an /info that describes the served model."""
+    """LitServer with digitserve's request handler, /health, /info, /metrics and a draining shutdown."""
 
     def __init__(self, apis: list[tuple[DigitAPI, type[PredictOptions]]], settings: Settings, model: LoadedModel, device: str):
         self.settings = settings
         self.model = model
         self.device = device
         self.options_models = {api.api_path: options for api, options in apis}
+        context = mp.get_context("spawn")
+        self.draining = context.Event()  # shared with the forked HTTP processes
+        self.in_flight = context.Value("i", 0)  # /predict and /explain requests being answered, all processes
+        self.failure: str | None = None
+        self._stopped = False
         super().__init__(
             [api for api, _ in apis],
             accelerator=device,
             devices=1,
             workers_per_device={api.api_path: self.pool_size(api.api_path) for api, _ in apis},
             timeout=settings.request_timeout_s,
+            fast_queue=True,  # responses over ZeroMQ instead of Manager queues
             middlewares=[(metrics.MetricsMiddleware, {"version": str(model.version)})],
         )
-        self.app.router.routes = [r for r in self.app.router.routes if getattr(r, "path", None) != self.info_path]
+        ours = {self.info_path, self.healthcheck_path}
+        self.app.router.routes = [r for r in self.app.router.routes if getattr(r, "path", None) not in ours]
+        self.app.add_api_route(self.healthcheck_path, self.health, methods=["GET"])
         self.app.add_api_route(self.info_path, self.info, methods=["GET"])
         self.app.add_api_route("/metrics", metrics.render, methods=["GET"], include_in_schema=False)
         self.app.add_exception_handler(HTTPException, _json_error)
+
+    def _init_manager(self, num_api_servers: int):
+        """LitServe's set-up, with plain multiprocessing queues for requests instead of Manager proxies.
+
+        A Manager queue costs a round trip through the manager process on every put and get;
+        a pipe-backed queue is a single write (by a feeder thread) and a single read.
+        """
+        manager = super()._init_manager(num_api_servers)
+        context = mp.get_context("spawn")
+        for api_path in self.litapi_request_queues:
+            self.litapi_request_queues[api_path] = context.Queue()
+        return manager
+
+    def verify_worker_status(self) -> None:
+        """Start HTTP at once instead of after the first worker is up: while workers load,
+        /health answers 503 (a load balancer sees "not ready", not "connection refused").
+        A worker that fails to start exits, and the worker monitor then stops the service."""
+
+    async def health(self) -> JSONResponse:
+        """200 only while every worker of every pool has loaded the model and run its warm-up."""
+        if self.draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        workers = dict(self.workers_setup_status)
+        expected = sum(self.pool_size(path) for path in self.options_models)
+        ready = len(workers) == expected and all(v == WorkerSetupStatus.READY for v in workers.values())
+        return JSONResponse({"status": "ok" if ready else "starting", "workers": workers}, status_code=200 if ready else 503)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers: dict, shutdown_reason: str = "normal") -> None:
+        """Drain, then stop, within the grace period: /health turns 503 and new work is refused at
+        once, requests already taken are answered, then the HTTP processes, the workers and the
+        manager stop. LitServe's worker monitor calls this from its thread when a worker died: then
+        we only record why and wake the main thread, which does the stopping."""
+        if threading.current_thread() is not threading.main_thread():
+            if not self._stopped:  # a worker we did not stop ourselves
+                self.failure = shutdown_reason
+                self._shutdown_event.set()
+            return
+        if self._stopped:
+            return
+        self._stopped = True
+        self.draining.set()
+        started = time.monotonic()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.in_flight.value > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.in_flight.value:
+            log.warning("grace period over with %d requests unanswered", self.in_flight.value)
+        for process in [*uvicorn_workers.values(), *self.inference_workers]:
+            process.terminate()
+        for process in [*uvicorn_workers.values(), *self.inference_workers]:
+            process.join(timeout=max(1.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+        manager.shutdown()
+        log.info("stopped in %.1f s (%s)", time.monotonic() - started, self.failure or shutdown_reason)
 
     def pool_size(self, api_path: str) -> int:
         return self.settings.explain_workers if api_path == "/explain" else self.settings.workers
@@ -142,6 +218,6 @@ async def _json_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def build_server(settings: Settings, model: LoadedModel, device: str) -> DigitServer:
-    """The predict pool (and, when present, the explain pool) on one LitServer."""
-    apis = [(PredictAPI(settings, model.version), PredictOptions)]
+    """The predict pool and the explain pool (LitServe runs one pool per api_path) on one LitServer."""
+    apis = [(PredictAPI(settings, model.version), PredictOptions), (ExplainAPI(settings, model.version), ExplainOptions)]
     return DigitServer(apis, settings, model, device)
