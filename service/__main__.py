@@ -23,6 +23,7 @@ from service.metrics_dir import use_fresh_dir
 
 
 def main() -> int:
+    sys.setswitchinterval(0.0005)
     try:
         settings = Settings(_cli_parse_args=True)
         device = resolve_device(settings.accelerator)

@@ -45,10 +45,13 @@ class Settings(Limits):
     version: int | None = Field(None, ge=1, description="pin a version (default: the highest)")
     accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
-    batch_timeout_ms: float = Field(2.0, ge=0, le=1000, description="how long a worker waits to fill a batch")
+    batch_timeout_ms: float = Field(
+        0.0, ge=0, le=1000,
+        description="how long a worker waits for more requests once the queue is empty (0: batch what is queued)",
+    )
     workers: int = Field(1, ge=1, le=64, description="predict workers per device")
     explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")
-    api_servers: int = Field(1, ge=1, le=64, description="HTTP (uvicorn) processes")
+    api_servers: int = Field(2, ge=1, le=64, description="HTTP (uvicorn) processes; they decode and preprocess too")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request still unanswered after this gets 504")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")

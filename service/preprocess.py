@@ -50,9 +50,8 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
             f"per side and {limits.max_image_pixels} pixels in all",
         )
     try:
-        image.seek(0)
-        image = ImageOps.exif_transpose(image) if "exif" in image.info else image
-        image.load()
+        if "exif" in image.info:  # a phone photo's orientation flag: turn the pixels the way it was shot
+            image = ImageOps.exif_transpose(image)
         return _to_gray(image)
     except InputError:
         raise
@@ -72,36 +71,39 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return np.array(image.convert("L"), dtype=np.float32)
+    return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
-    """float32 (H, W) 0..255, any background -> float32 (28, 28) in 0..1, white digit on black, MNIST-centred."""
+    """float32 (H, W) 0..255, any background -> float32 (28, 28) in 0..1, white digit on black, MNIST-centred.
+
+    Written for speed (it runs once per image on the request path): whole-array numpy steps,
+    the bounding box from row/column projections, the centre of mass from the box's marginals.
+    """
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+    middle = len(border) // 2
+    background = float(np.partition(border, middle)[middle])  # the median: robust to a digit touching an edge
     ink = gray - background if background < 128 else background - gray
-    np.clip(ink, 0, None, out=ink)
     peak = float(ink.max())
     if peak < 16:  # less than ~6% contrast anywhere: nothing we could call a digit
         raise InputError(422, "no digit found: the image is blank (no stroke stands out from the background)")
-    ink /= peak
-    ink[ink < INK_THRESHOLD] = 0
-    rows, cols = np.nonzero(ink)
-    ink = ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    strokes = ink >= INK_THRESHOLD * peak
+    rows, cols = np.flatnonzero(strokes.any(1)), np.flatnonzero(strokes.any(0))
+    crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    ink = np.where(strokes[crop], ink[crop], 0).astype(np.float32) * np.float32(1 / peak)
 
     h, w = ink.shape
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     box = np.array(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    np.clip(box, 0, 1, out=box)
-    box /= max(float(box.max()), 1e-6)
+    box *= np.float32(1 / max(float(box.max()), 1e-6))
 
+    mass = float(box.sum())
+    cy = float(box.sum(1) @ np.arange(box.shape[0], dtype=np.float32)) / mass
+    cx = float(box.sum(0) @ np.arange(box.shape[1], dtype=np.float32)) / mass
+    top = min(max(round(IMAGE_SIDE / 2 - cy - 0.5), 0), IMAGE_SIDE - box.shape[0])
+    left = min(max(round(IMAGE_SIDE / 2 - cx - 0.5), 0), IMAGE_SIDE - box.shape[1])
     canvas = np.zeros((IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
-    mass = box.sum()
-    ys, xs = np.indices(box.shape)
-    cy, cx = float((ys * box).sum() / mass), float((xs * box).sum() / mass)
-    top = int(np.clip(round(IMAGE_SIDE / 2 - cy - 0.5), 0, IMAGE_SIDE - box.shape[0]))
-    left = int(np.clip(round(IMAGE_SIDE / 2 - cx - 0.5), 0, IMAGE_SIDE - box.shape[1]))
     canvas[top: top + box.shape[0], left: left + box.shape[1]] = box
     return canvas
 

@@ -55,13 +55,18 @@ class Server:
         raise TimeoutError(f"server not healthy after {timeout} s:\n{self.output()[-4000:]}")
 
     def stop(self, timeout: float = 40) -> int:
+        """SIGTERM and wait for the drain; then make sure no process of its group outlives the test."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return self.process.returncode
 
 
@@ -85,11 +90,6 @@ def running(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Ite
         yield server
     finally:
         server.stop()
-        # the whole process group: no worker may outlive a test
-        try:
-            os.killpg(server.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **save_args) -> bytes:
