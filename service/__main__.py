@@ -35,6 +35,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _json_access_log()
     metrics_dir = use_fresh_dir()
     # Imported only now: prometheus-client picks multiprocess mode when first imported.
     from service.server import build_server
@@ -45,13 +46,22 @@ def main() -> int:
                                          device, settings.host, settings.port)
     try:
         server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
-                   log_level=settings.log_level, generate_client_file=False)
+                   log_level=settings.log_level, generate_client_file=False, access_log=False)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if server.failure:
         print(f"error: {server.failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _json_access_log() -> None:
+    """One JSON object per line for request logs (uvicorn's own access log is off)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('{"ts": "%(asctime)s", "log": %(message)s}'))
+    access = logging.getLogger("digitserve.access")
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def _stop(main_pid: int, signum: int, frame: object) -> None:

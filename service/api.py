@@ -80,13 +80,15 @@ class DigitAPI(ls.LitAPI):
         x = torch.from_numpy(np.concatenate([w.images for w in inputs])).to(self.torch_device)
         return Batch(x, [len(w.images) for w in inputs], [w.options for w in inputs], [w.arrived for w in inputs])
 
-    def unbatch(self, output: tuple[list, list[int]]) -> list[list]:
+    def unbatch(self, output: tuple[list, list[int]]) -> list[tuple[list, int]]:
+        """Each request's own answers, with the size of the forward they were part of (for its log line)."""
         results, counts = output
         bounds = np.cumsum([0, *counts])
-        return [results[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [(results[a:b], len(results)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def encode_response(self, output: list[dict]) -> bytes:
-        return json.dumps({"model": self.model_ref, "predictions": output}).encode()
+    def encode_response(self, output: tuple[list, int]) -> tuple[bytes, int]:
+        answers, batch_size = output
+        return json.dumps({"model": self.model_ref, "predictions": answers}).encode(), batch_size
 
 
 class PredictAPI(DigitAPI):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.device import Accelerator
@@ -53,6 +53,10 @@ class Settings(Limits):
     explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")
     api_servers: int = Field(2, ge=1, le=64, description="HTTP (uvicorn) processes; they decode and preprocess too")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request still unanswered after this gets 504")
+    max_queued_requests: int = Field(
+        512, ge=1, le=100_000, description="requests admitted but not yet answered, all API servers; past it: 503"
+    )
+    api_key: SecretStr | None = Field(None, description="when set, /predict and /explain require it (never logged)")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
 

@@ -17,6 +17,7 @@ from litserve import LitAPI
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 IDLE_WAKEUP_S = 1.0  # how often an idle worker wakes to notice shutdown
 
@@ -34,6 +35,8 @@ class CollectingLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, queued_at, work = item
+            # "this worker has it": lets LitServe's monitor fail it at once if this worker dies
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
             if lit_api.request_timeout not in (None, False, -1) and time.monotonic() - queued_at > lit_api.request_timeout:
                 timed_out.append((response_queue_id, uid))
             else:

@@ -8,7 +8,11 @@ prometheus-client decides at import time whether it is in that mode:
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
+import uuid
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +20,8 @@ from prometheus_client import multiprocess
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+ACCESS_LOG = logging.getLogger("digitserve.access")
+_SANE_ID = re.compile(r"[\w.:-]{1,128}")
 ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -68,7 +74,10 @@ def observe_predictions(version: str, probs: np.ndarray) -> None:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels."""
+    """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels;
+    gives it a request id (the client's ``X-Request-ID`` when it sent a sane one) returned as a header;
+    and writes one JSON log line per /predict and /explain request (other endpoints: debug level).
+    Log lines carry no image data and no headers, so no API key."""
 
     def __init__(self, app: ASGIApp, version: str):
         self.app = app
@@ -81,12 +90,14 @@ class MetricsMiddleware:
         endpoint = ENDPOINTS.get(scope["path"], "other")
         started = time.monotonic()
         status = 500  # if the app fails before sending headers, that is what the client sees
+        request_id = _request_id(scope)
         in_flight = IN_FLIGHT.labels(endpoint, self.version)
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         in_flight.inc()
@@ -94,5 +105,23 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             in_flight.dec()
+            seconds = time.monotonic() - started
             REQUESTS.labels(endpoint, str(status), self.version).inc()
-            REQUEST_SECONDS.labels(endpoint, self.version).observe(time.monotonic() - started)
+            REQUEST_SECONDS.labels(endpoint, self.version).observe(seconds)
+            level = logging.INFO if endpoint in ("predict", "explain") else logging.DEBUG
+            if ACCESS_LOG.isEnabledFor(level):
+                ACCESS_LOG.log(level, json.dumps({
+                    "request_id": request_id, "method": scope["method"], "endpoint": endpoint, "status": status,
+                    "latency_ms": round(seconds * 1000, 2), "model_version": self.version,
+                    "batch_size": scope.get("state", {}).get("batch_size"),
+                }))
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _SANE_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex

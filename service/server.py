@@ -10,6 +10,7 @@ pools (one per api_path) and the response plumbing stay LitServe's.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import multiprocessing as mp
 import threading
@@ -44,10 +45,15 @@ class DigitRequestHandler(BaseRequestHandler):
         self.options_model = options_model
 
     async def handle_request(self, request: Request, request_type=None) -> Response:
-        if self.server.draining.is_set():
+        server = self.server
+        server.authorize(request)
+        if server.draining.is_set():
             raise HTTPException(503, "shutting down: not taking new work", headers={"Retry-After": "1"})
-        slot = self.server.app.response_queue_id  # this API server's own counter: one writer, no lock
-        self.server.in_flight[slot] += 1
+        if sum(server.in_flight) >= server.settings.max_queued_requests:
+            raise HTTPException(503, f"overloaded: {server.settings.max_queued_requests} requests already waiting; retry shortly",
+                                headers={"Retry-After": "1"})
+        slot = server.app.response_queue_id  # this API server's own counter: one writer, no lock
+        server.in_flight[slot] += 1
         try:
             return await self._answer(request)
         finally:
@@ -80,14 +86,16 @@ class DigitRequestHandler(BaseRequestHandler):
         response, status = item.response
         if status != LitAPIStatus.OK:
             self.server_error(response)
-        return Response(content=response, media_type="application/json")
+        body, batch_size = response
+        request.scope.setdefault("state", {})["batch_size"] = batch_size
+        return Response(content=body, media_type="application/json")
 
     @staticmethod
     def server_error(response: object) -> None:
         """Worker-side failures: an HTTPException the loop raised (e.g. 504) passes through, anything else is a 500."""
         if isinstance(response, HTTPException):
             raise response
-        raise HTTPException(500, "internal error while running the model; the request was not answered")
+        raise HTTPException(500, "internal error while running the model (a worker failed or restarted); retry")
 
 
 class DigitServer(ls.LitServer):
@@ -111,7 +119,9 @@ class DigitServer(ls.LitServer):
             workers_per_device={api.api_path: self.pool_size(api.api_path) for api, _ in apis},
             timeout=settings.request_timeout_s,
             middlewares=[(metrics.MetricsMiddleware, {"version": str(model.version)})],
+            restart_workers=True,  # a dead worker is replaced; its in-flight requests get a 500 at once
         )
+        self.monitor_internal = 0.5  # LitServe's worker-liveness poll (seconds)
         # LitServe adds gzip for every response over 1 kB; answers here are small JSON on a fast
         # network, where compressing costs more CPU than it saves.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
@@ -132,6 +142,16 @@ class DigitServer(ls.LitServer):
             self.litapi_request_queues[api_path] = PipeQueue()
         self._transport = PipeTransport(num_api_servers)
         return manager
+
+    def authorize(self, request: Request) -> None:
+        """With DIGITSERVE_API_KEY set, /predict and /explain need it (X-API-Key or Authorization: Bearer)."""
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+            raise HTTPException(401, "missing or wrong API key: send it as X-API-Key (or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     def verify_worker_status(self) -> None:
         """Start HTTP at once instead of after the first worker is up: while workers load,
@@ -161,12 +181,16 @@ class DigitServer(ls.LitServer):
             return
         self._stopped = True
         self.draining.set()
+        self._shutdown_event.set()  # stops LitServe's monitor, which would otherwise restart the workers we stop
         started = time.monotonic()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while sum(self.in_flight) > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         if sum(self.in_flight):
             log.warning("grace period over with %d requests unanswered", sum(self.in_flight))
+        for thread in threading.enumerate():
+            if thread.name == "litserve-monitoring":
+                thread.join(timeout=2 * self.monitor_internal)
         for process in [*uvicorn_workers.values(), *self.inference_workers]:
             process.terminate()
         for process in [*uvicorn_workers.values(), *self.inference_workers]:

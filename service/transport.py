@@ -134,17 +134,23 @@ class PipeQueue:
             self._writer.send_bytes(data)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        wait = None if block and timeout is None else (timeout or 0.0) if block else 0.0
+        """Wait for data WITHOUT the read lock, then take one message under it. A worker killed while
+        waiting (where it spends its idle time) leaves no lock behind for its replacement."""
+        wait = 0.0 if not block else timeout
         deadline = None if wait is None else time.monotonic() + wait
-        if not self._read_lock.acquire(True, wait):
-            raise Empty
-        try:
-            if deadline is not None and not self._reader.poll(max(0.0, deadline - time.monotonic())):
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._reader.poll(remaining):
                 raise Empty
-            data = self._reader.recv_bytes()
-        finally:
-            self._read_lock.release()
-        return ForkingPickler.loads(data)
+            if not self._read_lock.acquire(True, remaining):
+                raise Empty
+            try:
+                if self._reader.poll(0):  # another reader may have taken it meanwhile
+                    return ForkingPickler.loads(self._reader.recv_bytes())
+            finally:
+                self._read_lock.release()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Empty
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
