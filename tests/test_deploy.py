@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from service import store
+from tests.server import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -78,12 +78,6 @@ def tool(name: str) -> str:
 
 def run(*argv: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def duration_s(text: str) -> float:
@@ -542,20 +536,6 @@ def local_argv(argv: list[str]) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-def wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
 def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -574,7 +554,7 @@ def image_server(compose, tmp_path_factory):
     process = subprocess.Popen(local_argv(argv), cwd=ROOT, env=env, stdout=log.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(process, f"http://127.0.0.1:{port}", log)
+        Server(process, port, log).wait_ready(timeout=180)
         yield {"process": process, "port": port, "env": env, "log": log}
     finally:
         kill_group(process)
