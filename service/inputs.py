@@ -115,7 +115,10 @@ def _parse_multipart(headers: Headers, body: bytes, options_model: type[Options]
                 raise InputError(422, f"unexpected file part {name!r}: name image parts 'file'")
             files.append(part.get_payload(decode=True) or b"")
         elif name:
-            fields[name] = part.get_payload(decode=True).decode("utf-8", "replace")
+            value = part.get_payload(decode=True)
+            if value is None:
+                raise InputError(422, f"form field {name!r} must be plain text")
+            fields[name] = value.decode("utf-8", "replace")
     if not files:
         raise InputError(422, "multipart body has no 'file' part (curl -F file=@digit.png)")
     return files, _options(options_model, fields, limits)

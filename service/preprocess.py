@@ -63,6 +63,8 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     """Any mode (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK...) -> float32 luminance 0..255, transparency on white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError(400, "image has non-finite pixel values (NaN or infinity)")
         top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         return np.clip(arr * (255.0 / top), 0, 255)
     if image.mode == "P" or "transparency" in image.info:
@@ -95,8 +97,11 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     h, w = ink.shape
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    box = np.array(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    box *= np.float32(1 / max(float(box.max()), 1e-6))
+    if size == (w, h):  # already fits the box (MNIST-sized input): resizing would be the identity
+        box = ink
+    else:
+        box = np.array(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+        box *= np.float32(1 / max(float(box.max()), 1e-6))
 
     mass = float(box.sum())
     cy = float(box.sum(1) @ np.arange(box.shape[0], dtype=np.float32)) / mass

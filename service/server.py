@@ -181,7 +181,12 @@ class DigitServer(ls.LitServer):
             return
         self._stopped = True
         self.draining.set()
-        self._shutdown_event.set()  # stops LitServe's monitor, which would otherwise restart the workers we stop
+        # Stop LitServe's monitor, which would otherwise restart the workers we stop. The event lives in
+        # the Manager, and this thread's connection to it may be stuck in the wait() we just interrupted:
+        # set it over a fresh connection, from a helper thread.
+        setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
+        setter.start()
+        setter.join(timeout=2)
         started = time.monotonic()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while sum(self.in_flight) > 0 and time.monotonic() < deadline:
