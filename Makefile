@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test train venv system-deps clean
+.PHONY: serve test train venv system-deps clean bench soak
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ test: $(STAMP) system-deps
 
 train: $(STAMP)
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
+
+# Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~15 min; BENCH_QUICK=1 ~3 min).
+bench: $(STAMP) system-deps
+	$(PY) -m bench.run
+
+# Not part of `make test`: a few minutes of mixed good, bad and explain traffic; RSS and metric checks.
+soak: $(STAMP)
+	$(PY) -m bench.soak --minutes $(or $(SOAK_MINUTES),3)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

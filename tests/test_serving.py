@@ -181,12 +181,13 @@ def test_health_is_503_until_every_worker_is_ready(tmp_path):
     server = spawn(tmp_path, "--workers", "3")
     seen = []
     try:
-        while not seen or seen[-1] != 200:
-            assert server.process.poll() is None, server.output()
-            try:
-                seen.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
-            except httpx.TransportError:
-                pass  # not listening yet
+        with server.client(timeout=5) as poll:
+            while not seen or seen[-1] != 200:
+                assert server.process.poll() is None, server.output()
+                try:
+                    seen.append(poll.get("/health").status_code)
+                except httpx.TransportError:
+                    pass  # not listening yet
         with server.client() as client:
             assert client.post("/predict", json={"instances": [{"pixels": [[0] * 28] * 27 + [[255] * 28]}]}).status_code == 200
     finally:

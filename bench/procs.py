@@ -1,0 +1,142 @@
+"""Start the servers under test in their own sessions, time their cold start, measure their
+memory (PSS of the whole process tree) and make sure none of them outlives the benchmark."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+from tests.server import ROOT, Server, free_port
+
+# server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults
+SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme"}
+_live: set[Server] = set()
+
+
+class ServerDied(RuntimeError):
+    """A server under test exited while it was being measured."""
+
+
+def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
+    """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
+    The environment carries no ``DIGITSERVE_*`` setting, so digitserve runs its default configuration."""
+    port = free_port()
+    log = log_dir / f"{name}-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", SERVERS[name], "--port", str(port)], cwd=ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(process, port, log)
+    _live.add(server)
+    while not healthy(port):
+        exited = process.poll() is not None
+        if exited or time.monotonic() - started > ready_timeout:
+            problem = f"exited with {process.returncode}" if exited else f"not healthy after {ready_timeout:g} s"
+            stop(server, grace_s=5)
+            raise ServerDied(f"{name} {problem}:\n{_tail(server)}")
+        time.sleep(0.05)
+    return server, time.monotonic() - started
+
+
+def healthy(port: int) -> bool:
+    """GET /health == 200, with http.client: cheap enough to poll often without slowing the start it times
+    (an ``httpx.get`` builds an SSL context each call, ~0.1 s of CPU)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def _tail(server: Server, lines: int = 30) -> str:
+    """The end of the server's log, without per-request lines (uvicorn's access log, digitserve's request log)."""
+    kept = [l for l in server.output().splitlines() if '"POST /' not in l and '"request_id"' not in l]
+    return "\n".join(kept[-lines:])
+
+
+def check_alive(server: Server, name: str) -> None:
+    if server.process.poll() is not None:
+        raise ServerDied(f"{name} exited with {server.process.returncode}:\n{_tail(server)}")
+
+
+def stop(server: Server, grace_s: float = 30) -> None:
+    """SIGTERM, a bounded wait, SIGKILL to the whole process group (tests.server.Server.stop), and wait
+    until the group is gone, so the next server starts on a quiet machine."""
+    server.stop(timeout=grace_s)
+    _live.discard(server)
+    deadline = time.monotonic() + 10
+    while any(pgrp == server.process.pid and state != "Z" for _, _, pgrp, state in _stats()):
+        if time.monotonic() > deadline:
+            raise ServerDied(f"processes of group {server.process.pid} survived SIGKILL")
+        time.sleep(0.05)
+
+
+def stop_all() -> None:
+    """Cleanup after an interruption: short grace, then SIGKILL."""
+    for server in list(_live):
+        stop(server, grace_s=5)
+
+
+def _stats() -> Iterator[tuple[int, int, int, str]]:
+    """(pid, parent pid, process group, state) of every process, from /proc/<pid>/stat."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        yield int(stat.parent.name), int(parent), int(pgrp), state
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from the parent ids in /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for child, parent, _, _ in _stats():
+        children[parent].append(child)
+    tree = [pid]
+    for p in tree:
+        tree.extend(children[p])
+    return tree
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of the whole tree: shared pages are counted once in all, not per process."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total
+
+
+class PssSampler:
+    """Samples the tree's PSS every ``interval`` seconds in a thread while in the ``with`` block; ``peak`` in bytes."""
+
+    def __init__(self, pid: int, interval: float):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, pss_bytes(self.pid))
+
+    def __enter__(self) -> PssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

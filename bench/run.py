@@ -1,0 +1,160 @@
+"""``make bench``: digitserve (default configuration) against the LitServe-README baseline, under wrk.
+
+Each round starts both servers fresh, one after the other (the order flips every round), times the
+cold start, runs every workload (warm-up, then measured, PSS of the process tree sampled meanwhile)
+and stops the server. Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never
+fails the build) and a Markdown table go to stdout, progress to stderr, everything raw to
+bench/results/<date>.json and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
+
+Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_S (3),
+BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
+BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import litserve
+import torch
+
+from bench import procs, report
+from bench.data import mnist_pngs, write_bodies
+from bench.load import LoadSettings, Workload, measure
+from tests.server import ROOT
+
+RESULTS = ROOT / "bench" / "results"
+EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
+                   (("saliency", {}), ("gradient_x_input", {}), ("integrated_gradients", {"steps": 32}))}
+WORKLOADS = [
+    *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8, 64, 128)),
+    Workload("predict-32img@8", "/predict", "batch", 8, images_per_request=32),
+    *(Workload(f"explain-{m}@1", "/explain", m, 1, servers=("digitserve",)) for m in EXPLAIN_METHODS),
+]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def env_number(name: str, default: float, quick: float) -> float:
+    return float(os.environ.get(name) or (quick if os.environ.get("BENCH_QUICK") == "1" else default))
+
+
+def machine_info() -> dict:
+    def command(*args: str) -> str:
+        try:
+            return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), ""),
+        "mem_total_kb": int(Path("/proc/meminfo").read_text().split()[1]),
+        "load_average_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "litserve": litserve.__version__,
+        "wrk": (command("wrk", "--version").splitlines() or [""])[0],
+        "git_commit": command("git", "rev-parse", "HEAD"),
+        "git_dirty": bool(command("git", "status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def bench_server(name: str, files: dict[str, Path], first_label: int, log_dir: Path, s: LoadSettings) -> dict:
+    """One fresh server through every workload it serves. A failure is recorded, never raised."""
+    result: dict = {"workloads": {}}
+    try:
+        server, result["cold_start_s"] = procs.start(name, log_dir)
+        log(f"  {name}: healthy after {result['cold_start_s']:.1f} s (pid {server.process.pid}, port {server.port})")
+        try:
+            body = files["single"].read_text().split("\n", 1)[0]
+            answer = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"},
+                                timeout=30)
+            result["sanity"] = {"status": answer.status_code, "label_ok": answer.status_code == 200
+                                and answer.json()["predictions"][0]["label"] == first_label}
+            if not result["sanity"]["label_ok"]:
+                log(f"  {name}: WARNING: first digit answered {answer.status_code} {answer.text[:200]}")
+            for w in WORKLOADS:
+                if name in w.servers:
+                    m = result["workloads"][w.name] = measure(server, name, w, files[w.bodies], s)
+                    if m["stalled"]:
+                        log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
+                            f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
+                    else:
+                        log(f"  {name} {w.name}: {m['req_s']:,.0f} req/s, p50 {m['p50_ms']:.1f} ms, "
+                            f"p99 {m['p99_ms']:.1f} ms, {m['errors']} errors, PSS {m['pss_mb']:,.0f} MB")
+        finally:
+            stopping = time.monotonic()
+            procs.stop(server, grace_s=15)
+            result["stop_s"], result["exit_code"] = time.monotonic() - stopping, server.process.returncode
+            log(f"  {name}: stopped {result['stop_s']:.1f} s after SIGTERM, exit code {result['exit_code']}")
+    except (procs.ServerDied, RuntimeError, httpx.HTTPError, subprocess.TimeoutExpired) as e:
+        result["error"] = str(e)[-4000:]
+        log(f"  {name}: FAILED: {result['error']}")
+    return result
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM also takes the cleanup path
+    quick = os.environ.get("BENCH_QUICK") == "1"
+    s = LoadSettings(warmup_s=env_number("BENCH_WARMUP_S", 3, 1), duration_s=env_number("BENCH_DURATION_S", 10, 2),
+                     wrk_threads=int(env_number("BENCH_WRK_THREADS", 1, 1)),
+                     wrk_timeout_s=env_number("BENCH_WRK_TIMEOUT_S", 10, 10))
+    n_rounds, n_images = int(env_number("BENCH_ROUNDS", 3, 3)), int(env_number("BENCH_IMAGES", 1000, 1000))
+    started = time.monotonic()
+    results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,
+                     "settings": {**s.__dict__, "rounds": n_rounds, "images": n_images}, "machine": machine_info()}
+    with tempfile.TemporaryDirectory(prefix="digitserve-bench-") as work:
+        pngs, labels = mnist_pngs(n_images)
+        files = write_bodies(Path(work), pngs, **EXPLAIN_METHODS)
+        log(f"micro-benchmarks (1 core) over {n_images} MNIST test PNGs ...")
+        micro = subprocess.run([sys.executable, "-m", "bench.micro", "--images", str(n_images),
+                                "--seconds", str(env_number("BENCH_MICRO_S", 2, 1))], capture_output=True, text=True)
+        results["micro"] = json.loads(micro.stdout) if micro.returncode == 0 else {}
+        if micro.returncode != 0:
+            log(f"  micro-benchmarks failed: {micro.stderr[-2000:]}")
+        results["rounds"] = []
+        try:
+            for r in range(n_rounds):
+                order = list(procs.SERVERS)[:: 1 if r % 2 == 0 else -1]
+                log(f"round {r + 1}/{n_rounds}: {' then '.join(order)}")
+                servers = {name: bench_server(name, files, labels[0], Path(work), s) for name in order}
+                results["rounds"].append({"round": r + 1, "servers": servers})
+        finally:
+            procs.stop_all()
+    results["medians"] = med = report.medians(results["rounds"], WORKLOADS)
+    results["targets"] = checks = report.targets(med)
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["elapsed_s"] = time.monotonic() - started
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / (datetime.date.today().isoformat() + ("-quick" if quick else ""))
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, stem.with_suffix(".json"))
+    report.plot(med, WORKLOADS, stem.with_suffix(".png"))
+    log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')} ({results['elapsed_s']:.0f} s)")
+    print(report.markdown(med, WORKLOADS, checks, results["micro"]))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every server started was stopped")
+        sys.exit(130)
