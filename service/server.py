@@ -119,7 +119,7 @@ class DigitServer(ls.LitServer):
             workers_per_device={api.api_path: self.pool_size(api.api_path) for api, _ in apis},
             timeout=settings.request_timeout_s,
             middlewares=[(metrics.MetricsMiddleware, {"version": str(model.version)})],
-            restart_workers=True,  # a dead worker is replaced; its in-flight requests get a 500 at once
+            restart_workers=True,  # a dead worker is replaced; its in-flight requests end at the request timeout (504)
         )
         self.monitor_internal = 0.5  # LitServe's worker-liveness poll (seconds)
         # LitServe adds gzip for every response over 1 kB; answers here are small JSON on a fast
