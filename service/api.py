@@ -122,19 +122,19 @@ class ExplainAPI(DigitAPI):
         """Requests that ask for the same computation share one batched explanation."""
         started = time.monotonic()
         bounds = np.cumsum([0, *batch.counts])
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}  # computation -> the batch rows that ask for it
         for request, options in enumerate(batch.options):
             key = (options["method"], options["steps"], options["top_k"], options["heatmap"], options["quadrature"])
-            groups.setdefault(key, []).append(request)
-        per_request: list[list[dict]] = [[] for _ in batch.counts]
-        for (method, steps, top_k, heatmap, quadrature), requests in groups.items():
-            rows = [r for q in requests for r in range(bounds[q], bounds[q + 1])]
-            targets = [batch.options[q]["target"] for q in requests for _ in range(batch.counts[q])]
-            reports = self.explainer.explain(batch.x[rows], method, targets, steps, top_k, heatmap, quadrature)
-            for q in requests:
-                per_request[q], reports = reports[: batch.counts[q]], reports[batch.counts[q]:]
+            groups.setdefault(key, []).extend(range(bounds[request], bounds[request + 1]))
+        targets = [options["target"] for options, count in zip(batch.options, batch.counts) for _ in range(count)]
+        reports: list[dict] = [{} for _ in range(len(batch.x))]
+        for (method, steps, top_k, heatmap, quadrature), rows in groups.items():
+            explained = self.explainer.explain(batch.x[rows], method, [targets[r] for r in rows], steps, top_k,
+                                               heatmap, quadrature)
+            for row, report in zip(rows, explained):
+                reports[row] = report
         metrics.observe_forward("explain", str(self.version), batch.arrivals, len(batch.x), started)
-        return [report for reports in per_request for report in reports], batch.counts
+        return reports, batch.counts
 
 
 def prediction(probs: np.ndarray) -> dict:

@@ -40,11 +40,12 @@ class Decoded:
 
 def describe(error: ValidationError, prefix: str = "") -> str:
     """Pydantic's errors as one readable line: ``instances.0.pixels: Input should be a valid list``."""
+    errors = error.errors()
     parts = []
-    for err in error.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "body"
         parts.append(f"{where}: {err['msg']}")
-    more = len(error.errors()) - 5
+    more = len(errors) - 5
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
@@ -133,11 +134,10 @@ def _options(options_model: type[Options], fields: dict, limits: Limits) -> Base
 
 def _to_mnist(item: Instance | bytes, index: int, limits: Limits) -> np.ndarray:
     try:
-        if isinstance(item, bytes):
-            return to_mnist(decode_image(item, limits))
-        if item.pixels is not None:
+        if isinstance(item, Instance) and item.pixels is not None:
             return validate_pixels(item.pixels)
-        return to_mnist(decode_image(_b64(item.image_b64), limits))
+        data = item if isinstance(item, bytes) else _b64(item.image_b64)
+        return to_mnist(decode_image(data, limits))
     except InputError as e:
         raise e.at(f"instance {index}") from None
 

@@ -26,7 +26,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from service import inputs, metrics
 from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
-from service.config import Settings
+from service.config import Limits, Settings
 from service.errors import InputError
 from service.preprocess import normalize
 from service.schema import ExplainOptions, PredictOptions
@@ -57,7 +57,7 @@ class DigitRequestHandler(BaseRequestHandler):
         try:
             return await self._answer(request)
         finally:
-            self.server.in_flight[slot] -= 1
+            server.in_flight[slot] -= 1
 
     async def _answer(self, request: Request) -> Response:
         arrived = time.monotonic()
@@ -241,9 +241,9 @@ class DigitServer(ls.LitServer):
                 "max_batch_size": self.settings.max_batch_size,
                 "batch_timeout_ms": self.settings.batch_timeout_ms,
                 "request_timeout_s": self.settings.request_timeout_s,
+                "max_queued_requests": self.settings.max_queued_requests,
             },
-            "limits": {name: getattr(self.settings, name) for name in type(self.settings).model_fields
-                       if name.startswith("max_") and name not in ("max_batch_size",)},
+            "limits": {name: getattr(self.settings, name) for name in Limits.model_fields},
         }
 
 
