@@ -55,7 +55,7 @@ def test_multipart_with_options_and_heatmap(served):
 
 
 def test_predict_unchanged_by_explain_traffic(served, mnist_test):
-    """Hooks live only inside an explain call: /predict gives identical bytes before, during and after."""
+    """Hooks live only inside an explain call: /predict gives the same answers before, during and after."""
     pixels = [{"pixels": p.tolist()} for p in mnist_test[0][200:216].numpy()]
     with served.client() as client:
         before = client.post("/predict", json={"instances": pixels}).json()
@@ -69,7 +69,10 @@ def test_predict_unchanged_by_explain_traffic(served, mnist_test):
             during = [f.result().json() for f in during]
         after = client.post("/predict", json={"instances": pixels}).json()
     assert after == before
-    assert all(d == before for d in during)
+    for answer in during:  # batched with other requests: on a GPU the kernel (and last bits) follow the batch shape
+        for got, want in zip(answer["predictions"], before["predictions"]):
+            assert got["label"] == want["label"]
+            np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=0, atol=1e-6)
 
 
 EXPLAIN_ERRORS = {
