@@ -19,10 +19,24 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType
 
+from service.transport import PipeTransport, WorkerQueues
+
 IDLE_WAKEUP_S = 1.0  # how often an idle worker wakes to notice shutdown
 
 
 class CollectingLoop(BatchedLoop):
+    def __call__(self, lit_api: LitAPI, device: str, worker_id: int, request_queue: WorkerQueues,
+                 transport: PipeTransport, *args) -> None:
+        """Bind this worker to its own pipes. Every request it reads is announced at once ("this
+        worker has it"), so that if it dies, the API servers answer that request instead of waiting."""
+        transport.bind(lit_api.api_path, worker_id)
+
+        def taken(item: tuple) -> None:
+            self.put_response(transport, item[0], item[1], (), LitAPIStatus.START, LoopResponseType.REGULAR)
+
+        request_queue.bind(worker_id, taken)
+        super().__call__(lit_api, device, worker_id, request_queue, transport, *args)
+
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport) -> tuple[list, list]:
         payloads: list = []
         timed_out: list = []
@@ -35,8 +49,6 @@ class CollectingLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, queued_at, work = item
-            # "this worker has it": lets LitServe's monitor fail it at once if this worker dies
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
             if lit_api.request_timeout not in (None, False, -1) and time.monotonic() - queued_at > lit_api.request_timeout:
                 timed_out.append((response_queue_id, uid))
             else:

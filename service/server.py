@@ -31,7 +31,7 @@ from service.errors import InputError
 from service.preprocess import normalize
 from service.schema import ExplainOptions, PredictOptions
 from service.store import LoadedModel
-from service.transport import PipeQueue, PipeTransport
+from service.transport import PipeTransport, WorkerDied, WorkerQueues, new_magic
 
 OFFLOAD_BYTES = 256 * 1024
 log = logging.getLogger("digitserve")
@@ -49,12 +49,14 @@ class DigitRequestHandler(BaseRequestHandler):
         server.authorize(request)
         if server.draining.is_set():
             raise HTTPException(503, "shutting down: not taking new work", headers={"Retry-After": "1"})
-        if sum(server.in_flight) >= server.settings.max_queued_requests:
-            raise HTTPException(503, f"overloaded: {server.settings.max_queued_requests} requests already waiting; retry shortly",
-                                headers={"Retry-After": "1"})
+        # Count first, then check the total of all API servers: two servers admitting at the same moment
+        # each see the other's request, so together they never pass the limit (at worst both refuse).
         slot = server.app.response_queue_id  # this API server's own counter: one writer, no lock
         server.in_flight[slot] += 1
         try:
+            if sum(server.in_flight) > server.settings.max_queued_requests:
+                raise HTTPException(503, f"overloaded: {server.settings.max_queued_requests} requests already waiting; "
+                                    "retry shortly", headers={"Retry-After": "1"})
             return await self._answer(request)
         finally:
             server.in_flight[slot] -= 1
@@ -92,9 +94,13 @@ class DigitRequestHandler(BaseRequestHandler):
 
     @staticmethod
     def server_error(response: object) -> None:
-        """Worker-side failures: an HTTPException the loop raised (e.g. 504) passes through, anything else is a 500."""
+        """Worker-side failures: an HTTPException the loop raised (e.g. 504) passes through, a worker that
+        died holding the request is a retryable 503, anything else is a 500."""
         if isinstance(response, HTTPException):
             raise response
+        if isinstance(response, WorkerDied):
+            raise HTTPException(503, "the worker computing this request died and is being replaced; retry",
+                                headers={"Retry-After": "1"})
         raise HTTPException(500, "internal error while running the model (a worker failed or restarted); retry")
 
 
@@ -119,7 +125,7 @@ class DigitServer(ls.LitServer):
             workers_per_device={api.api_path: self.pool_size(api.api_path) for api, _ in apis},
             timeout=settings.request_timeout_s,
             middlewares=[(metrics.MetricsMiddleware, {"version": str(model.version)})],
-            restart_workers=True,  # a dead worker is replaced; its in-flight requests end at the request timeout (504)
+            restart_workers=True,  # a dead worker is replaced; the requests it held get 503 at once
         )
         self.monitor_internal = 0.5  # LitServe's worker-liveness poll (seconds)
         # LitServe adds gzip for every response over 1 kB; answers here are small JSON on a fast
@@ -133,15 +139,26 @@ class DigitServer(ls.LitServer):
         self.app.add_exception_handler(HTTPException, _json_error)
 
     def _init_manager(self, num_api_servers: int):
-        """LitServe's set-up without Manager queues on the hot path: requests go over ``PipeQueue``,
-        responses over ``PipeTransport``. A Manager queue costs a round trip through the manager
-        process on every put and get (the largest cost in a profile under load). LitServe's own
-        alternative, ``fast_queue=True`` (ZeroMQ), is a no-op in 0.2.19: it sets a misspelt field."""
+        """LitServe's set-up without Manager queues on the hot path: requests go over ``WorkerQueues``,
+        responses over ``PipeTransport``, one pipe per (worker, API server) each way. A Manager queue
+        costs a round trip through the manager process on every put and get (the largest cost in a
+        profile under load). LitServe's own alternative, ``fast_queue=True`` (ZeroMQ), is a no-op in
+        0.2.19: it sets a misspelt field."""
         manager = super()._init_manager(num_api_servers)
-        for api_path in self.litapi_request_queues:
-            self.litapi_request_queues[api_path] = PipeQueue()
-        self._transport = PipeTransport(num_api_servers)
+        magic = new_magic()
+        pools = {api.api_path: self.pool_size(api.api_path) for api in self.litapi_connector}
+        for api_path, size in pools.items():
+            self.litapi_request_queues[api_path] = WorkerQueues(size, num_api_servers, magic)
+        self._transport = PipeTransport(pools, num_api_servers, magic)
         return manager
+
+    def launch_single_inference_worker(self, lit_api: DigitAPI, worker_id: int):
+        """LitServe's monitor calls this to replace a dead worker. First, while nothing writes its pipes:
+        new requests go to the pool's other workers, and the API servers answer the dead one's requests."""
+        self.litapi_request_queues[lit_api.api_path].down(worker_id)
+        self._transport.worker_died(lit_api.api_path, worker_id)
+        log.warning("%s worker %d died; starting a replacement", lit_api.api_path, worker_id)
+        return super().launch_single_inference_worker(lit_api, worker_id)
 
     def authorize(self, request: Request) -> None:
         """With DIGITSERVE_API_KEY set, /predict and /explain need it (X-API-Key or Authorization: Bearer)."""

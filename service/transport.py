@@ -1,108 +1,159 @@
-"""The hand-offs between API servers and model workers: pipes, no Manager, no threads.
+"""The hand-offs between API servers and model workers: pipes, no Manager, no threads, no shared locks.
 
-Responses (worker -> API server) go over one pipe per API server, read by the event loop itself.
+Every (worker, API server) pair has its own request pipe and its own response pipe, each with
+exactly one writer and one reader, so no lock is shared between processes: a worker killed at
+any moment cannot leave behind a lock that wedges its pool.
 
-LitServe's queue transport reads each response with ``asyncio.to_thread(queue.get)``: one
-thread hop per response, and its reader task gets one response per event-loop iteration. Under
-load the loop is busy parsing requests, so responses pile up behind that one-at-a-time hand-off
-(it capped us near 300 req/s at p50 200 ms). Here the loop watches the pipe (``add_reader``),
-drains every response already there in one callback, and ``areceive`` returns buffered
-responses without suspending.
+A frame is ``MAGIC + length + pickle + TAIL``. MAGIC is 16 random bytes drawn at start (TAIL is
+its complement); pickles of images and JSON do not contain them by chance. A process killed while writing or reading a frame
+leaves its pipe cut mid-frame; the next reader drops bytes up to the next MAGIC, so a
+replacement worker and the API servers carry on in step.
+
+When a worker takes requests from its pipes it says so (LitServe's START message), and each API
+server's transport records which worker holds which request. When LitServe's monitor replaces a
+dead worker, the main process first writes a "died" frame into that worker's response pipes, and
+every API server answers the requests the dead worker held with ``WorkerDied`` at once (LitServe
+itself fails them only in the main process's buffer, where they are not waiting).
+
+Why not LitServe's transports: a Manager queue costs a round trip through the manager process
+per message, and its response reader takes one response per event-loop iteration through a
+thread hop. Here the event loop watches the pipes itself (``add_reader``) and drains every
+frame already there in one callback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import multiprocessing as mp
 import os
+import select
 import struct
 import time
 from collections import deque
-from queue import Empty
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from queue import Empty
+from typing import Any, Callable
 
 from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 F_SETPIPE_SZ = 1031  # Linux fcntl command (not exported by Python's fcntl module)
 PIPE_BYTES = 1 << 20
-_HEADER = struct.Struct("!Q")  # frame length
+MAGIC_BYTES = 16
+_LENGTH = struct.Struct("!Q")
+_DIED = "__digitserve_worker_died__"  # first field of the main process's "worker died" frame
 log = logging.getLogger("digitserve")
 
 
-class PipeTransport(MessageTransport):
-    """Length-prefixed pickles over one pipe per API server; several workers write under a lock."""
+class WorkerDied(Exception):
+    """The worker that held this request died before answering it."""
 
-    def __init__(self, consumers: int):
-        context = mp.get_context("spawn")
-        pipes = [context.Pipe(duplex=False) for _ in range(consumers)]
-        self._readers = [reader for reader, _ in pipes]
-        self._writers = [writer for _, writer in pipes]
-        self._locks = [context.Lock() for _ in range(consumers)]  # workers write whole frames, one at a time
-        for writer in self._writers:
+
+def new_magic() -> bytes:
+    return os.urandom(MAGIC_BYTES)
+
+
+class FrameReader:
+    """Cuts one pipe's byte stream into frame payloads, resynchronising after a cut frame.
+
+    A frame is delivered only when whole: its tail follows its payload, and no MAGIC starts
+    inside it (a new writer's frame right after one that was cut short).
+    """
+
+    def __init__(self, magic: bytes):
+        self.magic, self.tail = magic, _tail(magic)
+        self.pending = bytearray()
+        self.scanned = len(magic)  # where the search for a MAGIC inside the current frame resumes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.pending += chunk
+        magic, pending, payloads = self.magic, self.pending, []
+        head = len(magic) + _LENGTH.size
+        while pending:
+            if not pending.startswith(magic):  # the rest of a frame cut short, or one a dead reader began
+                if not self._resync(0):
+                    break
+                continue
+            if len(pending) < head:
+                break
+            end = head + _LENGTH.unpack_from(pending, len(magic))[0]
+            inside = pending.find(magic, self.scanned, min(len(pending), end))
+            if inside >= 0:
+                self._resync(inside)
+                continue
+            if len(pending) < end + len(self.tail):
+                self.scanned = max(len(magic), min(end, len(pending)) - len(magic) + 1)
+                break
+            if pending[end:end + len(self.tail)] != self.tail:
+                self._resync(1)
+                continue
+            payloads.append(bytes(pending[head:end]))
+            del pending[:end + len(self.tail)]
+            self.scanned = len(magic)
+        return payloads
+
+    def _resync(self, start: int) -> bool:
+        """Drop what precedes the next MAGIC at or after ``start`` (all but a possible MAGIC's beginning
+        when there is none yet). True when the buffer now starts with a MAGIC."""
+        found = self.pending.find(self.magic, start)
+        count = found if found >= 0 else max(0, len(self.pending) - len(self.magic) + 1)
+        if count:
+            log.warning("dropped %d bytes of a frame cut short (a process died mid-transfer)", count)
+            del self.pending[:count]
+        self.scanned = len(self.magic)
+        return found >= 0
+
+
+@functools.lru_cache
+def _tail(magic: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in magic)
+
+
+def frame(magic: bytes, item: Any) -> bytes:
+    data = ForkingPickler.dumps(item)
+    return magic + _LENGTH.pack(len(data)) + data + _tail(magic)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_available(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, PIPE_BYTES)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loads(payloads: list[bytes]) -> list[Any]:
+    items = []
+    for payload in payloads:
+        try:
+            items.append(ForkingPickler.loads(payload))
+        except Exception:  # a frame that survived a cut intact only by its length: never expected
+            log.exception("dropped a frame that could not be unpickled")
+    return items
+
+
+def _pipes(rows: int, columns: int) -> tuple[list[list], list[list]]:
+    """rows x columns one-way pipes (grown to 1 MiB): readers[r][c], writers[r][c]."""
+    context = mp.get_context("spawn")
+    pipes = [[context.Pipe(duplex=False) for _ in range(columns)] for _ in range(rows)]
+    for row in pipes:
+        for _, writer in row:
             _grow(writer)
-        self._setstate_local()
-
-    def _setstate_local(self) -> None:
-        self._buffer: deque = deque()
-        self._pending = bytearray()
-        self._ready: asyncio.Event | None = None
-
-    def send(self, item: Any, consumer_id: int) -> None:
-        data = ForkingPickler.dumps(item)
-        frame = memoryview(_HEADER.pack(len(data)) + data)
-        fd = self._writers[consumer_id].fileno()
-        with self._locks[consumer_id]:
-            while frame:
-                frame = frame[os.write(fd, frame):]
-
-    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
-        if self._ready is None:
-            self._watch(consumer_id or 0)
-        while not self._buffer:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._buffer.popleft()
-
-    def _watch(self, consumer_id: int) -> None:
-        """The event loop reads whatever is in the pipe (the fd becomes non-blocking) and cuts frames."""
-        fd = self._readers[consumer_id].fileno()
-        self._ready = asyncio.Event()
-
-        def drain() -> None:
-            while True:
-                try:
-                    chunk = os.read(fd, PIPE_BYTES)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                self._pending += chunk
-            while len(self._pending) >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(self._pending)
-                end = _HEADER.size + size
-                if len(self._pending) < end:
-                    break
-                self._buffer.append(ForkingPickler.loads(self._pending[_HEADER.size:end]))
-                del self._pending[:end]
-            if self._buffer:
-                self._ready.set()
-
-        asyncio.get_running_loop().add_reader(fd, drain)
-
-    def close(self, **kwargs) -> None:
-        for connection in [*self._readers, *self._writers]:
-            connection.close()
-
-    def __getstate__(self) -> dict:
-        """Workers get the pipes and locks; the event-loop state stays in the API server."""
-        return {"_readers": self._readers, "_writers": self._writers, "_locks": self._locks}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._setstate_local()
+    return [[r for r, _ in row] for row in pipes], [[w for _, w in row] for row in pipes]
 
 
 def _grow(connection) -> None:
@@ -113,44 +164,195 @@ def _grow(connection) -> None:
         log.debug("could not grow a pipe to %d bytes", PIPE_BYTES)
 
 
-class PipeQueue:
-    """API servers -> workers: a queue of whole messages over one pipe, with no feeder thread.
+class PipeTransport(MessageTransport):
+    """Worker -> API server responses. Worker slots number the pools' workers in order (LitServe's
+    ``inference_workers`` order): slot = the pool's offset + worker id."""
 
-    ``multiprocessing.Queue.put`` hands each item to a feeder thread, and in an API server that
-    is busy running its event loop every such hand-off waits for the GIL. Here ``put`` pickles
-    and writes under a cross-process lock, and readers take turns under another. The pipe is
-    grown to 1 MiB so that a burst of queued requests does not block the writer's event loop.
+    def __init__(self, pools: dict[str, int], consumers: int, magic: bytes):
+        self._offsets, offset = {}, 0
+        for api_path, size in pools.items():
+            self._offsets[api_path], offset = offset, offset + size
+        self._readers, self._writers = _pipes(offset, consumers)
+        self._magic = magic
+        self._slot: int | None = None
+        self._setstate_local()
+
+    def _setstate_local(self) -> None:
+        self._buffer: deque = deque()
+        self._ready: asyncio.Event | None = None
+        self._held: dict[str, tuple[int, int]] = {}  # uid -> (slot, worker id) of the worker that took it
+
+    def slot(self, api_path: str, worker_id: int) -> int:
+        return self._offsets[api_path] + worker_id
+
+    def bind(self, api_path: str, worker_id: int) -> None:
+        """In a worker process: which worker this is, so that ``send`` writes to its own pipes."""
+        self._slot = self.slot(api_path, worker_id)
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        _write_all(self._writers[self._slot][consumer_id].fileno(), frame(self._magic, item))
+
+    def worker_died(self, api_path: str, worker_id: int) -> None:
+        """In the main process, after the worker died and before its replacement starts (so this is
+        the pipes' only writer): tell every API server."""
+        slot = self.slot(api_path, worker_id)
+        for writer in self._writers[slot]:
+            _write_all(writer.fileno(), frame(self._magic, (_DIED, slot)))
+
+    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
+        if self._ready is None:
+            self._watch(consumer_id or 0)
+        while not self._buffer:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._buffer.popleft()
+
+    def _watch(self, consumer_id: int) -> None:
+        self._ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for slot, row in enumerate(self._readers):
+            fd = row[consumer_id].fileno()
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._drain, fd, slot, FrameReader(self._magic))
+
+    def _drain(self, fd: int, slot: int, frames: FrameReader) -> None:
+        for item in _loads(frames.feed(_read_available(fd))):
+            if item[0] == _DIED:
+                self._fail_held(slot)
+                continue
+            uid, (_, status, _, worker_id) = item
+            if status == LitAPIStatus.START:
+                self._held[uid] = (slot, worker_id)
+                continue
+            self._held.pop(uid, None)
+            self._buffer.append(item)
+        if self._buffer:
+            self._ready.set()
+
+    def _fail_held(self, slot: int) -> None:
+        lost = [(uid, worker_id) for uid, (held_by, worker_id) in self._held.items() if held_by == slot]
+        for uid, worker_id in lost:
+            del self._held[uid]
+            self._buffer.append((uid, (WorkerDied(), LitAPIStatus.ERROR, LoopResponseType.REGULAR, worker_id)))
+        if lost:
+            log.warning("answering %d requests held by a worker that died", len(lost))
+
+    def close(self, **kwargs) -> None:
+        for connection in [*_flat(self._readers), *_flat(self._writers)]:
+            connection.close()
+
+    def __getstate__(self) -> dict:
+        """Workers get the pipes; the event-loop state stays in the API server."""
+        return {k: self.__dict__[k] for k in ("_offsets", "_readers", "_writers", "_magic", "_slot")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setstate_local()
+
+
+class WorkerQueues:
+    """API servers -> the workers of one pool (LitServe's request queue for one api_path).
+
+    Each API server sends round-robin to the pool's workers that are up (to all when none is);
+    its writes never block the event loop: what a full pipe does not take waits in a buffer
+    that the loop flushes when the pipe drains. A worker reads only its own pipes, and reports
+    each request as taken (``taken``) the moment it reads it, so a kill loses none silently.
     """
 
-    def __init__(self):
-        context = mp.get_context("spawn")
-        self._reader, self._writer = context.Pipe(duplex=False)
-        self._read_lock, self._write_lock = context.Lock(), context.Lock()
-        _grow(self._writer)
+    def __init__(self, workers: int, consumers: int, magic: bytes):
+        self._readers, self._writers = _pipes(workers, consumers)
+        self._magic = magic
+        self._up = mp.get_context("spawn").RawArray("b", workers)  # 1 while worker w reads its pipes
+        self._setstate_local()
 
+    def _setstate_local(self) -> None:
+        self._next = 0
+        self._outgoing: dict[int, bytearray] = {}
+        self._worker: int | None = None
+        self._inbox: deque = deque()
+        self._taken: Callable[[Any], None] | None = None
+
+    # ---- API-server side
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        data = ForkingPickler.dumps(item)
-        with self._write_lock:
-            self._writer.send_bytes(data)
+        """``item`` is LitServe's (response_queue_id, uid, queued_at, work): the first names the API server."""
+        fd = self._writers[self._choose()][item[0]].fileno()
+        out = self._outgoing.get(fd)
+        if out is None:
+            os.set_blocking(fd, False)
+            out = self._outgoing[fd] = bytearray()
+        idle = not out
+        out += frame(self._magic, item)
+        if idle:
+            self._flush(fd)
+
+    def _choose(self) -> int:
+        workers = len(self._writers)
+        for step in range(workers):
+            worker = (self._next + step) % workers
+            if self._up[worker]:
+                break
+        else:
+            worker = self._next % workers
+        self._next = worker + 1
+        return worker
+
+    def _flush(self, fd: int) -> None:
+        out = self._outgoing[fd]
+        try:
+            while out:
+                del out[:os.write(fd, out)]
+        except BlockingIOError:
+            pass
+        loop = asyncio.get_running_loop()
+        if out:
+            loop.add_writer(fd, self._flush, fd)
+        else:
+            loop.remove_writer(fd)
+
+    # ---- main-process side
+    def down(self, worker_id: int) -> None:
+        """The worker died: send new requests to the pool's other workers until its replacement is up."""
+        self._up[worker_id] = 0
+
+    # ---- worker side
+    def bind(self, worker_id: int, taken: Callable[[Any], None]) -> None:
+        """In a worker process: read this worker's pipes from now on; ``taken(item)`` on every request read."""
+        self._worker, self._taken = worker_id, taken
+        self._frames = {}
+        self._poll = select.poll()
+        for reader in self._readers[worker_id]:
+            os.set_blocking(reader.fileno(), False)
+            self._frames[reader.fileno()] = FrameReader(self._magic)
+            self._poll.register(reader.fileno(), select.POLLIN)
+        self._up[worker_id] = 1
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Wait for data WITHOUT the read lock, then take one message under it. A worker killed while
-        waiting (where it spends its idle time) leaves no lock behind for its replacement."""
-        wait = 0.0 if not block else timeout
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._reader.poll(remaining):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._inbox:
+            wait = 0.0 if not block else None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait < 0:
                 raise Empty
-            if not self._read_lock.acquire(True, remaining):
+            self._fill(wait)
+            if not self._inbox and not block:
                 raise Empty
-            try:
-                if self._reader.poll(0):  # another reader may have taken it meanwhile
-                    return ForkingPickler.loads(self._reader.recv_bytes())
-            finally:
-                self._read_lock.release()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Empty
+        return self._inbox.popleft()
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
+
+    def _fill(self, timeout: float | None) -> None:
+        for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
+            for item in _loads(self._frames[fd].feed(_read_available(fd))):
+                self._taken(item)
+                self._inbox.append(item)
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setstate_local()
+
+
+def _flat(rows: list[list]) -> list:
+    return [item for row in rows for item in row]
