@@ -46,8 +46,9 @@ class Settings(Limits):
     accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
     batch_timeout_ms: float = Field(
-        0.0, ge=0, le=1000,
-        description="how long a worker waits for more requests once the queue is empty (0: batch what is queued)",
+        5.0, ge=0, le=1000,
+        description="how long a worker may wait for requests admitted but still being decoded, to batch them "
+                    "(never when none are; 0: batch only what is queued)",
     )
     workers: int = Field(1, ge=1, le=64, description="predict workers per device")
     explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")

@@ -9,8 +9,9 @@ its complement); pickles of images and JSON do not contain them by chance. A pro
 leaves its pipe cut mid-frame; the next reader drops bytes up to the next MAGIC, so a
 replacement worker and the API servers carry on in step.
 
-When a worker takes requests from its pipes it says so (LitServe's START message), and each API
-server's transport records which worker holds which request. When LitServe's monitor replaces a
+A worker says which requests it has taken the moment it reads them, and sends its answers one
+frame per API server per batch; each API server's transport records which worker holds which
+request. When LitServe's monitor replaces a
 dead worker, the main process first writes a "died" frame into that worker's response pipes, and
 every API server answers the requests the dead worker held with ``WorkerDied`` at once (LitServe
 itself fails them only in the main process's buffer, where they are not waiting).
@@ -29,11 +30,11 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import select
 import struct
 import time
 from collections import deque
-from multiprocessing.reduction import ForkingPickler
 from queue import Empty
 from typing import Any, Callable
 
@@ -44,7 +45,10 @@ F_SETPIPE_SZ = 1031  # Linux fcntl command (not exported by Python's fcntl modul
 PIPE_BYTES = 1 << 20
 MAGIC_BYTES = 16
 _LENGTH = struct.Struct("!Q")
-_DIED = "__digitserve_worker_died__"  # first field of the main process's "worker died" frame
+# what a frame on a response pipe carries: (kind, payload)
+_TAKEN = "taken"  # [uid, ...]: the worker has read these requests
+_ANSWERS = "answers"  # [(uid, response, LitAPIStatus), ...]
+_DIED = "died"  # None: written by the main process once the worker is dead
 log = logging.getLogger("digitserve")
 
 
@@ -113,7 +117,7 @@ def _tail(magic: bytes) -> bytes:
 
 
 def frame(magic: bytes, item: Any) -> bytes:
-    data = ForkingPickler.dumps(item)
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     return magic + _LENGTH.pack(len(data)) + data + _tail(magic)
 
 
@@ -140,7 +144,7 @@ def _loads(payloads: list[bytes]) -> list[Any]:
     items = []
     for payload in payloads:
         try:
-            items.append(ForkingPickler.loads(payload))
+            items.append(pickle.loads(payload))
         except Exception:  # a frame that survived a cut intact only by its length: never expected
             log.exception("dropped a frame that could not be unpickled")
     return items
@@ -180,7 +184,7 @@ class PipeTransport(MessageTransport):
     def _setstate_local(self) -> None:
         self._buffer: deque = deque()
         self._ready: asyncio.Event | None = None
-        self._held: dict[str, tuple[int, int]] = {}  # uid -> (slot, worker id) of the worker that took it
+        self._held: dict[str, int] = {}  # uid -> slot of the worker that took it
 
     def slot(self, api_path: str, worker_id: int) -> int:
         return self._offsets[api_path] + worker_id
@@ -190,14 +194,31 @@ class PipeTransport(MessageTransport):
         self._slot = self.slot(api_path, worker_id)
 
     def send(self, item: Any, consumer_id: int) -> None:
-        _write_all(self._writers[self._slot][consumer_id].fileno(), frame(self._magic, item))
+        """LitServe's one-message form, ``(uid, (response, status, response_type, worker_id))``."""
+        uid, (response, status, *_) = item
+        self.answer([(consumer_id, uid, response, status)])
+
+    def taken(self, requests: list[tuple]) -> None:
+        """In a worker: it has read these requests (LitServe's ``(queue_id, uid, ...)`` tuples)."""
+        self._send_grouped(_TAKEN, [(request[0], request[1]) for request in requests])
+
+    def answer(self, answers: list[tuple]) -> None:
+        """In a worker: ``(queue_id, uid, response, status)`` each; one frame per API server."""
+        self._send_grouped(_ANSWERS, [(queue_id, (uid, response, status)) for queue_id, uid, response, status in answers])
+
+    def _send_grouped(self, kind: str, entries: list[tuple[int, Any]]) -> None:
+        by_consumer: dict[int, list] = {}
+        for consumer_id, entry in entries:
+            by_consumer.setdefault(consumer_id, []).append(entry)
+        for consumer_id, payload in by_consumer.items():
+            _write_all(self._writers[self._slot][consumer_id].fileno(), frame(self._magic, (kind, payload)))
 
     def worker_died(self, api_path: str, worker_id: int) -> None:
         """In the main process, after the worker died and before its replacement starts (so this is
         the pipes' only writer): tell every API server."""
         slot = self.slot(api_path, worker_id)
         for writer in self._writers[slot]:
-            _write_all(writer.fileno(), frame(self._magic, (_DIED, slot)))
+            _write_all(writer.fileno(), frame(self._magic, (_DIED, None)))
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
         if self._ready is None:
@@ -216,24 +237,23 @@ class PipeTransport(MessageTransport):
             loop.add_reader(fd, self._drain, fd, slot, FrameReader(self._magic))
 
     def _drain(self, fd: int, slot: int, frames: FrameReader) -> None:
-        for item in _loads(frames.feed(_read_available(fd))):
-            if item[0] == _DIED:
+        for kind, payload in _loads(frames.feed(_read_available(fd))):
+            if kind == _TAKEN:
+                self._held.update((uid, slot) for uid in payload)
+            elif kind == _ANSWERS:
+                for uid, response, status in payload:
+                    self._held.pop(uid, None)
+                    self._buffer.append((uid, (response, status, LoopResponseType.REGULAR, None)))
+            elif kind == _DIED:
                 self._fail_held(slot)
-                continue
-            uid, (_, status, _, worker_id) = item
-            if status == LitAPIStatus.START:
-                self._held[uid] = (slot, worker_id)
-                continue
-            self._held.pop(uid, None)
-            self._buffer.append(item)
         if self._buffer:
             self._ready.set()
 
     def _fail_held(self, slot: int) -> None:
-        lost = [(uid, worker_id) for uid, (held_by, worker_id) in self._held.items() if held_by == slot]
-        for uid, worker_id in lost:
+        lost = [uid for uid, held_by in self._held.items() if held_by == slot]
+        for uid in lost:
             del self._held[uid]
-            self._buffer.append((uid, (WorkerDied(), LitAPIStatus.ERROR, LoopResponseType.REGULAR, worker_id)))
+            self._buffer.append((uid, (WorkerDied(), LitAPIStatus.ERROR, LoopResponseType.REGULAR, None)))
         if lost:
             log.warning("answering %d requests held by a worker that died", len(lost))
 
@@ -262,7 +282,10 @@ class WorkerQueues:
     def __init__(self, workers: int, consumers: int, magic: bytes):
         self._readers, self._writers = _pipes(workers, consumers)
         self._magic = magic
-        self._up = mp.get_context("spawn").RawArray("b", workers)  # 1 while worker w reads its pipes
+        context = mp.get_context("spawn")
+        self._up = context.RawArray("b", workers)  # 1 while worker w reads its pipes
+        # requests for this pool admitted and not yet answered, per API server (each writes its own)
+        self.admitted = context.RawArray("i", consumers)
         self._setstate_local()
 
     def _setstate_local(self) -> None:
@@ -270,7 +293,7 @@ class WorkerQueues:
         self._outgoing: dict[int, bytearray] = {}
         self._worker: int | None = None
         self._inbox: deque = deque()
-        self._taken: Callable[[Any], None] | None = None
+        self._taken: Callable[[list], None] | None = None
 
     # ---- API-server side
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -315,8 +338,8 @@ class WorkerQueues:
         self._up[worker_id] = 0
 
     # ---- worker side
-    def bind(self, worker_id: int, taken: Callable[[Any], None]) -> None:
-        """In a worker process: read this worker's pipes from now on; ``taken(item)`` on every request read."""
+    def bind(self, worker_id: int, taken: Callable[[list], None]) -> None:
+        """In a worker process: read this worker's pipes from now on; ``taken(items)`` on the requests of each read."""
         self._worker, self._taken = worker_id, taken
         self._frames = {}
         self._poll = select.poll()
@@ -337,17 +360,23 @@ class WorkerQueues:
                 raise Empty
         return self._inbox.popleft()
 
+    def coming(self, collected: int) -> bool:
+        """Whether more requests than the ``collected`` ones are admitted (some still being decoded)."""
+        return sum(self.admitted) > collected
+
     def get_nowait(self) -> Any:
         return self.get(block=False)
 
     def _fill(self, timeout: float | None) -> None:
+        items = []
         for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
-            for item in _loads(self._frames[fd].feed(_read_available(fd))):
-                self._taken(item)
-                self._inbox.append(item)
+            items += _loads(self._frames[fd].feed(_read_available(fd)))
+        if items:
+            self._taken(items)
+            self._inbox.extend(items)
 
     def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up")}
+        return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up", "admitted")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
