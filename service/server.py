@@ -108,7 +108,7 @@ class DigitRequestHandler(BaseRequestHandler):
         if isinstance(response, WorkerDied):
             raise HTTPException(503, "the worker computing this request died and is being replaced; retry",
                                 headers={"Retry-After": "1"})
-        raise HTTPException(500, "internal error while running the model (a worker failed or restarted); retry")
+        raise HTTPException(500, "internal error while running the model; retry")
 
 
 class DigitServer(ls.LitServer):
