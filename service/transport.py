@@ -184,7 +184,7 @@ class PipeTransport(MessageTransport):
     def _setstate_local(self) -> None:
         self._buffer: deque = deque()
         self._ready: asyncio.Event | None = None
-        self._held: dict[str, int] = {}  # uid -> slot of the worker that took it
+        self._held: dict[int, int] = {}  # request id -> slot of the worker that took it
 
     def slot(self, api_path: str, worker_id: int) -> int:
         return self._offsets[api_path] + worker_id
