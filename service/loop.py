@@ -30,6 +30,7 @@ from litserve.utils import LitAPIStatus, PickleableHTTPException
 from service.transport import PipeTransport, WorkerQueues
 
 IDLE_WAKEUP_S = 1.0  # how often an idle worker wakes to notice shutdown
+EXPIRED = PickleableHTTPException(504, "waited in the queue past the request timeout; not computed")
 log = logging.getLogger("digitserve")
 
 
@@ -48,8 +49,7 @@ class CollectingLoop(BatchedLoop):
                 work, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
             except _StopLoopError:
                 return
-            expired = PickleableHTTPException(504, "waited in the queue past the request timeout; not computed")
-            answers = [(queue_id, uid, expired, LitAPIStatus.ERROR) for queue_id, uid in timed_out]
+            answers = [(queue_id, uid, EXPIRED, LitAPIStatus.ERROR) for queue_id, uid in timed_out]
             if work:
                 answers += self._answer(lit_api, work)
             transport.answer(answers)

@@ -25,6 +25,7 @@ frame already there in one callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import logging
@@ -321,11 +322,9 @@ class WorkerQueues:
 
     def _flush(self, fd: int) -> None:
         out = self._outgoing[fd]
-        try:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the rest goes once it drains
             while out:
                 del out[:os.write(fd, out)]
-        except BlockingIOError:
-            pass
         loop = asyncio.get_running_loop()
         if out:
             loop.add_writer(fd, self._flush, fd)
