@@ -12,7 +12,7 @@ Stages: the same LitAPI stages in the same order (decode_request, batch, predict
 encode_response), without what a profile under load showed costing a sixth of the worker's
 time: LitServe's loop inspects every stage's signature on every call (for an optional
 ``context`` argument we do not use) and sends each answer as its own message. Ours sends one
-message per API server per batch, and one to say which requests it has taken.
+message per API server per batch.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ log = logging.getLogger("digitserve")
 class CollectingLoop(BatchedLoop):
     def __call__(self, lit_api: LitAPI, device: str, worker_id: int, request_queue: WorkerQueues,
                  transport: PipeTransport, *args) -> None:
-        """Bind this worker to its own pipes. Every request it reads is announced at once ("this
-        worker has it"), so that if it dies, the API servers answer that request instead of waiting."""
+        """Bind this worker to its own pipes."""
         transport.bind(lit_api.api_path, worker_id)
-        request_queue.bind(worker_id, transport.taken)
+        request_queue.bind(worker_id)
         super().__call__(lit_api, device, worker_id, request_queue, transport, *args)
 
     def run_batched_loop(self, lit_api: LitAPI, request_queue: WorkerQueues, transport: PipeTransport, *args) -> None:

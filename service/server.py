@@ -163,7 +163,8 @@ class DigitServer(ls.LitServer):
 
     def launch_single_inference_worker(self, lit_api: DigitAPI, worker_id: int):
         """LitServe's monitor calls this to replace a dead worker. First, while nothing writes its pipes:
-        new requests go to the pool's other workers, and the API servers answer the dead one's requests."""
+        new requests go to the pool's other workers, and the API servers answer every request they
+        sent the dead one (503 + Retry-After, at once, rather than after the replacement's start-up)."""
         self.litapi_request_queues[lit_api.api_path].down(worker_id)
         self._transport.worker_died(lit_api.api_path, worker_id)
         log.warning("%s worker %d died; starting a replacement", lit_api.api_path, worker_id)
@@ -251,7 +252,8 @@ class DigitServer(ls.LitServer):
         need to be unique within this API server (answers come back to it alone): a counter will do."""
         uid = next(self._uids)
         self.response_buffer[uid] = item
-        self.litapi_request_queues[api_path].put((self.app.response_queue_id, uid, time.monotonic(), work))
+        worker = self.litapi_request_queues[api_path].put((self.app.response_queue_id, uid, time.monotonic(), work))
+        self._transport.sent(uid, api_path, worker)
         return uid
 
     def to_work(self, decoded: inputs.Decoded, arrived: float) -> Work:

@@ -9,12 +9,12 @@ its complement); pickles of images and JSON do not contain them by chance. A pro
 leaves its pipe cut mid-frame; the next reader drops bytes up to the next MAGIC, so a
 replacement worker and the API servers carry on in step.
 
-A worker says which requests it has taken the moment it reads them, and sends its answers one
-frame per API server per batch; each API server's transport records which worker holds which
-request. When LitServe's monitor replaces a
-dead worker, the main process first writes a "died" frame into that worker's response pipes, and
-every API server answers the requests the dead worker held with ``WorkerDied`` at once (LitServe
-itself fails them only in the main process's buffer, where they are not waiting).
+Each API server chooses the worker for every request it sends, so its transport knows which
+worker holds which of its requests. When LitServe's monitor replaces a dead worker, the main
+process first writes a "died" frame into that worker's response pipes, and every API server
+answers all its requests sent to the dead worker with ``WorkerDied`` at once, those being
+computed and those still in its pipe alike (LitServe itself fails them only in the main process's
+buffer, where they are not waiting). Workers send their answers one frame per API server per batch.
 
 Why not LitServe's transports: a Manager queue costs a round trip through the manager process
 per message, and its response reader takes one response per event-loop iteration through a
@@ -37,7 +37,7 @@ import struct
 import time
 from collections import deque
 from queue import Empty
-from typing import Any, Callable
+from typing import Any
 
 from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType
@@ -47,7 +47,6 @@ PIPE_BYTES = 1 << 20
 MAGIC_BYTES = 16
 _LENGTH = struct.Struct("!Q")
 # what a frame on a response pipe carries: (kind, payload)
-_TAKEN = "taken"  # [uid, ...]: the worker has read these requests
 _ANSWERS = "answers"  # [(uid, response, LitAPIStatus), ...]
 _DIED = "died"  # None: written by the main process once the worker is dead
 log = logging.getLogger("digitserve")
@@ -185,7 +184,7 @@ class PipeTransport(MessageTransport):
     def _setstate_local(self) -> None:
         self._buffer: deque = deque()
         self._ready: asyncio.Event | None = None
-        self._held: dict[int, int] = {}  # request id -> slot of the worker that took it
+        self._held: dict[int, int] = {}  # request id -> slot of the worker it was sent to
 
     def slot(self, api_path: str, worker_id: int) -> int:
         return self._offsets[api_path] + worker_id
@@ -199,20 +198,17 @@ class PipeTransport(MessageTransport):
         uid, (response, status, *_) = item
         self.answer([(consumer_id, uid, response, status)])
 
-    def taken(self, requests: list[tuple]) -> None:
-        """In a worker: it has read these requests (LitServe's ``(queue_id, uid, ...)`` tuples)."""
-        self._send_grouped(_TAKEN, [(request[0], request[1]) for request in requests])
-
     def answer(self, answers: list[tuple]) -> None:
         """In a worker: ``(queue_id, uid, response, status)`` each; one frame per API server."""
-        self._send_grouped(_ANSWERS, [(queue_id, (uid, response, status)) for queue_id, uid, response, status in answers])
-
-    def _send_grouped(self, kind: str, entries: list[tuple[int, Any]]) -> None:
         by_consumer: dict[int, list] = {}
-        for consumer_id, entry in entries:
-            by_consumer.setdefault(consumer_id, []).append(entry)
-        for consumer_id, payload in by_consumer.items():
-            _write_all(self._writers[self._slot][consumer_id].fileno(), frame(self._magic, (kind, payload)))
+        for queue_id, uid, response, status in answers:
+            by_consumer.setdefault(queue_id, []).append((uid, response, status))
+        for queue_id, payload in by_consumer.items():
+            _write_all(self._writers[self._slot][queue_id].fileno(), frame(self._magic, (_ANSWERS, payload)))
+
+    def sent(self, uid: int, api_path: str, worker_id: int) -> None:
+        """In an API server: request ``uid`` went to this worker (it is answered, or failed if that worker dies)."""
+        self._held[uid] = self.slot(api_path, worker_id)
 
     def worker_died(self, api_path: str, worker_id: int) -> None:
         """In the main process, after the worker died and before its replacement starts (so this is
@@ -239,9 +235,7 @@ class PipeTransport(MessageTransport):
 
     def _drain(self, fd: int, slot: int, frames: FrameReader) -> None:
         for kind, payload in _loads(frames.feed(_read_available(fd))):
-            if kind == _TAKEN:
-                self._held.update((uid, slot) for uid in payload)
-            elif kind == _ANSWERS:
+            if kind == _ANSWERS:
                 for uid, response, status in payload:
                     self._held.pop(uid, None)
                     self._buffer.append((uid, (response, status, LoopResponseType.REGULAR, None)))
@@ -276,8 +270,7 @@ class WorkerQueues:
 
     Each API server sends round-robin to the pool's workers that are up (to all when none is);
     its writes never block the event loop: what a full pipe does not take waits in a buffer
-    that the loop flushes when the pipe drains. A worker reads only its own pipes, and reports
-    each request as taken (``taken``) the moment it reads it, so a kill loses none silently.
+    that the loop flushes when the pipe drains. A worker reads only its own pipes.
     """
 
     def __init__(self, workers: int, consumers: int, magic: bytes):
@@ -294,12 +287,13 @@ class WorkerQueues:
         self._outgoing: dict[int, bytearray] = {}
         self._worker: int | None = None
         self._inbox: deque = deque()
-        self._taken: Callable[[list], None] | None = None
 
     # ---- API-server side
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        """``item`` is LitServe's (response_queue_id, uid, queued_at, work): the first names the API server."""
-        fd = self._writers[self._choose()][item[0]].fileno()
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> int:
+        """``item`` is LitServe's (response_queue_id, uid, queued_at, work): the first names the API server.
+        Returns the worker it goes to."""
+        worker = self._choose()
+        fd = self._writers[worker][item[0]].fileno()
         out = self._outgoing.get(fd)
         if out is None:
             os.set_blocking(fd, False)
@@ -308,6 +302,7 @@ class WorkerQueues:
         out += frame(self._magic, item)
         if idle:
             self._flush(fd)
+        return worker
 
     def _choose(self) -> int:
         workers = len(self._writers)
@@ -337,9 +332,9 @@ class WorkerQueues:
         self._up[worker_id] = 0
 
     # ---- worker side
-    def bind(self, worker_id: int, taken: Callable[[list], None]) -> None:
-        """In a worker process: read this worker's pipes from now on; ``taken(items)`` on the requests of each read."""
-        self._worker, self._taken = worker_id, taken
+    def bind(self, worker_id: int) -> None:
+        """In a worker process: read this worker's pipes from now on."""
+        self._worker = worker_id
         self._frames = {}
         self._poll = select.poll()
         for reader in self._readers[worker_id]:
@@ -367,12 +362,8 @@ class WorkerQueues:
         return self.get(block=False)
 
     def _fill(self, timeout: float | None) -> None:
-        items = []
         for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
-            items += _loads(self._frames[fd].feed(_read_available(fd)))
-        if items:
-            self._taken(items)
-            self._inbox.extend(items)
+            self._inbox.extend(_loads(self._frames[fd].feed(_read_available(fd))))
 
     def __getstate__(self) -> dict:
         return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up", "admitted")}
