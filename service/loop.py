@@ -23,7 +23,6 @@ from queue import Empty
 
 from fastapi import HTTPException
 from litserve import LitAPI
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, PickleableHTTPException
 
@@ -43,11 +42,8 @@ class CollectingLoop(BatchedLoop):
         super().__call__(lit_api, device, worker_id, request_queue, transport, *args)
 
     def run_batched_loop(self, lit_api: LitAPI, request_queue: WorkerQueues, transport: PipeTransport, *args) -> None:
-        while True:
-            try:
-                work, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
-            except _StopLoopError:
-                return
+        while True:  # the worker ends when the server terminates it
+            work, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
             answers = [(queue_id, uid, EXPIRED, LitAPIStatus.ERROR) for queue_id, uid in timed_out]
             if work:
                 answers += self._answer(lit_api, work)
@@ -78,8 +74,6 @@ class CollectingLoop(BatchedLoop):
             return payloads, timed_out
         deadline = time.monotonic() + lit_api.batch_timeout
         while True:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
             response_queue_id, uid, queued_at, work = item
             if lit_api.request_timeout not in (None, False, -1) and time.monotonic() - queued_at > lit_api.request_timeout:
                 timed_out.append((response_queue_id, uid))

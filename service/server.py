@@ -196,7 +196,7 @@ class DigitServer(ls.LitServer):
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers: dict, shutdown_reason: str = "normal") -> None:
         """Drain, then stop, within the grace period: /health turns 503 and new work is refused at
-        once, requests already taken are answered, then the HTTP processes, the workers and the
+        once, requests already admitted are answered, then the HTTP processes, the workers and the
         manager stop. LitServe's worker monitor calls this from its thread when a worker died: then
         we only record why and wake the main thread, which does the stopping."""
         if threading.current_thread() is not threading.main_thread():

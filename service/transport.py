@@ -285,7 +285,6 @@ class WorkerQueues:
     def _setstate_local(self) -> None:
         self._next = 0
         self._outgoing: dict[int, bytearray] = {}
-        self._worker: int | None = None
         self._inbox: deque = deque()
 
     # ---- API-server side
@@ -334,7 +333,6 @@ class WorkerQueues:
     # ---- worker side
     def bind(self, worker_id: int) -> None:
         """In a worker process: read this worker's pipes from now on."""
-        self._worker = worker_id
         self._frames = {}
         self._poll = select.poll()
         for reader in self._readers[worker_id]:
