@@ -14,6 +14,7 @@ import hmac
 import itertools
 import logging
 import multiprocessing as mp
+import socket
 import threading
 import time
 from typing import Awaitable, Callable
@@ -138,6 +139,10 @@ class DigitServer(ls.LitServer):
         # LitServe adds gzip for every response over 1 kB; answers here are small JSON on a fast
         # network, where compressing costs more CPU than it saves.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
+        # FastAPI asks OpenTelemetry for its tracer, meter and logger providers on every request (a few
+        # per cent of an API server's time under load). We export Prometheus metrics, not OpenTelemetry:
+        # the opt-out FastAPI(telemetry={...}) offers, applied to the app LitServe built.
+        self.app._telemetry.update(tracing=False, metrics=False, logs=False)
         ours = {self.info_path, self.healthcheck_path}
         self.app.router.routes = [r for r in self.app.router.routes if getattr(r, "path", None) not in ours]
         self.app.add_api_route(self.healthcheck_path, self.health, methods=["GET"])
@@ -160,6 +165,35 @@ class DigitServer(ls.LitServer):
             self.litapi_request_queues[api_path] = WorkerQueues(size, num_api_servers, magic)
         self._transport = PipeTransport(pools, num_api_servers, magic)
         return manager
+
+    def _start_server(self, port: int, num_api_servers: int, log_level: str, sockets: list[socket.socket], *args, **kwargs):
+        """Each API server listens on a socket of its own (SO_REUSEPORT), so the kernel spreads
+        connections across them by a hash of each connection's addresses. On one shared socket the
+        first server to wake takes every connection waiting: 64 keep-alive connections split as
+        unevenly as 15/49, and the busier server's requests waited three times as long. LitServe
+        bound ``sockets[0]`` without the option, which proved the port free; each server gets its
+        replacement just before it is forked (``_prepare_app_run``)."""
+        shared = sockets.pop()
+        self._address, self._family = shared.getsockname(), shared.family
+        shared.close()
+        self._listeners = sockets
+        try:
+            return super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
+        finally:
+            for listener in sockets:  # the last server's: it has its own copy now
+                listener.close()
+
+    def _prepare_app_run(self, app) -> None:
+        """Runs once per API server, just before LitServe forks it: its own listening socket (the
+        previous server, already forked, keeps its copy of the one before)."""
+        super()._prepare_app_run(app)
+        for listener in self._listeners:
+            listener.close()
+        listener = socket.socket(self._family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(self._address)
+        self._listeners[:] = [listener]
 
     def launch_single_inference_worker(self, lit_api: DigitAPI, worker_id: int):
         """LitServe's monitor calls this to replace a dead worker. First, while nothing writes its pipes:
