@@ -25,6 +25,9 @@ INK_THRESHOLD = 0.1  # ... of pixels brighter than this share of the brightest, 
 _SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP",
                b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, from the header, with our own limits
+# Pillow warns about oddities in client files (corrupt EXIF, malformed MPO...): what matters is
+# whether the pixels decode, and a warning per request would only fill the log.
+warnings.filterwarnings("ignore", module=r"PIL\.|service\.preprocess$")
 
 
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
@@ -32,9 +35,7 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     if not data:
         raise InputError(400, "image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Exception:
         kind = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
         if kind:
