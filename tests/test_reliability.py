@@ -49,7 +49,8 @@ CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     # bounded admission, request ids and the access log, and the limits share one server
     # (two API servers: the admission bound holds across them)
     "admission_server": ((*LIGHT, *flags(api_servers=2, max_queued_requests=4, **LIMITS)), {}),
-    "timeout_server": ((*LIGHT, *flags(request_timeout_s=0.5)), {}),
+    # (explain requests up to 1,024 IG steps: one that outlasts its queued followers' deadline by far)
+    "timeout_server": ((*LIGHT, *flags(request_timeout_s=0.5, max_ig_steps=1024)), {}),
     # a request timeout far above the time a killed worker's requests take to be answered (503)
     "crash_server": ((*LIGHT, *flags(request_timeout_s=8)), {}),
     "draining_server": ((*LIGHT, *flags(shutdown_grace_s=SHUTDOWN_GRACE_S)), {"PROMETHEUS_MULTIPROC_DIR": ""}),
@@ -422,7 +423,7 @@ def test_requests_whose_deadline_passed_in_the_queue_are_not_computed(timeout_se
     images, labels = digits
     explain_pid = spawned_workers(timeout_server.process.pid)[1]
     url = f"{timeout_server.url}/explain"
-    slow = body(images, method="integrated_gradients", steps=256, heatmap=True)  # ~1-3 s of work on one core
+    slow = body(images, method="integrated_gradients", steps=1024, heatmap=True)  # ~3-10 s of work on one core
     for attempt in range(3):
         _explain_idle(timeout_server, images, labels)
         images_before, forwards_before = explain_batches(timeout_server)
