@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -321,6 +322,38 @@ def _q(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _connections_held(pid: int, port: int) -> int:
+    """Established TCP connections to ``port`` whose socket is open in process ``pid``."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "01":  # ESTABLISHED, our end
+                inodes.add(f"socket:[{fields[9]}]")
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_connections_spread_across_api_servers(admission_server):
+    """Each API server accepts on a socket of its own (SO_REUSEPORT), so the kernel, not the race to
+    accept, decides where a connection goes. Connections opened while one server is paused still
+    land on both (on one shared socket the other server would take all 48). Holding 8 or fewer of 48
+    by hash alone has a chance of about 1 in 10^6."""
+    http_pids = api_server_processes(admission_server)
+    assert len(http_pids) == 2, http_pids
+    os.kill(http_pids[0], signal.SIGSTOP)
+    try:
+        clients = [socket.create_connection(("127.0.0.1", admission_server.port)) for _ in range(48)]
+    finally:
+        os.kill(http_pids[0], signal.SIGCONT)
+    try:
+        held = wait_until(lambda: (counts := [_connections_held(pid, admission_server.port) for pid in http_pids])
+                          and sum(counts) == len(clients) and counts, 10, what="every connection accepted")
+        assert min(held) > 8, held
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_overload_is_refused_at_once_and_admitted_requests_are_served(admission_server, digits):
