@@ -31,6 +31,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from service import inputs, metrics
 from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
+from service.balance import ConnectionShares, balanced_protocol
 from service.config import Limits, Settings
 from service.errors import InputError
 from service.preprocess import normalize
@@ -177,6 +178,8 @@ class DigitServer(ls.LitServer):
         self._address, self._family = shared.getsockname(), shared.family
         shared.close()
         self._listeners = sockets
+        self._shares = ConnectionShares(num_api_servers)
+        kwargs["http"] = balanced_protocol(self._shares)  # uvicorn's protocol, keeping the connections even
         try:
             return super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
         finally:
@@ -185,8 +188,9 @@ class DigitServer(ls.LitServer):
 
     def _prepare_app_run(self, app) -> None:
         """Runs once per API server, just before LitServe forks it: its own listening socket (the
-        previous server, already forked, keeps its copy of the one before)."""
+        previous server, already forked, keeps its copy of the one before) and its connection slot."""
         super()._prepare_app_run(app)
+        self._shares.slot = app.response_queue_id
         for listener in self._listeners:
             listener.close()
         listener = socket.socket(self._family, socket.SOCK_STREAM)

@@ -8,6 +8,9 @@ one predict worker and one explain worker, plus only the flags its tests are abo
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import http.client
 import json
 import os
 import re
@@ -324,15 +327,27 @@ def _q(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _connections_held(pid: int, port: int) -> int:
-    """Established TCP connections to ``port`` whose socket is open in process ``pid``."""
-    inodes = set()
+def _holders(pids: list[int], port: int) -> dict[int, int]:
+    """Established connections to ``port``: the client's port -> which of ``pids`` holds the server's end."""
+    client_port = {}
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[1].endswith(f":{port:04X}") and fields[3] == "01":  # ESTABLISHED, our end
-                inodes.add(f"socket:[{fields[9]}]")
-    return sum(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "01":  # ESTABLISHED, the server's end
+                client_port[f"socket:[{fields[9]}]"] = int(fields[2].rsplit(":", 1)[1], 16)
+    holders = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if (link := os.readlink(f"/proc/{pid}/fd/{fd}")) in client_port:
+                    holders[client_port[link]] = pid
+    return holders
+
+
+def _accepted(server: Server, pids: list[int], clients: list[int]) -> dict[int, int]:
+    """Once every one of the ``clients`` (their ports) is held by an API server: who holds which."""
+    return wait_until(lambda: (held := _holders(pids, server.port)) and all(c in held for c in clients) and held,
+                      10, what="every connection accepted")
 
 
 def test_connections_spread_across_api_servers(admission_server):
@@ -348,9 +363,42 @@ def test_connections_spread_across_api_servers(admission_server):
     finally:
         os.kill(http_pids[0], signal.SIGCONT)
     try:
-        held = wait_until(lambda: (counts := [_connections_held(pid, admission_server.port) for pid in http_pids])
-                          and sum(counts) == len(clients) and counts, 10, what="every connection accepted")
-        assert min(held) > 8, held
+        held = _accepted(admission_server, http_pids, [c.getsockname()[1] for c in clients])
+        per_server = [sum(held[c.getsockname()[1]] == pid for c in clients) for pid in http_pids]
+        assert min(per_server) > 8, per_server
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_keep_alive_connections_are_evened_out(admission_server):
+    """An API server that keeps two or more connections over the other's ends keep-alive on its next
+    answers (``Connection: close``) until it does not; the other server closes none. Made lopsided
+    by closing all but 3 of the lighter server's connections."""
+    http_pids = api_server_processes(admission_server)
+    clients = [http.client.HTTPConnection("127.0.0.1", admission_server.port, timeout=10) for _ in range(40)]
+    try:
+        for client in clients:
+            client.connect()
+        held = _accepted(admission_server, http_pids, [c.sock.getsockname()[1] for c in clients])
+        mine = {pid: [c for c in clients if held[c.sock.getsockname()[1]] == pid] for pid in http_pids}
+        light, heavy = sorted(http_pids, key=lambda pid: len(mine[pid]))
+        for client in mine[light][3:]:
+            client.close()
+        mine[light] = mine[light][:3]
+        counts = wait_until(lambda: (n := collections.Counter(_holders(http_pids, admission_server.port).values()))
+                            [light] == 3 and n, 10, what="the lighter server's connections closed")
+        expected = counts[heavy] - counts[light] - 2  # counts include any other client's connections
+
+        closed = collections.Counter()
+        for pid in (light, heavy):
+            for client in mine[pid]:
+                client.request("GET", "/health")
+                response = client.getresponse()
+                response.read()
+                assert response.status == 200
+                closed[pid] += response.getheader("connection", "").lower() == "close"
+        assert closed[light] == 0 and closed[heavy] == expected > 10, (closed, counts)
     finally:
         for client in clients:
             client.close()

@@ -1,0 +1,60 @@
+"""Keep-alive connections spread evenly over the API servers.
+
+Each API server accepts on a socket of its own (SO_REUSEPORT) and the kernel sends each new
+connection to one of them by a hash of its addresses: even only on average. 64 connections
+often split 25/39, and the busier server's requests then wait half as long again, which is what
+a client's p99 sees. So each API server counts, in shared memory, the connections it keeps; one
+that keeps two or more over the mean answers its next request with ``Connection: close``
+(the same way uvicorn ends keep-alive at shutdown), and the client reconnects wherever the hash
+sends it. HTTP/1.1 lets a server end keep-alive after any response; clients reconnect on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class ConnectionShares:
+    """The connections each API server keeps open. Each server writes only its own slot: no lock."""
+
+    def __init__(self, servers: int):
+        self.kept = mp.get_context("spawn").RawArray("i", servers)
+        self.slot = 0  # which API server this process is: set in the parent just before each one is forked
+
+    def opened(self) -> None:
+        self.kept[self.slot] += 1
+
+    def released(self) -> None:
+        self.kept[self.slot] -= 1
+
+    def over_share(self) -> bool:
+        kept = self.kept
+        return kept[self.slot] > sum(kept) / len(kept) + 1
+
+
+def balanced_protocol(shares: ConnectionShares) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, counting its connections in ``shares`` and ending keep-alive on
+    those over this server's share. Pass it as uvicorn's ``http`` setting."""
+
+    class BalancedHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.kept = True
+            shares.opened()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self.kept:
+                shares.released()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self.kept and self.cycle is not None and shares.over_share():
+                self.kept = False
+                shares.released()
+                self.cycle.keep_alive = False  # "connection: close" on this response, then close
+
+    return BalancedHttpProtocol
