@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.config import Limits
 from service.errors import InputError
@@ -55,12 +55,17 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     if declared and declared.isdigit() and int(declared) > limits.max_payload_bytes:
         raise InputError(413, f"payload is {declared} bytes; the limit is {limits.max_payload_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:  # the ASGI messages themselves: Request.stream() is an async generator around this loop
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limits.max_payload_bytes:
             raise InputError(413, f"payload exceeds the limit of {limits.max_payload_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limits: Limits) -> Decoded:

@@ -91,7 +91,7 @@ class DigitRequestHandler(BaseRequestHandler):
             await item.event.wait()
         finally:
             timer.cancel()
-            self.server.response_buffer.pop(uid, None)
+            self.server.forget(uid)
         if item.response is None:
             raise HTTPException(504, f"no answer within the request timeout of {settings.request_timeout_s:g} s")
         response, status = item.response
@@ -289,10 +289,13 @@ class DigitServer(ls.LitServer):
         """Queue ``work`` for the pool of ``api_path``; its answer will land in ``item``. Request ids only
         need to be unique within this API server (answers come back to it alone): a counter will do."""
         uid = next(self._uids)
-        self.response_buffer[uid] = item
         worker = self.litapi_request_queues[api_path].put((self.app.response_queue_id, uid, time.monotonic(), work))
-        self._transport.sent(uid, api_path, worker)
+        self._transport.sent(uid, api_path, worker, item)
         return uid
+
+    def forget(self, uid: int) -> None:
+        """The request ``uid`` is over (answered or timed out): an answer that comes later is dropped."""
+        self._transport.forget(uid)
 
     def to_work(self, decoded: inputs.Decoded, arrived: float) -> Work:
         """Normalise with the served model's own mean/std; flatten to the model's input."""

@@ -18,8 +18,8 @@ buffer, where they are not waiting). Workers send their answers one frame per AP
 
 Why not LitServe's transports: a Manager queue costs a round trip through the manager process
 per message, and its response reader takes one response per event-loop iteration through a
-thread hop. Here the event loop watches the pipes itself (``add_reader``) and drains every
-frame already there in one callback.
+thread hop. Here the event loop watches the pipes itself (``add_reader``), drains every frame
+already there in one callback, and hands each answer straight to the request waiting for it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from queue import Empty
 from typing import Any
 
 from litserve.transport.base import MessageTransport
-from litserve.utils import LitAPIStatus, LoopResponseType
+from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 F_SETPIPE_SZ = 1031  # Linux fcntl command (not exported by Python's fcntl module)
 PIPE_BYTES = 1 << 20
@@ -182,9 +182,8 @@ class PipeTransport(MessageTransport):
         self._setstate_local()
 
     def _setstate_local(self) -> None:
-        self._buffer: deque = deque()
-        self._ready: asyncio.Event | None = None
-        self._held: dict[int, int] = {}  # request id -> slot of the worker it was sent to
+        # request id -> (slot of the worker it was sent to, where its answer goes)
+        self._held: dict[int, tuple[int, ResponseBufferItem]] = {}
 
     def slot(self, api_path: str, worker_id: int) -> int:
         return self._offsets[api_path] + worker_id
@@ -206,9 +205,14 @@ class PipeTransport(MessageTransport):
         for queue_id, payload in by_consumer.items():
             _write_all(self._writers[self._slot][queue_id].fileno(), frame(self._magic, (_ANSWERS, payload)))
 
-    def sent(self, uid: int, api_path: str, worker_id: int) -> None:
-        """In an API server: request ``uid`` went to this worker (it is answered, or failed if that worker dies)."""
-        self._held[uid] = self.slot(api_path, worker_id)
+    def sent(self, uid: int, api_path: str, worker_id: int, item: ResponseBufferItem) -> None:
+        """In an API server: request ``uid`` went to this worker; its answer (or ``WorkerDied``, if that
+        worker dies first) goes into ``item``, whose event is then set."""
+        self._held[uid] = (self.slot(api_path, worker_id), item)
+
+    def forget(self, uid: int) -> None:
+        """In an API server: nobody waits for ``uid`` any more (it timed out); drop its answer if one comes."""
+        self._held.pop(uid, None)
 
     def worker_died(self, api_path: str, worker_id: int) -> None:
         """In the main process, after the worker died and before its replacement starts (so this is
@@ -218,15 +222,14 @@ class PipeTransport(MessageTransport):
             _write_all(writer.fileno(), frame(self._magic, (_DIED, None)))
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
-        if self._ready is None:
-            self._watch(consumer_id or 0)
-        while not self._buffer:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._buffer.popleft()
+        """LitServe's response reader task calls this once per API server, at start-up: watch this
+        server's response pipes. Answers then go from the pipe straight to the request waiting for
+        each (``sent``), one event-loop iteration sooner than through a reader task, so this call
+        returns nothing: it waits until the task is cancelled at shutdown."""
+        self._watch(consumer_id or 0)
+        await asyncio.get_running_loop().create_future()
 
     def _watch(self, consumer_id: int) -> None:
-        self._ready = asyncio.Event()
         loop = asyncio.get_running_loop()
         for slot, row in enumerate(self._readers):
             fd = row[consumer_id].fileno()
@@ -237,18 +240,15 @@ class PipeTransport(MessageTransport):
         for kind, payload in _loads(frames.feed(_read_available(fd))):
             if kind == _ANSWERS:
                 for uid, response, status in payload:
-                    self._held.pop(uid, None)
-                    self._buffer.append((uid, (response, status, LoopResponseType.REGULAR, None)))
+                    if (held := self._held.pop(uid, None)) is not None:
+                        _deliver(held[1], response, status)
             elif kind == _DIED:
                 self._fail_held(slot)
-        if self._buffer:
-            self._ready.set()
 
     def _fail_held(self, slot: int) -> None:
-        lost = [uid for uid, held_by in self._held.items() if held_by == slot]
+        lost = [uid for uid, (held_by, _) in self._held.items() if held_by == slot]
         for uid in lost:
-            del self._held[uid]
-            self._buffer.append((uid, (WorkerDied(), LitAPIStatus.ERROR, LoopResponseType.REGULAR, None)))
+            _deliver(self._held.pop(uid)[1], WorkerDied(), LitAPIStatus.ERROR)
         if lost:
             log.warning("answering %d requests held by a worker that died", len(lost))
 
@@ -369,6 +369,11 @@ class WorkerQueues:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._setstate_local()
+
+
+def _deliver(item: ResponseBufferItem, response: Any, status: LitAPIStatus) -> None:
+    item.response = (response, status)
+    item.event.set()
 
 
 def _flat(rows: list[list]) -> list:
