@@ -180,6 +180,7 @@ class DigitServer(ls.LitServer):
         self._listeners = sockets
         self._shares = ConnectionShares(num_api_servers)
         kwargs["http"] = balanced_protocol(self._shares)  # uvicorn's protocol, keeping the connections even
+        kwargs["server_header"] = False  # no "server: uvicorn" on every response: it tells only attackers anything
         try:
             return super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
         finally:
