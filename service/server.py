@@ -91,7 +91,8 @@ class DigitRequestHandler(BaseRequestHandler):
             await item.event.wait()
         finally:
             timer.cancel()
-            self.server.forget(uid)
+            if item.response is None:  # timed out or cancelled: an answer that comes later has nobody to go to
+                self.server.forget(uid)
         if item.response is None:
             raise HTTPException(504, f"no answer within the request timeout of {settings.request_timeout_s:g} s")
         response, status = item.response
@@ -295,7 +296,7 @@ class DigitServer(ls.LitServer):
         return uid
 
     def forget(self, uid: int) -> None:
-        """The request ``uid`` is over (answered or timed out): an answer that comes later is dropped."""
+        """Nobody waits for request ``uid`` any more: an answer that comes later is dropped."""
         self._transport.forget(uid)
 
     def to_work(self, decoded: inputs.Decoded, arrived: float) -> Work:

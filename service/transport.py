@@ -211,7 +211,8 @@ class PipeTransport(MessageTransport):
         self._held[uid] = (self.slot(api_path, worker_id), item)
 
     def forget(self, uid: int) -> None:
-        """In an API server: nobody waits for ``uid`` any more (it timed out); drop its answer if one comes."""
+        """In an API server: nobody waits for ``uid`` any more (it timed out); drop its answer if one comes.
+        An answered request needs no call: its entry went when the answer was delivered."""
         self._held.pop(uid, None)
 
     def worker_died(self, api_path: str, worker_id: int) -> None:
