@@ -47,8 +47,8 @@ class Settings(Limits):
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
     batch_timeout_ms: float = Field(
         5.0, ge=0, le=1000,
-        description="how long a worker may wait for requests admitted but still being decoded, to batch them "
-                    "(never when none are; 0: batch only what is queued)",
+        description="how long a worker may wait for more requests while more are in flight than it has collected "
+                    "(a lone request never waits; 0: batch only what is queued)",
     )
     workers: int = Field(1, ge=1, le=64, description="predict workers per device")
     explain_workers: int = Field(1, ge=1, le=64, description="explain workers per device")

@@ -4,9 +4,9 @@ Collection: LitServe's stock loop polls the queue every millisecond for the whol
 (or, at timeout 0, spins on ``get_nowait``). Ours blocks until the first request arrives,
 takes everything already queued without waiting (under load, requests pile up while the
 previous forward runs, so batches form by themselves), and then waits at most
-``batch_timeout`` for more only while the batch is not full and more requests have been
-admitted than it holds (the API servers are still decoding them): a lone request never
-waits. Requests whose deadline passed while queued are answered 504 here and never computed.
+``batch_timeout`` for more only while the batch is not full and more requests are in flight
+than it holds (some may still be being decoded; under load there always are): a lone request
+never waits. Requests whose deadline passed while queued are answered 504 here and never computed.
 
 Stages: the same LitAPI stages in the same order (decode_request, batch, predict, unbatch,
 encode_response), without what a profile under load showed costing a sixth of the worker's
@@ -28,7 +28,6 @@ from litserve.utils import LitAPIStatus, PickleableHTTPException
 
 from service.transport import PipeTransport, WorkerQueues
 
-IDLE_WAKEUP_S = 1.0  # how often an idle worker wakes to notice shutdown
 EXPIRED = PickleableHTTPException(504, "waited in the queue past the request timeout; not computed")
 log = logging.getLogger("digitserve")
 
@@ -68,10 +67,7 @@ class CollectingLoop(BatchedLoop):
     def get_batch_requests(self, lit_api: LitAPI, request_queue: WorkerQueues, transport: PipeTransport) -> tuple[list, list]:
         payloads: list = []
         timed_out: list = []
-        try:
-            item = request_queue.get(timeout=IDLE_WAKEUP_S)
-        except Empty:
-            return payloads, timed_out
+        item = request_queue.get()  # an idle worker sleeps here until a request comes (or it is terminated)
         deadline = time.monotonic() + lit_api.batch_timeout
         while True:
             response_queue_id, uid, queued_at, work = item

@@ -354,7 +354,8 @@ class WorkerQueues:
         return self._inbox.popleft()
 
     def coming(self, collected: int) -> bool:
-        """Whether more requests than the ``collected`` ones are admitted (some still being decoded)."""
+        """Whether more requests than the ``collected`` ones are in flight: admitted and not yet answered to
+        the client, so some may still be being decoded (or already on their way back)."""
         return sum(self.admitted) > collected
 
     def get_nowait(self) -> Any:

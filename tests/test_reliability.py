@@ -272,7 +272,7 @@ def cpu_ticks(pid: int) -> int:
 
 def wait_computing(pid: int, timeout: float = 10) -> None:
     """Until the worker burns CPU (it has taken the slow request off the queue): a fifth of a core or more,
-    which a busy shared machine still gives it and its idle wake-ups (once a second) never reach."""
+    which a busy shared machine still gives it and an idle worker (asleep on its pipes) never reaches."""
     window = 0.1
     busy = 0.2 * window * os.sysconf("SC_CLK_TCK")
 
