@@ -55,7 +55,7 @@ def forward_ceilings(model: torch.nn.Module, device: torch.device, seconds: floa
 def reference(loaded: store.LoadedModel, pngs: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
     """The service's preprocessing and the model, in-process on the CPU: normalised inputs and probabilities."""
     norm = loaded.metadata.normalization
-    images = np.stack([to_mnist(decode_image(png, Limits())) for png in pngs])
+    images = to_mnist([decode_image(png, Limits()) for png in pngs])
     x = torch.from_numpy(normalize(images, norm.mean, norm.std)).reshape(len(pngs), -1)
     with torch.inference_mode():
         return x, torch.softmax(loaded.model(x), dim=1).numpy()

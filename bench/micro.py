@@ -1,4 +1,4 @@
-"""In-process ceilings on one core: preprocessing (decode_image + to_mnist over real PNGs) and the
+"""In-process ceilings on one core: preprocessing (decode_image + to_mnist over real PNGs, 1 and 32 per request) and the
 model's forward at batch 1 and 64 (one torch thread, inference mode), in images/s.
 
     python -m bench.micro [--seconds 2] [--images 1000]    # prints one JSON object
@@ -38,13 +38,18 @@ def run(seconds: float, n_images: int) -> dict[str, float]:
     limits = Limits()
     loaded = store.load(ROOT / "model_store", store.DEFAULT_NAME)
     norm = loaded.metadata.normalization
-    images = np.stack([to_mnist(decode_image(png, limits)) for png in pngs])
+    images = to_mnist([decode_image(png, limits) for png in pngs])
     x = torch.from_numpy(normalize(images, norm.mean, norm.std)).reshape(len(images), -1)
 
-    def preprocess() -> int:
-        for png in pngs:
-            to_mnist(decode_image(png, limits))
-        return len(pngs)
+    def preprocess(per_request: int) -> Callable[[], int]:
+        """As the API server does it for requests of ``per_request`` images: decode each, frame them together."""
+        requests = [pngs[i:i + per_request] for i in range(0, len(pngs) - per_request + 1, per_request)]
+
+        def step() -> int:
+            for request in requests:
+                to_mnist([decode_image(png, limits) for png in request])
+            return len(requests) * per_request
+        return step
 
     def forward(batch: int) -> Callable[[], int]:
         chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
@@ -57,7 +62,8 @@ def run(seconds: float, n_images: int) -> dict[str, float]:
         return step
 
     return {
-        "preprocess_images_s": images_per_s(preprocess, seconds),
+        "preprocess_images_s": images_per_s(preprocess(1), seconds),
+        "preprocess_32_images_s": images_per_s(preprocess(32), seconds),
         "model_b1_images_s": images_per_s(forward(1), seconds),
         "model_b64_images_s": images_per_s(forward(64), seconds),
     }

@@ -23,7 +23,8 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.config import Limits
 from service.errors import InputError
-from service.preprocess import decode_image, to_mnist, validate_pixels
+from service.model import IMAGE_SIDE
+from service.preprocess import BlankImage, decode_image, to_mnist, validate_pixels
 from service.schema import INSTANCES, Instance
 
 Options = TypeVar("Options", bound=BaseModel)
@@ -82,8 +83,7 @@ def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limi
         )
     if len(raw) > limits.max_instances:
         raise InputError(413, f"{len(raw)} instances in one request; the limit is {limits.max_instances}")
-    images = np.stack([_to_mnist(item, i, limits) for i, item in enumerate(raw)])
-    return Decoded(images=images, options=options)
+    return Decoded(images=_frames(raw, limits), options=options)
 
 
 def _parse_json(body: bytes, options_model: type[Options], limits: Limits) -> tuple[list[Instance], BaseModel]:
@@ -137,14 +137,25 @@ def _options(options_model: type[Options], fields: dict, limits: Limits) -> Base
         raise InputError(422, describe(e)) from None
 
 
-def _to_mnist(item: Instance | bytes, index: int, limits: Limits) -> np.ndarray:
-    try:
-        if isinstance(item, Instance) and item.pixels is not None:
-            return validate_pixels(item.pixels)
-        data = item if isinstance(item, bytes) else _b64(item.image_b64)
-        return to_mnist(decode_image(data, limits))
-    except InputError as e:
-        raise e.at(f"instance {index}") from None
+def _frames(raw: list[Instance] | list[bytes], limits: Limits) -> np.ndarray:
+    """Every instance as a 28x28 frame: pixels as given, pictures decoded one by one, then framed together."""
+    frames = np.empty((len(raw), IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
+    pictures: dict[int, np.ndarray] = {}
+    for index, item in enumerate(raw):
+        try:
+            if isinstance(item, Instance) and item.pixels is not None:
+                frames[index] = validate_pixels(item.pixels)
+            else:
+                pictures[index] = decode_image(item if isinstance(item, bytes) else _b64(item.image_b64), limits)
+        except InputError as e:
+            raise e.at(f"instance {index}") from None
+    if pictures:
+        indices = list(pictures)
+        try:
+            frames[indices] = to_mnist(list(pictures.values()))
+        except BlankImage as blank:
+            raise blank.at(f"instance {indices[blank.position]}") from None
+    return frames
 
 
 def _b64(text: str) -> bytes:

@@ -85,11 +85,18 @@ def test_bad_input_gets_clear_4xx_and_service_keeps_serving(served, case):
         assert good.status_code == 200 and good.json()["predictions"][0]["label"] == 7
 
 
-def test_detail_names_the_bad_instance(served):
-    body = {"instances": [{"image_b64": b64(GOOD_PNG)}, {"image_b64": b64(GOOD_PNG)}, {"image_b64": "%%%"}]}
+BIG_SEVEN = encode(np.kron(255 - seven(), np.ones((3, 3), np.uint8)))  # another size: framed in its own group
+BLANK = b64(encode(np.full((28, 28), 255, np.uint8)))
+
+
+@pytest.mark.parametrize("bad,status", [("%%%", 400), (BLANK, 422)], ids=["undecodable", "blank"])
+def test_detail_names_the_bad_instance(served, bad, status):
+    """Decoding fails image by image, framing for all images at once: both name the instance."""
+    body = {"instances": [{"image_b64": b64(GOOD_PNG)}, {"image_b64": b64(BIG_SEVEN)}, {"image_b64": bad},
+                          {"image_b64": b64(GOOD_PNG)}]}
     with served.client() as client:
         response = client.post("/predict", json=body)
-    assert response.status_code == 400
+    assert response.status_code == status
     assert response.json()["detail"].startswith("instance 2:")
 
 

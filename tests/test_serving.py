@@ -43,7 +43,7 @@ class TestEquality:
 
     def test_png_equals_same_preprocessing_in_process(self, served, default_model, mnist_test):
         pngs = [encode(im) for im in mnist_test[0][100:132].numpy()]
-        expected = in_process(default_model, np.stack([to_mnist(decode_image(p, Limits())) for p in pngs]))
+        expected = in_process(default_model, to_mnist([decode_image(p, Limits()) for p in pngs]))
         with served.client() as client:
             response = client.post("/predict", json={"instances": [{"image_b64": b64(p)} for p in pngs]})
             multipart = client.post("/predict", files=[("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)])

@@ -14,7 +14,6 @@ import base64
 from pathlib import Path
 
 import litserve as ls
-import numpy as np
 import torch
 
 from service import store
@@ -33,8 +32,8 @@ class ReadmeAPI(ls.LitAPI):
 
     def decode_request(self, request: dict) -> torch.Tensor:
         """``{"instances": [{"image_b64": ...}, ...]}`` -> (N, 784) normalised images."""
-        images = [to_mnist(decode_image(base64.b64decode(i["image_b64"]), self.limits)) for i in request["instances"]]
-        return torch.from_numpy(normalize(np.stack(images), self.mean, self.std)).reshape(len(images), -1)
+        images = to_mnist([decode_image(base64.b64decode(i["image_b64"]), self.limits) for i in request["instances"]])
+        return torch.from_numpy(normalize(images, self.mean, self.std)).reshape(len(images), -1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
