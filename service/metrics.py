@@ -8,13 +8,13 @@ prometheus-client decides at import time whether it is in that mode:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
 
 import numpy as np
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 from starlette.responses import Response
@@ -119,11 +119,11 @@ class MetricsMiddleware:
             REQUEST_SECONDS.labels(endpoint, self.version).observe(seconds)
             level = logging.INFO if endpoint in ("predict", "explain") else logging.DEBUG
             if ACCESS_LOG.isEnabledFor(level):
-                ACCESS_LOG.log(level, json.dumps({
+                ACCESS_LOG.log(level, orjson.dumps({
                     "request_id": request_id, "method": scope["method"], "endpoint": endpoint, "status": status,
                     "latency_ms": round(seconds * 1000, 2), "model_version": self.version,
                     "batch_size": scope.get("state", {}).get("batch_size"),
-                }))
+                }).decode())
 
 
 def _request_id(scope: Scope) -> str:
