@@ -49,6 +49,8 @@ BAD_INPUTS = {
     "invalid base64": (instance(image_b64="***"), 400, "base64"),
     "not an image": (instance(image_b64=b64(b"hello, I am text")), 400, "not an image"),
     "truncated png": (instance(image_b64=b64(GOOD_PNG[: len(GOOD_PNG) // 2])), 400, "truncated"),
+    "png failing its checksum": (instance(image_b64=b64(GOOD_PNG[:45] + bytes([GOOD_PNG[45] ^ 4]) + GOOD_PNG[46:])),
+                                 400, "checksum"),
     "truncated jpeg": (instance(image_b64=b64(encode(255 - seven(), "JPEG")[:300])), 400, "truncated"),
     "zero width": (instance(image_b64=b64(png_claiming(0, 28))), 400, "image"),
     "decompression bomb": (instance(image_b64=b64(png_claiming(100_000, 100_000))), 413, "100000x100000"),

@@ -9,6 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from service.config import Limits
+from service.errors import InputError
 from service.preprocess import BlankImage, decode_image, to_mnist
 from tests.server import encode
 
@@ -82,3 +83,17 @@ def test_blank_image_is_reported_by_its_position(mnist_test):
     with pytest.raises(BlankImage) as raised:
         to_mnist([seven, on_canvas(seven.astype(np.uint8), (50, 50), (3, 3)).astype(np.float32), blank, seven])
     assert raised.value.position == 2 and raised.value.status == 422
+
+
+def test_a_flipped_bit_anywhere_in_a_png_is_refused(mnist_test):
+    """libspng is told to skip chunk checksums; we check them, so a damaged file is a 400, as with Pillow,
+    never a decoded picture of noise."""
+    png = encode(digits(mnist_test, 1)[0])
+    decode_image(png, Limits())  # intact, it decodes
+    rng = np.random.default_rng(11)
+    for position, bit in zip(rng.integers(0, len(png), 200), rng.integers(0, 8, 200)):
+        damaged = bytearray(png)
+        damaged[position] ^= 1 << int(bit)
+        with pytest.raises(InputError) as refused:
+            decode_image(bytes(damaged), Limits())
+        assert refused.value.status == 400, (position, refused.value.detail)
