@@ -7,7 +7,8 @@ previous forward runs, so batches form by themselves), and then waits at most
 ``batch_timeout`` for more only while the batch is not full, holds fewer images than a
 full-speed forward, and more requests are in flight than it holds (some may still be being
 decoded; under load there always are): a lone request never waits, and multi-image requests
-do not wait in lock-step for each other. Requests whose deadline passed while queued are answered 504 here and never computed.
+do not wait for each other in lock-step. Requests whose deadline passed while queued are
+answered 504 here and never computed.
 
 Stages: the same LitAPI stages in the same order (decode_request, batch, predict, unbatch,
 encode_response), without what a profile under load showed costing a sixth of the worker's
