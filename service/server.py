@@ -34,7 +34,7 @@ from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
 from service.balance import ConnectionShares, balanced_protocol
 from service.config import Limits, Settings
 from service.errors import InputError
-from service.preprocess import normalize
+from service.preprocess import BlankImage, normalize
 from service.schema import ExplainOptions, PredictOptions
 from service.store import LoadedModel
 from service.transport import PipeTransport, WorkerDied, WorkerQueues, new_magic
@@ -76,7 +76,11 @@ class DigitRequestHandler(BaseRequestHandler):
             if len(body) > OFFLOAD_BYTES:  # big images take long to decode: keep the event loop answering
                 decoded = await asyncio.to_thread(inputs.parse_sync, request.headers, body, self.options_model, settings)
             else:
-                decoded = inputs.parse_sync(request.headers, body, self.options_model, settings)
+                parsed = inputs.read_sync(request.headers, body, self.options_model, settings)
+                try:
+                    decoded = parsed.framed(await self.server.framer.frame(list(parsed.pictures.values())))
+                except BlankImage as blank:
+                    raise parsed.blank(blank) from None
             work = self.server.to_work(decoded, arrived)
         except InputError as e:
             raise HTTPException(e.status, e.detail) from None
@@ -124,6 +128,7 @@ class DigitServer(ls.LitServer):
         self.options_models = {api.api_path: options for api, options in apis}
         context = mp.get_context("spawn")
         self.draining = context.Event()  # shared with the forked HTTP processes
+        self.framer = inputs.IterationFramer()  # each forked API server has its own
         self.failure: str | None = None
         self._uids = itertools.count()
         self._fast_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {}

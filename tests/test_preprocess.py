@@ -1,7 +1,10 @@
-"""In-process preprocessing: the two PNG decoders agree, and framing a request's images together
-gives each the frame it would get alone, placed as MNIST places digits."""
+"""In-process preprocessing: the two PNG decoders agree, and framing images together (a request's,
+or all requests' of one event-loop iteration) gives each the frame it would get alone, placed as
+MNIST places digits."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from scipy import ndimage
 
 from service.config import Limits
 from service.errors import InputError
+from service.inputs import IterationFramer
 from service.preprocess import BlankImage, decode_image, to_mnist
 from tests.server import encode
 
@@ -97,3 +101,26 @@ def test_a_flipped_bit_anywhere_in_a_png_is_refused(mnist_test):
         with pytest.raises(InputError) as refused:
             decode_image(bytes(damaged), Limits())
         assert refused.value.status == 400, (position, refused.value.detail)
+
+
+def test_requests_of_one_iteration_are_framed_together_and_apart(mnist_test):
+    """The API server frames the pictures of all requests read in one event-loop iteration in one
+    call: each request still gets exactly its own frames, and a blank picture fails only its request."""
+    seven, two, one = (d.astype(np.float32) for d in digits(mnist_test, 3))
+    blank = np.full((28, 28), 255, np.float32)
+    canvas = on_canvas(one.astype(np.uint8), (60, 50), (9, 4)).astype(np.float32)
+    good = [[seven], [two, canvas, one], [], [one, two]]  # uneven counts: a wrong split shows
+
+    def frame_in_one_iteration(requests):
+        async def frame_all():
+            framer = IterationFramer()
+            return await asyncio.gather(*(framer.frame(grays) for grays in requests), return_exceptions=True)
+        return asyncio.run(frame_all())
+
+    for requests in (good, good[:2] + [[one, blank]] + good[2:]):
+        for grays, result in zip(requests, frame_in_one_iteration(requests)):
+            if grays and grays[-1] is blank:
+                assert isinstance(result, BlankImage) and result.position == 1
+            else:
+                assert result.shape == (len(grays), 28, 28)
+                np.testing.assert_array_equal(result, to_mnist(grays))
