@@ -54,9 +54,13 @@ class Parsed:
         self.frames[list(self.pictures)] = pictures
         return Decoded(self.frames, self.options)
 
-    def blank(self, error: BlankImage) -> InputError:
-        """A blank picture's error, naming its instance."""
-        return error.at(f"instance {list(self.pictures)[error.position]}")
+
+def frame(parsed: Parsed) -> Decoded:
+    """The request's pictures framed on their own; a blank one is an error naming its instance."""
+    try:
+        return parsed.framed(to_mnist(list(parsed.pictures.values())))
+    except BlankImage as blank:
+        raise blank.at(f"instance {list(parsed.pictures)[blank.position]}") from None
 
 
 class IterationFramer:
@@ -69,25 +73,25 @@ class IterationFramer:
     """
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[list[np.ndarray], asyncio.Future]] = []
+        self._waiting: list[tuple[Parsed, asyncio.Future]] = []
 
-    def frame(self, grays: list[np.ndarray]) -> asyncio.Future:
-        """A future of ``to_mnist(grays)``: the frames, or the ``BlankImage`` it raised."""
+    def frame(self, parsed: Parsed) -> asyncio.Future:
+        """A future of ``frame(parsed)``: the decoded request, or the ``InputError`` of a blank picture."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((grays, future))
+        self._waiting.append((parsed, future))
         if len(self._waiting) == 1:
             future.get_loop().call_soon(self._frame_waiting)
         return future
 
     def _frame_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
-        outcomes: list[np.ndarray | Exception]
+        outcomes: list[Decoded | Exception]
         try:
-            frames = to_mnist([gray for grays, _ in waiting for gray in grays])
-            ends = np.cumsum([len(grays) for grays, _ in waiting]).tolist()
-            outcomes = [frames[end - len(grays): end] for (grays, _), end in zip(waiting, ends)]
+            frames = to_mnist([gray for parsed, _ in waiting for gray in parsed.pictures.values()])
+            ends = np.cumsum([len(parsed.pictures) for parsed, _ in waiting]).tolist()
+            outcomes = [parsed.framed(frames[end - len(parsed.pictures): end]) for (parsed, _), end in zip(waiting, ends)]
         except BlankImage:  # rare: frame request by request, so that only the blank picture's request fails
-            outcomes = [_outcome(grays) for grays, _ in waiting]
+            outcomes = [_outcome(parsed) for parsed, _ in waiting]
         except Exception as e:  # a bug of ours: every request of the iteration answers it
             outcomes = [e] * len(waiting)
         for (_, future), outcome in zip(waiting, outcomes):
@@ -99,9 +103,9 @@ class IterationFramer:
                 future.set_result(outcome)
 
 
-def _outcome(grays: list[np.ndarray]) -> np.ndarray | Exception:
+def _outcome(parsed: Parsed) -> Decoded | Exception:
     try:
-        return to_mnist(grays)
+        return frame(parsed)
     except Exception as e:
         return e
 
@@ -138,11 +142,7 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
 def parse_sync(headers: Headers, body: bytes, options_model: type[Options], limits: Limits) -> Decoded:
     """Dispatch on content type; count, decode and preprocess every image. CPU-bound, no I/O."""
-    parsed = read_sync(headers, body, options_model, limits)
-    try:
-        return parsed.framed(to_mnist(list(parsed.pictures.values())))
-    except BlankImage as blank:
-        raise parsed.blank(blank) from None
+    return frame(read_sync(headers, body, options_model, limits))
 
 
 def read_sync(headers: Headers, body: bytes, options_model: type[Options], limits: Limits) -> Parsed:

@@ -34,7 +34,7 @@ from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
 from service.balance import ConnectionShares, balanced_protocol
 from service.config import Limits, Settings
 from service.errors import InputError
-from service.preprocess import BlankImage, normalize
+from service.preprocess import normalize
 from service.schema import ExplainOptions, PredictOptions
 from service.store import LoadedModel
 from service.transport import PipeTransport, WorkerDied, WorkerQueues, new_magic
@@ -76,11 +76,8 @@ class DigitRequestHandler(BaseRequestHandler):
             if len(body) > OFFLOAD_BYTES:  # big images take long to decode: keep the event loop answering
                 decoded = await asyncio.to_thread(inputs.parse_sync, request.headers, body, self.options_model, settings)
             else:
-                parsed = inputs.read_sync(request.headers, body, self.options_model, settings)
-                try:
-                    decoded = parsed.framed(await self.server.framer.frame(list(parsed.pictures.values())))
-                except BlankImage as blank:
-                    raise parsed.blank(blank) from None
+                # framed at the end of this event-loop iteration, together with the other requests read in it
+                decoded = await self.server.framer.frame(inputs.read_sync(request.headers, body, self.options_model, settings))
             work = self.server.to_work(decoded, arrived)
         except InputError as e:
             raise HTTPException(e.status, e.detail) from None

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from service.config import Limits
 from service.errors import InputError
-from service.inputs import IterationFramer
+from service.inputs import IterationFramer, Parsed
 from service.preprocess import BlankImage, decode_image, to_mnist
 from tests.server import encode
 
@@ -114,13 +114,16 @@ def test_requests_of_one_iteration_are_framed_together_and_apart(mnist_test):
     def frame_in_one_iteration(requests):
         async def frame_all():
             framer = IterationFramer()
-            return await asyncio.gather(*(framer.frame(grays) for grays in requests), return_exceptions=True)
+            parsed = [Parsed(np.empty((len(grays), 28, 28), np.float32), dict(enumerate(grays)), None)
+                      for grays in requests]
+            return await asyncio.gather(*(framer.frame(p) for p in parsed), return_exceptions=True)
         return asyncio.run(frame_all())
 
     for requests in (good, good[:2] + [[one, blank]] + good[2:]):
         for grays, result in zip(requests, frame_in_one_iteration(requests)):
             if grays and grays[-1] is blank:
-                assert isinstance(result, BlankImage) and result.position == 1
+                assert isinstance(result, InputError) and result.status == 422
+                assert result.detail.startswith("instance 1: no digit"), result.detail
             else:
-                assert result.shape == (len(grays), 28, 28)
-                np.testing.assert_array_equal(result, to_mnist(grays))
+                assert result.images.shape == (len(grays), 28, 28)
+                np.testing.assert_array_equal(result.images, to_mnist(grays))
