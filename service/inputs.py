@@ -88,8 +88,10 @@ class IterationFramer:
         outcomes: list[Decoded | Exception]
         try:
             frames = to_mnist([gray for parsed, _ in waiting for gray in parsed.pictures.values()])
-            ends = np.cumsum([len(parsed.pictures) for parsed, _ in waiting]).tolist()
-            outcomes = [parsed.framed(frames[end - len(parsed.pictures): end]) for (parsed, _), end in zip(waiting, ends)]
+            outcomes, start = [], 0
+            for parsed, _ in waiting:
+                outcomes.append(parsed.framed(frames[start: start + len(parsed.pictures)]))
+                start += len(parsed.pictures)
         except BlankImage:  # rare: frame request by request, so that only the blank picture's request fails
             outcomes = [_outcome(parsed) for parsed, _ in waiting]
         except Exception as e:  # a bug of ours: every request of the iteration answers it

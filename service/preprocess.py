@@ -186,9 +186,7 @@ def _frame(grays: np.ndarray) -> np.ndarray:
     ink *= strokes
     ink *= 1 / peak  # only the strokes, the brightest at 1
     row_mass, col_mass = ink.sum(2), ink.sum(1)
-    mass = row_mass.sum(1)
-    centres_y = (row_mass @ np.arange(height, dtype=np.float32) / mass).tolist()
-    centres_x = (col_mass @ np.arange(width, dtype=np.float32) / mass).tolist()
+    centres_y, centres_x = _centres(row_mass), _centres(col_mass)
 
     frames = np.zeros((n, IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
     for i, (rows, cols) in enumerate(zip((row_mass > 0).tolist(), (col_mass > 0).tolist())):
@@ -201,15 +199,15 @@ def _frame(grays: np.ndarray) -> np.ndarray:
             box = np.array(Image.fromarray(box, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
             box *= np.float32(1 / max(float(box.max()), 1e-6))
             h, w = box.shape
-            cy, cx = _centre(box.sum(1)), _centre(box.sum(0))
+            (cy,), (cx,) = _centres(box.sum(1)[None]), _centres(box.sum(0)[None])
         y, x = _corner(cy, h), _corner(cx, w)
         frames[i, y: y + h, x: x + w] = box
     return frames
 
 
-def _centre(marginal: np.ndarray) -> float:
-    """The centre of mass of a row (or column) mass profile."""
-    return float(marginal @ np.arange(len(marginal), dtype=np.float32)) / float(marginal.sum())
+def _centres(marginals: np.ndarray) -> list[float]:
+    """Each row of ``marginals`` (an image's mass per row, or per column): its centre of mass."""
+    return (marginals @ np.arange(marginals.shape[1], dtype=np.float32) / marginals.sum(1)).tolist()
 
 
 def _corner(centre: float, extent: int) -> int:
