@@ -31,7 +31,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from service import inputs, metrics
 from service.api import DigitAPI, ExplainAPI, PredictAPI, Work
-from service.balance import ConnectionShares, balanced_protocol
+from service.protocol import ConnectionShares, balanced_protocol
 from service.config import Limits, Settings
 from service.errors import InputError
 from service.preprocess import normalize

@@ -1,12 +1,16 @@
-"""Keep-alive connections spread evenly over the API servers.
+"""uvicorn's HTTP protocol as the API servers run it: connections kept even, one write per response.
 
-Each API server accepts on a socket of its own (SO_REUSEPORT) and the kernel sends each new
-connection to one of them by a hash of its addresses: even only on average. 64 connections
+Balance. Each API server accepts on a socket of its own (SO_REUSEPORT) and the kernel sends each
+new connection to one of them by a hash of its addresses: even only on average. 64 connections
 often split 25/39, and the busier server's requests then wait half as long again, which is what
 a client's p99 sees. So each API server counts, in shared memory, the connections it keeps; one
 that keeps two or more over the mean answers its next request with ``Connection: close``
 (the same way uvicorn ends keep-alive at shutdown), and the client reconnects wherever the hash
 sends it. HTTP/1.1 lets a server end keep-alive after any response; clients reconnect on their own.
+
+One write. uvicorn writes a response's head and its body separately: two send() calls, two
+packets and two wake-ups of the client for every response, the largest single cost left in an
+API server's profile under load. ``OneWrite`` sends what an event-loop iteration wrote at its end.
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ class ConnectionShares:
 
 
 def balanced_protocol(shares: ConnectionShares) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, counting its connections in ``shares`` and ending keep-alive on
-    those over this server's share. Pass it as uvicorn's ``http`` setting."""
+    """uvicorn's httptools protocol writing through ``OneWrite``, counting its connections in ``shares``
+    and ending keep-alive on those over this server's share. Pass it as uvicorn's ``http`` setting."""
 
     class BalancedHttpProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
             self.kept = True
             shares.opened()
 
@@ -58,3 +62,33 @@ def balanced_protocol(shares: ConnectionShares) -> type[HttpToolsProtocol]:
                 self.cycle.keep_alive = False  # "connection: close" on this response, then close
 
     return BalancedHttpProtocol
+
+
+class OneWrite:
+    """A connection's transport that joins what one event-loop iteration writes into one write at the
+    iteration's end. Order is kept, nothing waits past the iteration, and ``close`` sends what is
+    pending first. A response's head and body are written in one iteration (nothing between them awaits)."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending.clear()
+            if not self._transport.is_closing():  # the client left in the meantime: nobody to send it to
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
