@@ -33,19 +33,23 @@ class RecordingTransport:
         return f"extra {name}"
 
 
-def test_one_write_per_event_loop_iteration():
+def test_a_response_leaves_in_one_write():
     async def scenario() -> dict[str, object]:
         seen: dict[str, object] = {}
         wire = RecordingTransport()
         one = OneWrite(wire)  # type: ignore[arg-type]
         one.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        seen["head alone"] = list(wire.writes)
         one.write(b"{}")
-        seen["before the iteration ends"] = list(wire.writes)
+        one.flush()  # what the protocol does when the response is whole
+        seen["whole"] = list(wire.writes)
+        one.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # no response completes after this one
+        seen["interim, same iteration"] = len(wire.writes)
         await asyncio.sleep(0)
-        seen["after"] = list(wire.writes)
+        seen["interim, next iteration"] = wire.writes[-1]
         one.write(b"last")
         one.close()  # uvicorn closes right after writing a "connection: close" response
-        seen["at close"] = (list(wire.writes), wire.closed)
+        seen["at close"] = (wire.writes[-1], wire.closed)
         seen["passed through"] = one.get_extra_info("peername")
 
         gone = RecordingTransport()
@@ -57,10 +61,11 @@ def test_one_write_per_event_loop_iteration():
         return seen
 
     seen = asyncio.run(scenario())
-    head_and_body = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
-    assert seen["before the iteration ends"] == []
-    assert seen["after"] == [head_and_body]
-    assert seen["at close"] == ([head_and_body, b"last"], True)
+    assert seen["head alone"] == []
+    assert seen["whole"] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    assert seen["interim, same iteration"] == 1
+    assert seen["interim, next iteration"] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert seen["at close"] == (b"last", True)
     assert seen["passed through"] == "extra peername"
     assert seen["to a closed connection"] == []
 
