@@ -8,11 +8,14 @@ prometheus-client decides at import time whether it is in that mode:
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import logging
 import os
 import re
 import time
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -108,7 +111,6 @@ class MetricsMiddleware:
         started = time.monotonic()
         status = 500  # if the app fails before sending headers, that is what the client sees
         request_id = _request_id(scope)
-        in_flight = labelled(IN_FLIGHT, endpoint, self.version)
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -117,21 +119,83 @@ class MetricsMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        in_flight.inc()
+        BOOK.started(endpoint, self.version)
         try:
             await self.app(scope, receive, send_status)
         finally:
-            in_flight.dec()
-            seconds = time.monotonic() - started
-            labelled(REQUESTS, endpoint, str(status), self.version).inc()
-            labelled(REQUEST_SECONDS, endpoint, self.version).observe(seconds)
-            level = logging.INFO if endpoint in ("predict", "explain") else logging.DEBUG
-            if ACCESS_LOG.isEnabledFor(level):
-                ACCESS_LOG.log(level, orjson.dumps({
-                    "request_id": request_id, "method": scope["method"], "endpoint": endpoint, "status": status,
-                    "latency_ms": round(seconds * 1000, 2), "model_version": self.version,
-                    "batch_size": scope.get("state", {}).get("batch_size"),
-                }).decode())
+            BOOK.answered(Answered(endpoint, self.version, status, time.monotonic() - started, time.time(),
+                                   request_id, scope["method"], scope.get("state", {}).get("batch_size")))
+
+
+class Answered(NamedTuple):
+    """One answered HTTP request, as the metrics and the access log see it."""
+
+    endpoint: str
+    version: str
+    status: int
+    seconds: float
+    at: float  # time.time() when answered: the log line's timestamp
+    request_id: str
+    method: str
+    batch_size: int | None
+
+
+class RequestBook:
+    """An API server's requests in flight and answered, written to the metrics and the access log once
+    per event-loop iteration. Per request, the multiprocess metrics' locked file writes and logging's
+    record, formatting and handler lock cost a fifth of an API server's time under load; once per
+    iteration they cost a few requests' worth less each. Nothing waits longer than the iteration."""
+
+    def __init__(self) -> None:
+        self.in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.changed: set[tuple[str, str]] = set()
+        self.done: list[Answered] = []
+
+    def started(self, endpoint: str, version: str) -> None:
+        self._change((endpoint, version), 1)
+
+    def answered(self, request: Answered) -> None:
+        self._change((request.endpoint, request.version), -1)
+        self.done.append(request)
+
+    def _change(self, key: tuple[str, str], by: int) -> None:
+        if not self.changed:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.in_flight[key] += by
+        self.changed.add(key)
+
+    def flush(self) -> None:
+        done, self.done = self.done, []
+        changed, self.changed = self.changed, set()
+        for key in changed:
+            labelled(IN_FLIGHT, *key).set(self.in_flight[key])
+        for (endpoint, status, version), count in collections.Counter(
+                (r.endpoint, r.status, r.version) for r in done).items():
+            labelled(REQUESTS, endpoint, str(status), version).inc(count)
+        latencies = collections.defaultdict(list)
+        for r in done:
+            latencies[r.endpoint, r.version].append(r.seconds)
+        for key, seconds in latencies.items():
+            observe_many(labelled(REQUEST_SECONDS, *key), np.asarray(seconds))
+        for level in (logging.INFO, logging.DEBUG):
+            logged = [r for r in done if (r.endpoint in ("predict", "explain")) == (level == logging.INFO)]
+            if logged and ACCESS_LOG.isEnabledFor(level):
+                ACCESS_LOG.log(level, "\n".join(map(_log_line, logged)))
+
+
+BOOK = RequestBook()  # each API server has its own: forked before its first request
+
+
+def _log_line(r: Answered) -> str:
+    """``{"ts": "2026-11-28 07:30:00,123", "log": {...}}``: logging's default time format, without a record per line."""
+    fields = {"request_id": r.request_id, "method": r.method, "endpoint": r.endpoint, "status": r.status,
+              "latency_ms": round(r.seconds * 1000, 2), "model_version": r.version, "batch_size": r.batch_size}
+    return f'{{"ts": "{_second(int(r.at))},{int(r.at % 1 * 1000):03d}", "log": {orjson.dumps(fields).decode()}}}'
+
+
+@functools.lru_cache(maxsize=4)
+def _second(at: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def _request_id(scope: Scope) -> str:
