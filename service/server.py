@@ -53,7 +53,7 @@ class DigitRequestHandler(BaseRequestHandler):
     async def handle_request(self, request: Request, request_type=None) -> Response:
         server = self.server
         server.authorize(request)
-        if server.draining.is_set():
+        if server.draining.value:
             raise HTTPException(503, "shutting down: not taking new work", headers={"Retry-After": "1"})
         # Count first, then check the total of all API servers: two servers admitting at the same moment
         # each see the other's request, so together they never pass the limit (at worst both refuse).
@@ -123,8 +123,8 @@ class DigitServer(ls.LitServer):
         self.model = model
         self.device = device
         self.options_models = {api.api_path: options for api, options in apis}
-        context = mp.get_context("spawn")
-        self.draining = context.Event()  # shared with the forked HTTP processes
+        # shared with the forked HTTP processes; read on every request, so a lock-free flag, not an Event
+        self.draining = mp.get_context("spawn").RawValue("b", 0)
         self.framer = inputs.IterationFramer()  # each forked API server has its own
         self.failure: str | None = None
         self._uids = itertools.count()
@@ -184,6 +184,9 @@ class DigitServer(ls.LitServer):
         self._shares = ConnectionShares(num_api_servers)
         kwargs["http"] = balanced_protocol(self._shares)  # uvicorn's protocol, keeping the connections even
         kwargs["server_header"] = False  # no "server: uvicorn" on every response: it tells only attackers anything
+        # Nothing here uses the client's address or scheme, which is all X-Forwarded-* would change:
+        # uvicorn's proxy-headers layer would only add a step to every request.
+        kwargs["proxy_headers"] = False
         try:
             return super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
         finally:
@@ -229,7 +232,7 @@ class DigitServer(ls.LitServer):
 
     async def health(self) -> JSONResponse:
         """200 only while every worker of every pool has loaded the model and run its warm-up."""
-        if self.draining.is_set():
+        if self.draining.value:
             return JSONResponse({"status": "draining"}, status_code=503)
         workers = dict(self.workers_setup_status)
         expected = sum(self.pool_size(path) for path in self.options_models)
@@ -249,7 +252,7 @@ class DigitServer(ls.LitServer):
         if self._stopped:
             return
         self._stopped = True
-        self.draining.set()
+        self.draining.value = 1
         # Stop LitServe's monitor, which would otherwise restart the workers we stop. The event lives in
         # the Manager, and this thread's connection to it may be stuck in the wait() we just interrupted:
         # set it over a fresh connection, from a helper thread.
