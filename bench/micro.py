@@ -12,7 +12,6 @@ import os
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from bench.data import mnist_pngs

@@ -1,8 +1,8 @@
 """``make bench``: digitserve (default configuration) against the LitServe-README baseline, under wrk.
 
-Each round starts both servers fresh, one after the other (the order flips every round), times the
-cold start, runs every workload (warm-up, then measured, PSS of the process tree sampled meanwhile)
-and stops the server. Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never
+Each round starts both servers fresh, one after the other (the order flips every round), timing each
+cold start, then runs every workload on one server and at once on the other (warm-up, then measured,
+PSS of each process tree sampled meanwhile), and stops them. Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never
 fails the build) and a Markdown table go to stdout, progress to stderr, everything raw to
 bench/results/<date>.json and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
 
@@ -13,6 +13,7 @@ BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import litserve
@@ -31,7 +33,7 @@ import torch
 from bench import procs, report
 from bench.data import mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure
-from tests.server import ROOT
+from tests.server import ROOT, Server
 
 RESULTS = ROOT / "bench" / "results"
 EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
@@ -74,38 +76,63 @@ def machine_info() -> dict:
     }
 
 
-def bench_server(name: str, files: dict[str, Path], first_label: int, log_dir: Path, s: LoadSettings) -> dict:
-    """One fresh server through every workload it serves. A failure is recorded, never raised."""
-    result: dict = {"workloads": {}}
+def bench_round(order: list[str], files: dict[str, Path], first_label: int, log_dir: Path, s: LoadSettings) -> dict:
+    """Both servers started fresh (each cold start timed), then every workload on each in turn, back to back.
+    This machine's speed drifts over minutes; a workload's two runs are then seconds apart, not the
+    minutes one server's whole set takes, so the drift moves both alike. A failure is recorded, never raised."""
+    results: dict[str, dict] = {name: {"workloads": {}} for name in order}
+    live: dict[str, Server] = {}
     try:
-        server, result["cold_start_s"] = procs.start(name, log_dir)
-        log(f"  {name}: healthy after {result['cold_start_s']:.1f} s (pid {server.process.pid}, port {server.port})")
-        try:
-            body = files["single"].read_text().split("\n", 1)[0]
-            answer = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"},
-                                timeout=30)
-            result["sanity"] = {"status": answer.status_code, "label_ok": answer.status_code == 200
-                                and answer.json()["predictions"][0]["label"] == first_label}
-            if not result["sanity"]["label_ok"]:
-                log(f"  {name}: WARNING: first digit answered {answer.status_code} {answer.text[:200]}")
-            for w in WORKLOADS:
-                if name in w.servers:
-                    m = result["workloads"][w.name] = measure(server, name, w, files[w.bodies], s)
-                    if m["stalled"]:
-                        log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
-                            f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
-                    else:
-                        log(f"  {name} {w.name}: {m['req_s']:,.0f} req/s, p50 {m['p50_ms']:.1f} ms, "
-                            f"p99 {m['p99_ms']:.1f} ms, {m['errors']} errors, PSS {m['pss_mb']:,.0f} MB")
-        finally:
+        for name in order:
+            with _recorded_failure(name, results[name], live):
+                _start(name, files, first_label, log_dir, results[name], live)
+        for w in WORKLOADS:
+            for name in order:
+                if name in w.servers and name in live:
+                    with _recorded_failure(name, results[name], live):
+                        _measure(name, w, files, s, results[name], live)
+    finally:
+        for name, server in live.items():
             stopping = time.monotonic()
             procs.stop(server, grace_s=15)
-            result["stop_s"], result["exit_code"] = time.monotonic() - stopping, server.process.returncode
-            log(f"  {name}: stopped {result['stop_s']:.1f} s after SIGTERM, exit code {result['exit_code']}")
+            results[name]["stop_s"], results[name]["exit_code"] = time.monotonic() - stopping, server.process.returncode
+            log(f"  {name}: stopped {results[name]['stop_s']:.1f} s after SIGTERM, exit code {results[name]['exit_code']}")
+    return results
+
+
+@contextlib.contextmanager
+def _recorded_failure(name: str, result: dict, live: dict[str, Server]) -> Iterator[None]:
+    """A step that failed is recorded, not raised; its server is stopped and measured no further."""
+    try:
+        yield
     except (procs.ServerDied, RuntimeError, httpx.HTTPError, subprocess.TimeoutExpired) as e:
         result["error"] = str(e)[-4000:]
         log(f"  {name}: FAILED: {result['error']}")
-    return result
+        if (server := live.pop(name, None)) is not None:
+            procs.stop(server, grace_s=15)
+            result["exit_code"] = server.process.returncode
+
+
+def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, result: dict, live: dict[str, Server]) -> None:
+    server, result["cold_start_s"] = procs.start(name, log_dir)
+    live[name] = server
+    log(f"  {name}: healthy after {result['cold_start_s']:.1f} s (pid {server.process.pid}, port {server.port})")
+    body = files["single"].read_text().split("\n", 1)[0]
+    answer = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"}, timeout=30)
+    result["sanity"] = {"status": answer.status_code, "label_ok": answer.status_code == 200
+                        and answer.json()["predictions"][0]["label"] == first_label}
+    if not result["sanity"]["label_ok"]:
+        log(f"  {name}: WARNING: first digit answered {answer.status_code} {answer.text[:200]}")
+
+
+def _measure(name: str, w: Workload, files: dict[str, Path], s: LoadSettings, result: dict, live: dict[str, Server]) -> None:
+    m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
+    if m["stalled"]:
+        log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
+            f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
+    else:
+        log(f"  {name} {w.name}: {m['req_s']:,.0f} req/s, p50 {m['p50_ms']:.1f} ms, "
+            f"p99 {m['p99_ms']:.1f} ms, {m['errors']} errors, PSS {m['pss_mb']:,.0f} MB")
 
 
 def main() -> int:
@@ -132,8 +159,7 @@ def main() -> int:
             for r in range(n_rounds):
                 order = list(procs.SERVERS)[:: 1 if r % 2 == 0 else -1]
                 log(f"round {r + 1}/{n_rounds}: {' then '.join(order)}")
-                servers = {name: bench_server(name, files, labels[0], Path(work), s) for name in order}
-                results["rounds"].append({"round": r + 1, "servers": servers})
+                results["rounds"].append({"round": r + 1, "servers": bench_round(order, files, labels[0], Path(work), s)})
         finally:
             procs.stop_all()
     results["medians"] = med = report.medians(results["rounds"], WORKLOADS)
