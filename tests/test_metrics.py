@@ -392,3 +392,21 @@ class TestDashboard:
         empty = [(title, expr) for title, expr in queries
                  if all(math.isnan(float(r["value"][1])) for r in prometheus.query(expr, traffic.at))]
         assert empty == [], "\n".join(f"{title}: {expr}" for title, expr in empty)
+
+
+class TestInFlight:
+    def test_counts_requests_while_they_are_answered(self, service, traffic, mnist_test):
+        """Not only back to 0: while slow explains (integrated gradients, 256 steps, 16 images each) are
+        being answered, /metrics shows them in flight (the gauge is written once per event-loop iteration)."""
+        body = {"instances": [{"pixels": d.tolist()} for d in mnist_test[0][:16].numpy()],
+                "method": "integrated_gradients", "steps": 256}
+        seen = 0.0
+        with service.client() as client, ThreadPoolExecutor(4) as pool:
+            pending = [pool.submit(client.post, "/explain", json=body) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while not seen and not all(f.done() for f in pending) and time.monotonic() < deadline:
+                samples = metric_samples(read_metrics(service), "digitserve_in_flight_requests")
+                seen = sum(value for labels, value in samples.items() if ("endpoint", "explain") in labels)
+            statuses = [f.result().status_code for f in pending]
+        assert statuses == [200] * 4
+        assert seen >= 1
