@@ -70,8 +70,10 @@ def targets(med: dict[str, dict]) -> list[dict]:
     return out
 
 
-def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict], micro: dict) -> str:
-    lines = ["| workload | server | req/s | images/s | p50 ms | p99 ms | errors | PSS MB |",
+def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict], micro: dict, machine: dict) -> str:
+    lines = [f"machine: {machine['cpus_usable']} CPUs, {machine['cpu_model']} ({', '.join(machine['cpu_simd']) or 'no AVX2'}), "
+             f"commit {machine['git_commit'][:7]}{' (dirty)' if machine['git_dirty'] else ''}", "",
+             "| workload | server | req/s | images/s | p50 ms | p99 ms | errors | PSS MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for w in workloads:
         for server in w.servers:

@@ -60,11 +60,18 @@ def machine_info() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    cpuinfo = Path("/proc/cpuinfo").read_text()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+
+    def field(name: str) -> str:
+        return next((l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith(name)), "")
+
     return {
         "nproc": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), ""),
+        "cpu_model": field("model name"),
+        # Absolute figures move with the VM: the same code ran 2.7x faster on an AVX-512 Xeon than on
+        # an AVX2 EPYC (2026-11-30 against 2026-11-28). The vector extensions say which kind ran.
+        "cpu_simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in field("flags").split()],
         "mem_total_kb": int(Path("/proc/meminfo").read_text().split()[1]),
         "load_average_start": os.getloadavg(),
         "python": platform.python_version(),
@@ -174,7 +181,7 @@ def main() -> int:
     os.replace(tmp, stem.with_suffix(".json"))
     report.plot(med, WORKLOADS, stem.with_suffix(".png"))
     log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')} ({results['elapsed_s']:.0f} s)")
-    print(report.markdown(med, WORKLOADS, checks, results["micro"]))
+    print(report.markdown(med, WORKLOADS, checks, results["micro"], results["machine"]))
     return 0
 
 
