@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test train venv system-deps clean bench soak
+.PHONY: serve test train venv system-deps clean bench soak profile
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ train: $(STAMP)
 # Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~15 min; BENCH_QUICK=1 ~3 min).
 bench: $(STAMP) system-deps
 	$(PY) -m bench.run
+
+# Not part of `make test`: py-spy and per-process CPU under one bench workload (PROFILE_ARGS, e.g. --workload predict-1img@64).
+profile: $(STAMP) system-deps
+	$(PY) -m bench.profile $(PROFILE_ARGS)
 
 # Not part of `make test`: a few minutes of mixed good, bad and explain traffic; RSS and metric checks.
 soak: $(STAMP)
