@@ -186,28 +186,39 @@ def _frame(grays: np.ndarray) -> np.ndarray:
     ink *= strokes
     ink *= 1 / peak  # only the strokes, the brightest at 1
     row_mass, col_mass = ink.sum(2), ink.sum(1)
-    centres_y, centres_x = _centres(row_mass), _centres(col_mass)
+    # each digit's box, from its first and last rows and columns with ink, and where it goes: one numpy
+    # call each for all N, then one slice copy per digit (per-digit Python bookkeeping cost more)
+    rows, cols = row_mass > 0, col_mass > 0
+    tops, lefts = rows.argmax(1), cols.argmax(1)
+    heights, widths = height - rows[:, ::-1].argmax(1) - tops, width - cols[:, ::-1].argmax(1) - lefts
+    cys, cxs = (_centres(row_mass) - tops).tolist(), (_centres(col_mass) - lefts).tolist()
 
     frames = np.zeros((n, IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
-    for i, (rows, cols) in enumerate(zip((row_mass > 0).tolist(), (col_mass > 0).tolist())):
-        top, left = rows.index(True), cols.index(True)
-        h, w = len(rows) - rows[::-1].index(True) - top, len(cols) - cols[::-1].index(True) - left
-        box, cy, cx = ink[i, top: top + h, left: left + w], centres_y[i] - top, centres_x[i] - left
-        scale = BOX / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if size != (w, h):  # resizing would be the identity for a digit that already fits the box
-            box = np.array(Image.fromarray(box, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-            box *= np.float32(1 / max(float(box.max()), 1e-6))
+    places = zip(tops.tolist(), lefts.tolist(), heights.tolist(), widths.tolist(), cys, cxs)
+    for i, (top, left, h, w, cy, cx) in enumerate(places):
+        box = ink[i, top: top + h, left: left + w]
+        if max(h, w) != BOX:  # a digit whose longer side is already the box's (every MNIST-sized input) stays as it is
+            box, cy, cx = _fit(box)
             h, w = box.shape
-            (cy,), (cx,) = _centres(box.sum(1)[None]), _centres(box.sum(0)[None])
         y, x = _corner(cy, h), _corner(cx, w)
         frames[i, y: y + h, x: x + w] = box
     return frames
 
 
-def _centres(marginals: np.ndarray) -> list[float]:
+def _fit(box: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A digit's box resized so that its longer side fits the 20x20 box, brightest at 1; and its centre of mass."""
+    h, w = box.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    box = np.array(Image.fromarray(box, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    box *= np.float32(1 / max(float(box.max()), 1e-6))
+    (cy,), (cx,) = _centres(box.sum(1)[None]).tolist(), _centres(box.sum(0)[None]).tolist()
+    return box, cy, cx
+
+
+def _centres(marginals: np.ndarray) -> np.ndarray:
     """Each row of ``marginals`` (an image's mass per row, or per column): its centre of mass."""
-    return (marginals @ np.arange(marginals.shape[1], dtype=np.float32) / marginals.sum(1)).tolist()
+    return marginals @ np.arange(marginals.shape[1], dtype=np.float32) / marginals.sum(1)
 
 
 def _corner(centre: float, extent: int) -> int:
