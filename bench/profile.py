@@ -82,6 +82,8 @@ def profile(server_name: str, workload_name: str, seconds: float, rate: int, out
     if py_spy is None:
         raise SystemExit("py-spy is not installed: make venv (it is in the test extra), or pip install py-spy")
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.folded"):  # an earlier run's processes: other pids, not this run's
+        old.unlink()
     settings = LoadSettings(warmup_s=2, duration_s=seconds + 3, wrk_threads=1, wrk_timeout_s=10)
     with tempfile.TemporaryDirectory(prefix="digitserve-profile-") as work:
         bodies = write_bodies(Path(work), mnist_pngs(1000)[0], **EXPLAIN_METHODS)[workload.bodies]
