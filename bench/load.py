@@ -45,6 +45,11 @@ def wrk(url: str, bodies: Path, connections: int, seconds: float, s: LoadSetting
     return json.loads(line.removeprefix("BENCH_JSON "))
 
 
+def totals(raw: dict) -> tuple[float, int]:
+    """wrk's summary -> requests per second and errors of every kind (connect, read, write, timeout, status)."""
+    return raw["requests"] / (raw["duration_us"] / 1e6), sum(v for k, v in raw.items() if k.startswith("errors_"))
+
+
 def settle(port: int, path: str, bodies: Path, timeout: float) -> float:
     """POST one body and wait for its answer (seconds taken). wrk leaves requests in flight when a run ends;
     the server still answers them, so without this the warm-up's leftovers would eat into the measured run."""
@@ -73,14 +78,14 @@ def measure(server: Server, name: str, workload: Workload, bodies: Path, s: Load
     with procs.PssSampler(server.process.pid, interval=max(0.5, s.duration_s / 4)) as pss:
         raw = wrk(url, bodies, workload.connections, s.duration_s, s)
     procs.check_alive(server, name)
-    req_s = raw["requests"] / (raw["duration_us"] / 1e6)
+    req_s, errors = totals(raw)
     stalled = raw["requests"] == 0  # no answer at all in the window (wrk counts a timeout only after --timeout)
     return {
         "req_s": req_s,
         "images_s": req_s * workload.images_per_request,
         "p50_ms": None if stalled else raw["latency_p50_us"] / 1000,
         "p99_ms": None if stalled else raw["latency_p99_us"] / 1000,
-        "errors": sum(v for k, v in raw.items() if k.startswith("errors_")),
+        "errors": errors,
         "stalled": stalled,
         "healthy_after": procs.healthy(server.port) if stalled else True,
         "pss_mb": pss.peak / 1e6,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -88,14 +89,52 @@ def stop_all() -> None:
         stop(server, grace_s=5)
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): field 3 onwards."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def _stats() -> Iterator[tuple[int, int, int, str]]:
     """(pid, parent pid, process group, state) of every process, from /proc/<pid>/stat."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, parent, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, parent, pgrp = _stat_fields(stat)[:3]
         except (OSError, ValueError):
             continue  # gone meanwhile
         yield int(stat.parent.name), int(parent), int(pgrp), state
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system time of ``pid`` in clock ticks (/proc/<pid>/stat fields 14 and 15)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return int(fields[11]) + int(fields[12])
+
+
+def roles(server: Server) -> dict[int, str]:
+    """Each live process of the server's tree by what it does: main, api server (uvicorn logs each one's
+    pid at start), worker (LitServe spawns them), manager (forked like the API servers, but not one),
+    resource tracker."""
+    api_servers = {int(m) for m in re.findall(r"Started server process \[(\d+)\]", server.output())}
+    main, main_command = server.process.pid, b""
+    named = {}
+    for pid in process_tree(main):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if pid == main:
+            named[pid], main_command = "main", command
+        elif pid in api_servers:
+            named[pid] = "api server"
+        elif b"multiprocessing.resource_tracker" in command:
+            named[pid] = "resource tracker"
+        elif b"multiprocessing.spawn" in command:
+            named[pid] = "worker"
+        elif command == main_command:
+            named[pid] = "manager"
+        else:
+            named[pid] = command.replace(b"\0", b" ").decode(errors="replace")[:50]
+    return named
 
 
 def process_tree(pid: int) -> list[int]:

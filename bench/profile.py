@@ -25,31 +25,11 @@ from pathlib import Path
 
 from bench import procs
 from bench.data import mnist_pngs, write_bodies
-from bench.load import LoadSettings, wrk
+from bench.load import LoadSettings, totals, wrk
 from bench.run import EXPLAIN_METHODS, RESULTS, WORKLOADS
 
 TOP = 20  # functions listed per process and kind (self, inclusive)
 OURS = ("service/", "bench/baselines/")  # inclusive shares: only our code, the stages a change would touch
-
-
-# what a process of the tree does, by a file on its stacks (LitServe forks the API servers and the
-# Manager and spawns the workers, so the command lines alone do not tell them apart)
-ROLES = (("uvicorn/server.py", "api server"), ("litserve/loops/", "worker"),
-         ("multiprocessing/managers.py", "manager"), ("multiprocessing/resource_tracker.py", "resource tracker"))
-
-
-def role(py_spy: str, pid: int, main: int) -> str:
-    """From the process's stacks now (``py-spy dump``): idle processes leave no samples to tell by."""
-    if pid == main:
-        return "main"
-    dump = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
-    return next((name for marker, name in ROLES if marker in dump), "other")
-
-
-def cpu_ticks(pid: int) -> int:
-    """User + system time of ``pid`` in clock ticks (/proc/<pid>/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def summarise(stacks: str) -> dict:
@@ -94,33 +74,33 @@ def profile(server_name: str, workload_name: str, seconds: float, rate: int, out
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 load = pool.submit(wrk, url, bodies, workload.connections, settings.duration_s, settings)
                 time.sleep(1)  # sample the steady state, not wrk's first connections
-                pids = {pid: role(py_spy, pid, server.process.pid) for pid in procs.process_tree(server.process.pid)}
-                before, started = {pid: cpu_ticks(pid) for pid in pids}, time.monotonic()
+                pids = procs.roles(server)
+                before, started = {pid: procs.cpu_ticks(pid) for pid in pids}, time.monotonic()
                 spies = {pid: subprocess.Popen([py_spy, "record", "--format", "raw", "--nonblocking", "--rate", str(rate),
                                                 "--duration", f"{seconds:g}", "--pid", str(pid),
                                                 "--output", str(out / f"{pid}.folded")],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                          for pid in pids}
-                errors = {pid: spy.communicate()[1].decode(errors="replace") for pid, spy in spies.items()}
+                complaints = {pid: spy.communicate()[1].decode(errors="replace") for pid, spy in spies.items()}
                 window = time.monotonic() - started
-                after = {pid: cpu_ticks(pid) for pid in pids}
+                after = {pid: procs.cpu_ticks(pid) for pid in pids}
                 raw = load.result()
         finally:
             procs.stop(server, grace_s=15)
-    req_s = raw["requests"] / (raw["duration_us"] / 1e6)
+    req_s, errors = totals(raw)
     tick = os.sysconf("SC_CLK_TCK")
     processes = []
     for pid, kind in pids.items():
         cpu_s = (after[pid] - before[pid]) / tick
         stacks = folded.read_text() if (folded := out / f"{pid}.folded").exists() else ""
         sampled = summarise(stacks) if stacks else {"samples": 0, "self": [], "inclusive": [],
-                                                    "error": errors[pid].strip()[-500:]}
+                                                    "error": complaints[pid].strip()[-500:]}
         processes.append({"pid": pid, "role": kind, "core_share": cpu_s / window,
                           "cpu_ms_per_request": 1000 * cpu_s / (req_s * window), **sampled})
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "server": server_name,
             "workload": workload_name, "seconds": seconds, "rate_hz": rate, "req_s": req_s,
             "images_s": req_s * workload.images_per_request, "p99_ms": raw["latency_p99_us"] / 1000,
-            "errors": sum(v for k, v in raw.items() if k.startswith("errors_")), "processes": processes}
+            "errors": errors, "processes": processes}
 
 
 def markdown(result: dict) -> str:

@@ -27,7 +27,6 @@ import datetime
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench import procs
 from tests.server import ROOT, Server, free_port, metric_samples
 from tests.test_errors import BAD_INPUTS, GOOD_PNG, seven
 
@@ -151,46 +151,6 @@ def _send(client: httpx.Client, item: dict, tally: Tally) -> None:
 # ---------------------------------------------------------------- memory of the process tree
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants, from the parent ids in /proc."""
-    children = defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    tree = [pid]
-    for p in tree:
-        tree.extend(children[p])
-    return tree
-
-
-def _describe(pid: int, root_pid: int, api_pids: set[int]) -> str:
-    """A readable role: the main process, an API (uvicorn) server, an inference worker, the manager..."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return f"{pid} (gone)"
-    if pid == root_pid:
-        role = "main"
-    elif pid in api_pids:
-        role = "API server"
-    elif "resource_tracker" in cmdline:
-        role = "resource tracker"
-    elif "multiprocessing.spawn" in cmdline:
-        role = "inference worker"
-    elif " -m service" in cmdline:
-        role = "forked: multiprocessing manager"
-    else:
-        role = cmdline[:50]
-    return f"{pid} {role}"
-
-
-def _api_server_pids(server: Server) -> set[int]:
-    """uvicorn logs 'Started server process [PID]' for each API server."""
-    return {int(m) for m in re.findall(r"Started server process \[(\d+)\]", server.output())}
-
-
 def rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -213,12 +173,12 @@ class RssSampler(threading.Thread):
     def sample(self) -> None:
         now = time.monotonic() - self.started
         reading = {}
-        for pid in process_tree(self.root_pid):
+        for pid in procs.process_tree(self.root_pid):
             kib = rss_kib(pid)
             if kib is not None:
                 reading[pid] = kib
-                if pid not in self.names:
-                    self.names[pid] = _describe(pid, self.root_pid, _api_server_pids(self.server))
+        if reading.keys() - self.names.keys():
+            self.names.update((pid, f"{pid} {role}") for pid, role in procs.roles(self.server).items() if pid not in self.names)
         self.samples.append((now, reading))
 
     def run(self) -> None:
