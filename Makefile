@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test train venv system-deps clean bench soak profile
+.PHONY: serve test test-fast lint train venv system-deps clean bench soak profile
 
 venv: $(STAMP)
 
@@ -26,8 +26,17 @@ serve: $(STAMP)
 system-deps:
 	bash .ci/system-deps.sh
 
-test: $(STAMP) system-deps
-	$(PY) -m pytest
+# The whole suite: lint and types, the unit tier, then the end-to-end tier (real processes).
+test: lint test-fast system-deps
+	$(PY) -m pytest tests/e2e
+
+# The unit tier alone: in process, no server started (under a minute).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 train: $(STAMP)
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
@@ -45,4 +54,4 @@ soak: $(STAMP)
 	$(PY) -m bench.soak --minutes $(or $(SOAK_MINUTES),3)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from bench.data import mnist_pngs, write_bodies
-from bench.load import LoadSettings, measure, Workload
-from service import store
+from bench.load import LoadSettings, Workload, measure
+from harness.server import ROOT, b64, metric_samples, running
 from service.config import Limits
-from service.explain import Explainer
-from service.preprocess import decode_image, normalize, to_mnist
-from tests.server import ROOT, b64, metric_samples, running
+from service.imaging import decode_image, normalize, to_mnist
+from service.model import store
+from service.worker.explain import Explainer
 
 METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
 TOLERANCE = 1e-4  # float32 on two devices: different kernels, same maths
@@ -98,13 +98,15 @@ def serve_and_measure(accelerator: str, args: tuple[str, ...], loaded: store.Loa
         result["answers"] = check_answers(client, pngs, want, labels)
         result["explain_max_abs_diff"] = check_explain(client, loaded, pngs[:16], x[:16])
         text = client.get("/metrics").text
-        batch_sum = metric_samples(text, "digitserve_batch_size_sum")[(("endpoint", "predict"), ("version", "1"))]
-        batch_count = metric_samples(text, "digitserve_batch_size_count")[(("endpoint", "predict"), ("version", "1"))]
+        predict_v1 = (("endpoint", "predict"), ("version", "1"))
+        batch_sum = metric_samples(text, "digitserve_batch_size_sum")[predict_v1]
+        batch_count = metric_samples(text, "digitserve_batch_size_count")[predict_v1]
         result["mean_batch_images"] = batch_sum / batch_count
         result["model_info_devices"] = sorted(dict(k)["device"] for k in metric_samples(text, "digitserve_model_info"))
         for workload in workloads:
             measured = measure(server, accelerator, workload, bodies[workload.bodies], settings)
-            result[workload.name] = {k: measured[k] for k in ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb")}
+            kept = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb")
+            result[workload.name] = {k: measured[k] for k in kept}
     return result
 
 
@@ -114,7 +116,8 @@ def failures(run: dict, accelerator: str) -> list[str]:
         problems.append(f"device: /info {run['device']}, model_info {run['model_info_devices']}")
     if run["answers"]["max_abs_diff"] > TOLERANCE:
         problems.append(f"predict differs from the CPU by {run['answers']['max_abs_diff']:.2g}")
-    problems += [f"{m} differs from the CPU by {d:.2g}" for m, d in run["explain_max_abs_diff"].items() if d > TOLERANCE]
+    problems += [f"{m} differs from the CPU by {d:.2g}"
+                 for m, d in run["explain_max_abs_diff"].items() if d > TOLERANCE]
     if run["mean_batch_images"] <= 1:
         problems.append("no batch of more than one image formed")
     problems += [f"{w}: {run[w]['errors']} errors" for w in ("single_c64", "batch32_c64") if run[w]["errors"]]

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from service.data import load_mnist
-from tests.server import ROOT, b64, encode
+from harness.server import ROOT, b64, encode
+from service.model.data import load_mnist
 
 
 def data_dir() -> Path:

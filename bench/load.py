@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
-from tests.server import Server
+from harness.server import Server
 
 LUA = Path(__file__).resolve().parent / "wrk" / "post.lua"
 
@@ -39,7 +39,7 @@ def wrk(url: str, bodies: Path, connections: int, seconds: float, s: LoadSetting
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
                "--timeout", f"{s.wrk_timeout_s:g}s", "--latency", "-s", str(LUA), url, "--", str(bodies)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + s.wrk_timeout_s + 60)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return json.loads(line.removeprefix("BENCH_JSON "))

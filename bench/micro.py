@@ -10,15 +10,15 @@ import argparse
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from bench.data import mnist_pngs
-from service import store
+from harness.server import ROOT
 from service.config import Limits
-from service.preprocess import decode_image, normalize, to_mnist
-from tests.server import ROOT
+from service.imaging import decode_image, normalize, to_mnist
+from service.model import store
 
 
 def images_per_s(step: Callable[[], int], seconds: float) -> float:

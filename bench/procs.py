@@ -11,10 +11,10 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from tests.server import ROOT, Server, free_port
+from harness.server import ROOT, Server, free_port
 
 # server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults
 SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme"}
@@ -62,7 +62,7 @@ def healthy(port: int) -> bool:
 
 def _tail(server: Server, lines: int = 30) -> str:
     """The end of the server's log, without per-request lines (uvicorn's access log, digitserve's request log)."""
-    kept = [l for l in server.output().splitlines() if '"POST /' not in l and '"request_id"' not in l]
+    kept = [line for line in server.output().splitlines() if '"POST /' not in line and '"request_id"' not in line]
     return "\n".join(kept[-lines:])
 
 

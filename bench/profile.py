@@ -58,7 +58,8 @@ def summarise(stacks: str) -> dict:
 
 def profile(server_name: str, workload_name: str, seconds: float, rate: int, out: Path) -> dict:
     workload = next(w for w in WORKLOADS if w.name == workload_name)
-    py_spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    py_spy = shutil.which("py-spy", path=search_path)
     if py_spy is None:
         raise SystemExit("py-spy is not installed: make venv (it is in the test extra), or pip install py-spy")
     out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,8 @@ def profile(server_name: str, workload_name: str, seconds: float, rate: int, out
                 time.sleep(1)  # sample the steady state, not wrk's first connections
                 pids = procs.roles(server)
                 before, started = {pid: procs.cpu_ticks(pid) for pid in pids}, time.monotonic()
-                spies = {pid: subprocess.Popen([py_spy, "record", "--format", "raw", "--nonblocking", "--rate", str(rate),
-                                                "--duration", f"{seconds:g}", "--pid", str(pid),
+                spies = {pid: subprocess.Popen([py_spy, "record", "--format", "raw", "--nonblocking",
+                                                "--rate", str(rate), "--duration", f"{seconds:g}", "--pid", str(pid),
                                                 "--output", str(out / f"{pid}.folded")],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                          for pid in pids}

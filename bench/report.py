@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from bench.load import Workload
 
@@ -71,7 +71,8 @@ def targets(med: dict[str, dict]) -> list[dict]:
 
 
 def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict], micro: dict, machine: dict) -> str:
-    lines = [f"machine: {machine['cpus_usable']} CPUs, {machine['cpu_model']} ({', '.join(machine['cpu_simd']) or 'no AVX2'}), "
+    simd = ", ".join(machine["cpu_simd"]) or "no AVX2"
+    lines = [f"machine: {machine['cpus_usable']} CPUs, {machine['cpu_model']} ({simd}), "
              f"commit {machine['git_commit'][:7]}{' (dirty)' if machine['git_dirty'] else ''}", "",
              "| workload | server | req/s | images/s | p50 ms | p99 ms | errors | PSS MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -112,9 +113,12 @@ def plot(med: dict[str, dict], workloads: list[Workload], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # title, x metric, the workloads, whether the points form a curve (by connections), y scale
-    panels = [("single-image /predict", "req_s", [w for w in workloads if w.name.startswith("predict-1img")], "-", "log"),
-              ("32-image /predict", "images_s", [w for w in workloads if w.name.startswith("predict-32img")], "", "linear"),
-              ("/explain (1 connection)", "req_s", [w for w in workloads if w.path == "/explain"], "", "linear")]
+    single = [w for w in workloads if w.name.startswith("predict-1img")]
+    batched = [w for w in workloads if w.name.startswith("predict-32img")]
+    explain = [w for w in workloads if w.path == "/explain"]
+    panels = [("single-image /predict", "req_s", single, "-", "log"),
+              ("32-image /predict", "images_s", batched, "", "linear"),
+              ("/explain (1 connection)", "req_s", explain, "", "linear")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (title, metric, group, line, yscale) in zip(axes, panels):
         for server, marker in (("digitserve", "o"), ("baseline", "s")):

@@ -2,9 +2,9 @@
 
 Each round starts both servers fresh, one after the other (the order flips every round), timing each
 cold start, then runs every workload on one server and at once on the other (warm-up, then measured,
-PSS of each process tree sampled meanwhile), and stops them. Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never
-fails the build) and a Markdown table go to stdout, progress to stderr, everything raw to
-bench/results/<date>.json and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
+PSS of each process tree sampled meanwhile), and stops them. Medians over rounds, the issue's targets
+(PASS/FAIL; the benchmark never fails the build) and a Markdown table go to stdout, progress to stderr,
+everything raw to bench/results/<date>.json and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
 
 Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_S (3),
 BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import litserve
@@ -33,7 +33,7 @@ import torch
 from bench import procs, report
 from bench.data import mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure
-from tests.server import ROOT, Server
+from harness.server import ROOT, Server
 
 RESULTS = ROOT / "bench" / "results"
 EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
@@ -63,7 +63,7 @@ def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
 
     def field(name: str) -> str:
-        return next((l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith(name)), "")
+        return next((row.split(":", 1)[1].strip() for row in cpuinfo if row.startswith(name)), "")
 
     return {
         "nproc": os.cpu_count(),
@@ -102,8 +102,10 @@ def bench_round(order: list[str], files: dict[str, Path], first_label: int, log_
         for name, server in live.items():
             stopping = time.monotonic()
             procs.stop(server, grace_s=15)
-            results[name]["stop_s"], results[name]["exit_code"] = time.monotonic() - stopping, server.process.returncode
-            log(f"  {name}: stopped {results[name]['stop_s']:.1f} s after SIGTERM, exit code {results[name]['exit_code']}")
+            results[name]["stop_s"] = time.monotonic() - stopping
+            results[name]["exit_code"] = server.process.returncode
+            log(f"  {name}: stopped {results[name]['stop_s']:.1f} s after SIGTERM, "
+                f"exit code {results[name]['exit_code']}")
     return results
 
 
@@ -120,7 +122,8 @@ def _recorded_failure(name: str, result: dict, live: dict[str, Server]) -> Itera
             result["exit_code"] = server.process.returncode
 
 
-def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, result: dict, live: dict[str, Server]) -> None:
+def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, result: dict,
+           live: dict[str, Server]) -> None:
     server, result["cold_start_s"] = procs.start(name, log_dir)
     live[name] = server
     log(f"  {name}: healthy after {result['cold_start_s']:.1f} s (pid {server.process.pid}, port {server.port})")
@@ -132,7 +135,8 @@ def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, r
         log(f"  {name}: WARNING: first digit answered {answer.status_code} {answer.text[:200]}")
 
 
-def _measure(name: str, w: Workload, files: dict[str, Path], s: LoadSettings, result: dict, live: dict[str, Server]) -> None:
+def _measure(name: str, w: Workload, files: dict[str, Path], s: LoadSettings, result: dict,
+             live: dict[str, Server]) -> None:
     m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
     if m["stalled"]:
         log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
@@ -166,7 +170,8 @@ def main() -> int:
             for r in range(n_rounds):
                 order = list(procs.SERVERS)[:: 1 if r % 2 == 0 else -1]
                 log(f"round {r + 1}/{n_rounds}: {' then '.join(order)}")
-                results["rounds"].append({"round": r + 1, "servers": bench_round(order, files, labels[0], Path(work), s)})
+                servers = bench_round(order, files, labels[0], Path(work), s)
+                results["rounds"].append({"round": r + 1, "servers": servers})
         finally:
             procs.stop_all()
     results["medians"] = med = report.medians(results["rounds"], WORKLOADS)

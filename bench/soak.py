@@ -40,8 +40,8 @@ import httpx
 import numpy as np
 
 from bench import procs
-from tests.server import ROOT, Server, free_port, metric_samples
-from tests.test_errors import BAD_INPUTS, GOOD_PNG, seven
+from harness.server import ROOT, Server, free_port, metric_samples
+from tests.e2e.test_errors import BAD_INPUTS, GOOD_PNG, seven
 
 RESULTS = ROOT / "bench" / "results"
 RSS_EVERY_S = 10.0
@@ -68,12 +68,14 @@ def _traffic() -> list[dict]:
         ("predict", "good json one pixels", good_json([{"pixels": seven_pixels}]), 1),
         ("predict", "good json 8 mixed", good_json([png, {"pixels": seven_pixels}] * 4), 8),
         ("predict", "good multipart one", {"files": [("file", ("7.png", GOOD_PNG, "image/png"))]}, 1),
-        ("predict", "good multipart 4", {"files": [("file", (f"{i}.png", GOOD_PNG, "image/png")) for i in range(4)]}, 4),
+        ("predict", "good multipart 4",
+         {"files": [("file", (f"{i}.png", GOOD_PNG, "image/png")) for i in range(4)]}, 4),
     ]
     explain = [("explain", f"explain {method}", good_json([{"pixels": seven_pixels}], method=method), 1)
                for method in METHODS]
     explain.append(("explain", "explain multipart heatmap",
-                    {"files": [("file", ("7.png", GOOD_PNG, "image/png"))], "data": {"method": "saliency", "heatmap": "true"}}, 1))
+                    {"files": [("file", ("7.png", GOOD_PNG, "image/png"))],
+                     "data": {"method": "saliency", "heatmap": "true"}}, 1))
     bad = [("predict", f"bad: {name}", {"content": body, "headers": {"content-type": content_type}}, status)
            for name, ((body, content_type), status, _) in BAD_INPUTS.items()]
     items = []
@@ -178,7 +180,8 @@ class RssSampler(threading.Thread):
             if kib is not None:
                 reading[pid] = kib
         if reading.keys() - self.names.keys():
-            self.names.update((pid, f"{pid} {role}") for pid, role in procs.roles(self.server).items() if pid not in self.names)
+            self.names.update((pid, f"{pid} {role}") for pid, role in procs.roles(self.server).items()
+                              if pid not in self.names)
         self.samples.append((now, reading))
 
     def run(self) -> None:
@@ -320,13 +323,16 @@ def soak(minutes: float, port: int | None, threads: int) -> dict:
     good = sum(n for name, c in tally.by_name.items() if not name.startswith("bad:") for n in c.values())
     bad = sum(n for name, c in tally.by_name.items() if name.startswith("bad:") for n in c.values())
     checks["metrics_agree"] = {"ok": not mismatches, "mismatches": mismatches}
-    checks["good_no_5xx"] = {"ok": not tally.problems["good request got 5xx"], "count": tally.problems["good request got 5xx"]}
+    checks["good_no_5xx"] = {"ok": not tally.problems["good request got 5xx"],
+                             "count": tally.problems["good request got 5xx"]}
     checks["good_all_200_and_right"] = {
         "ok": not (tally.problems["good request got non-200"] or tally.problems["good request got a wrong answer"]),
-        "non_200": tally.problems["good request got non-200"], "wrong": tally.problems["good request got a wrong answer"]}
+        "non_200": tally.problems["good request got non-200"],
+        "wrong": tally.problems["good request got a wrong answer"]}
     bad_problems = sum(v for k, v in hard.items() if k.startswith("bad request"))
     checks["bad_all_4xx_with_detail"] = {"ok": not bad_problems, "count": bad_problems}
-    checks["no_transport_errors"] = {"ok": not tally.problems["no HTTP answer"], "count": tally.problems["no HTTP answer"]}
+    checks["no_transport_errors"] = {"ok": not tally.problems["no HTTP answer"],
+                                     "count": tally.problems["no HTTP answer"]}
     checks["rss_flat_and_no_process_died"] = {"ok": not rss_failures, "failures": rss_failures}
     checks["healthy_at_end"] = {"ok": health == 200, "status": health}
     checks["clean_shutdown"] = {"ok": returncode == 0, "returncode": returncode, "seconds": round(shutdown_s, 1)}

@@ -1,36 +1,38 @@
 """``python -m service``: validate the configuration and the model store, then serve.
 
-Start-up problems (a bad setting, a missing or corrupt model, ``cuda`` without a GPU) end
-the process with one clear line and exit code 2, before any worker is spawned.
+Start-up problems (a bad setting, a missing or corrupt model, ``cuda`` without a GPU) end the
+process with one clear line and exit code 2, before any worker is spawned.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
 import shutil
 import signal
 import sys
+from types import FrameType
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service import store
 from service.config import Settings
 from service.device import DeviceError, resolve_device
 from service.metrics_dir import use_fresh_dir
+from service.model import store
+
+log = logging.getLogger("digitserve")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     try:
-        settings = Settings(_cli_parse_args=True)
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)  # type: ignore[call-arg]
         device = resolve_device(settings.accelerator)
         model = store.load(settings.store, settings.model, settings.version, "cpu")  # verify before spawning
     except ValidationError as e:
-        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        print(f"error: invalid configuration: {describe(e)}", file=sys.stderr)
         return 2
     except (SettingsError, DeviceError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -39,25 +41,53 @@ def main() -> int:
     _json_access_log()
     metrics_dir = use_fresh_dir()
     # Imported only now: prometheus-client picks multiprocess mode when first imported.
-    from service.server import build_server
+    from service.app import build
 
-    server = build_server(settings, model, device.type)
+    server = build(settings, model, device.type)
     # Everything imported so far lives as long as the process: keep the collector from walking it
-    # again and again. A full collection over these ~220,000 objects takes ~150 ms on a small
-    # machine, a stall that showed in p99 under load. The forked API servers inherit this.
+    # again and again (a full collection over ~220,000 objects stalls a small machine for ~150 ms,
+    # which showed in p99 under load). The forked API servers inherit this.
     gc.freeze()
-    signal.signal(signal.SIGTERM, functools.partial(_stop, os.getpid()))
-    logging.getLogger("digitserve").info("serving %s v%d on %s at http://%s:%d", model.name, model.version,
-                                         device, settings.host, settings.port)
+    main_pid = os.getpid()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        """SIGTERM (docker stop, Kubernetes) and Ctrl-C take LitServe's KeyboardInterrupt path, which runs
+        our shutdown (``service.supervisor``); a second signal must not cut that short. Processes forked
+        from this one (LitServe's manager) inherit the handler: for them the signal keeps its meaning."""
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        server.parts.supervisor.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving %s v%d on %s at http://%s:%d", model.name, model.version, device,
+             f"[{settings.host}]" if ":" in settings.host else settings.host, settings.port)
     try:
-        server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
-                   log_level=settings.log_level, generate_client_file=False, access_log=False)
+        server.serve()
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    if server.failure:
-        print(f"error: {server.failure}", file=sys.stderr)
+    if server.parts.supervisor.failure:
+        print(f"error: {server.parts.supervisor.failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def describe(error: ValidationError) -> str:
+    """Pydantic's errors as one line that names each setting as a flag: ``--port: Input should be ...``."""
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        flag = f"--{where.replace('_', '-')} (DIGITSERVE_{where.upper()})" if where else "settings"
+        parts.append(f"{flag}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 def _json_access_log() -> None:
@@ -68,18 +98,6 @@ def _json_access_log() -> None:
     access = logging.getLogger("digitserve.access")
     access.addHandler(handler)
     access.propagate = False
-
-
-def _stop(main_pid: int, signum: int, frame: object) -> None:
-    """SIGTERM (docker stop, Kubernetes) takes LitServe's Ctrl-C path, which runs our draining shutdown;
-    a second SIGTERM must not cut that drain short. Processes forked from this one (LitServe's
-    manager) inherit the handler: for them SIGTERM keeps its default meaning."""
-    if os.getpid() != main_pid:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

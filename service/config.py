@@ -6,10 +6,11 @@ service with a message that names the setting.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.device import Accelerator
@@ -22,13 +23,15 @@ class Limits(BaseSettings):
 
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body")
     max_instances: int = Field(64, ge=1, description="images in one request")
-    max_image_pixels: int = Field(16_000_000, ge=1, description="width x height of one encoded image, checked from its header")
+    max_image_pixels: int = Field(16_000_000, ge=1,
+                                  description="width x height of one encoded image, checked from its header")
     max_image_side: int = Field(8192, ge=28, description="longest side of one encoded image")
     max_ig_steps: int = Field(256, ge=1, description="most integrated-gradients steps one explain may ask for")
 
 
 class Settings(Limits):
-    """Everything ``python -m service`` accepts. Each field is ``--kebab-flag`` and ``DIGITSERVE_UPPER_NAME``."""
+    """Serve the digit classifier. Every flag is also an environment variable, DIGITSERVE_<FLAG> (e.g.
+    --max-batch-size is DIGITSERVE_MAX_BATCH_SIZE); a flag wins over the environment."""
 
     model_config = SettingsConfigDict(
         env_prefix="DIGITSERVE_",
@@ -36,13 +39,16 @@ class Settings(Limits):
         cli_prog_name="python -m service",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_exit_on_error=False,  # one clear line from service.__main__ instead of argparse's usage dump
     )
 
-    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field("127.0.0.1", description="address to bind")
+    host: str = Field("127.0.0.1", description="IP address to bind (0.0.0.0 or :: for every interface)")
     port: int = Field(8000, ge=1024, le=65535, description="port to bind")
     store: Path = Field(Path("model_store"), description="model store folder")
     model: str = Field("mnist-fnn", min_length=1, description="model name in the store")
-    version: int | None = Field(None, ge=1, description="pin a version (default: the highest)")
+    version: int | None = Field(None, ge=1, description="pin a version (unset: the highest)")
     accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
     batch_timeout_ms: float = Field(
@@ -58,11 +64,30 @@ class Settings(Limits):
         512, ge=1, le=100_000, description="requests admitted but not yet answered, all API servers; past it: 503"
     )
     api_key: SecretStr | None = Field(None, description="when set, /predict and /explain require it (never logged)")
-    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long in-flight requests may finish")
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600,
+                                    description="on SIGTERM, how long in-flight requests may finish")
+    drain_delay_s: float = Field(
+        5.0, ge=0, le=600,
+        description="on SIGTERM, how long /health answers 503 while requests are still served, so load balancers "
+                    "stop sending before anything is refused (0: refuse at once)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
 
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::, 192.168.1.10)") from None
+        return host
+
     @model_validator(mode="after")
-    def _batch_within_timeout(self) -> "Settings":
+    def _batch_within_timeout(self) -> Settings:
         if self.batch_timeout_ms / 1000 >= self.request_timeout_s:
             raise ValueError("batch-timeout-ms must be shorter than request-timeout-s")
         return self
+
+    def pools(self) -> dict[str, int]:
+        """The worker pools, by route, and how many workers each runs (per device)."""
+        return {"/predict": self.workers, "/explain": self.explain_workers}

@@ -18,5 +18,6 @@ def resolve_device(accelerator: Accelerator) -> torch.device:
     if accelerator == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if accelerator == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("accelerator 'cuda' was requested but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        raise DeviceError("accelerator 'cuda' was requested but no CUDA GPU is visible "
+                          "(torch.cuda.is_available() is False)")
     return torch.device(accelerator)

@@ -1,14 +1,33 @@
-"""The client-facing error: an HTTP status and a ``detail`` that says what is wrong and where."""
+"""Errors that become an HTTP answer: a status and a ``detail`` that says what is wrong and where.
+
+They cross process boundaries (a worker answers a request with one), so they pickle with their
+status and headers.
+"""
 
 from __future__ import annotations
 
 
-class InputError(Exception):
-    def __init__(self, status: int, detail: str):
+class HttpError(Exception):
+    """An answer other than 200: ``{"detail": detail}`` with ``status`` (and headers such as Retry-After)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
-    def at(self, where: str) -> "InputError":
+    def __reduce__(self) -> tuple[type[HttpError], tuple[int, str, dict[str, str] | None]]:
+        return type(self), (self.status, self.detail, self.headers)
+
+
+class InputError(HttpError):
+    """Something the client sent is wrong (a 4xx)."""
+
+    def at(self, where: str) -> InputError:
         """The same error, its detail prefixed with which instance or field it concerns."""
-        return InputError(self.status, f"{where}: {self.detail}")
+        return InputError(self.status, f"{where}: {self.detail}", self.headers)
+
+
+def retry_later(status: int, detail: str, after_s: float = 1) -> HttpError:
+    """A refusal the client should retry (503 overloaded, draining, a worker replaced), with Retry-After."""
+    return HttpError(status, detail, {"Retry-After": str(max(1, round(after_s)))})

@@ -15,12 +15,19 @@ import logging
 import os
 import re
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,7 +49,8 @@ QUEUE_WAIT = Histogram("digitserve_queue_wait_seconds", "Time from request arriv
                        ["endpoint", "version"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("digitserve_batch_size", "Images per model forward", ["endpoint", "version"],
                        buckets=BATCH_BUCKETS)
-FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds", "Duration of one model forward (explain: the whole attribution)",
+FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds",
+                            "Duration of one model forward (explain: the whole attribution)",
                             ["endpoint", "version"], buckets=FORWARD_BUCKETS)
 PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
 CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
@@ -52,7 +60,7 @@ MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves", ["
 
 
 @functools.cache
-def labelled(metric: Counter | Gauge | Histogram, *values: str):
+def labelled(metric: Counter | Gauge | Histogram, *values: str) -> Any:
     """``metric.labels(*values)``, remembered: ``labels`` checks and locks on every call, a few µs on
     each request's path. The label sets here are few and fixed (endpoints, status codes, digits)."""
     return metric.labels(*values)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import data, store
+from service.model import data, store
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_STORE = ROOT / "model_store"
@@ -49,7 +49,7 @@ def default_model() -> store.LoadedModel:
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """One real service for the HTTP tests: 2 predict workers, batching on, a 2 MB payload limit."""
-    from tests.server import running
+    from harness.server import running
 
     args = ("--workers", "2", "--max-batch-size", "32", "--batch-timeout-ms", "5", "--max-payload-bytes", "2000000")
     with running(tmp_path_factory.mktemp("served"), *args) as server:

@@ -16,9 +16,9 @@ from pathlib import Path
 import litserve as ls
 import torch
 
-from service import store
 from service.config import Limits
-from service.preprocess import decode_image, normalize, to_mnist
+from service.imaging import decode_image, normalize, to_mnist
+from service.model import store
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 
@@ -41,8 +41,8 @@ class ReadmeAPI(ls.LitAPI):
 
     def encode_response(self, probs: torch.Tensor) -> dict:
         confidence, label = probs.max(1)
-        return {"predictions": [{"label": int(l), "confidence": float(c), "probabilities": p}
-                                for l, c, p in zip(label, confidence, probs.tolist())]}
+        return {"predictions": [{"label": int(lab), "confidence": float(c), "probabilities": p}
+                                for lab, c, p in zip(label, confidence, probs.tolist())]}
 
 
 if __name__ == "__main__":

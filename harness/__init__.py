@@ -1,0 +1,1 @@
+"""Helpers that the tests and the benchmarks share: start the real service, encode pictures, read metrics."""

@@ -1,0 +1,101 @@
+"""uvicorn's HTTP protocol as the API servers run it: connections kept even, one write per response.
+
+Balance. Each API server accepts on a socket of its own (SO_REUSEPORT) and the kernel sends each
+new connection to one of them by a hash of its addresses: even only on average. 64 connections
+often split 25/39, and the busier server's requests then wait half as long again, which is what
+a client's p99 sees. So each API server counts, in shared memory, the connections it keeps; one
+that keeps two or more over the mean answers its next request with ``Connection: close``
+(the same way uvicorn ends keep-alive at shutdown), and the client reconnects wherever the hash
+sends it. HTTP/1.1 lets a server end keep-alive after any response; clients reconnect on their own.
+
+One write. uvicorn writes a response's head and its body separately: two send() calls, two
+packets and two wake-ups of the client for every response, the largest single cost left in an
+API server's profile under load. ``OneWrite`` sends them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class ConnectionShares:
+    """The connections each API server keeps open. Each server writes only its own slot: no lock."""
+
+    def __init__(self, servers: int):
+        self.kept = mp.get_context("spawn").RawArray("i", servers)
+        self.slot = 0  # which API server this process is: set in the parent just before each one is forked
+
+    def opened(self) -> None:
+        self.kept[self.slot] += 1
+
+    def released(self) -> None:
+        self.kept[self.slot] -= 1
+
+    def over_share(self) -> bool:
+        kept = self.kept
+        return kept[self.slot] > sum(kept) / len(kept) + 1
+
+
+def balanced_protocol(shares: ConnectionShares) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol writing through ``OneWrite``, counting its connections in ``shares``
+    and ending keep-alive on those over this server's share. Pass it as uvicorn's ``http`` setting."""
+
+    class BalancedHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
+            self.kept = True
+            shares.opened()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self.kept:
+                shares.released()
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # type: ignore[attr-defined]  # OneWrite's: the response is whole: send it now, not at the iteration's end
+            super().on_response_complete()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self.kept and self.cycle is not None and shares.over_share():
+                self.kept = False
+                shares.released()
+                self.cycle.keep_alive = False  # "connection: close" on this response, then close
+
+    return BalancedHttpProtocol
+
+
+class OneWrite:
+    """A connection's transport that holds writes until ``flush``: the protocol flushes when a response
+    is whole, so its head and body leave in one write. Whatever else is written (100 Continue, a
+    streamed chunk) leaves at the end of the event-loop iteration at the latest, and ``close`` sends
+    what is pending first; order is kept. Waiting for the iteration's end alone would cost latency:
+    other callbacks queued before the flush, such as decoding a 32-image request, would run first."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)  # one piece: CPython returns it as is, no copy
+            self._pending.clear()
+            if not self._transport.is_closing():  # the client left in the meantime: nobody to send it to
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

@@ -1,0 +1,59 @@
+"""The preprocessing stage in an API server: parsed requests -> ``Work`` (``service.imaging``).
+
+Under load an API server reads several requests per event-loop iteration, and framing costs per
+numpy call, not per pixel: the requests read in one iteration are prepared together, at its
+end, with one ``imaging.prepare_many``, for one more event-loop step each. A bad or blank
+picture still fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+
+from service import imaging
+from service.config import Limits
+from service.http import inputs
+from service.model.fnn import INPUT_SIZE
+from service.work import Work
+
+
+class Preparer:
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._waiting: list[tuple[inputs.Parsed, float, asyncio.Future[Work]]] = []
+
+    def prepare(self, parsed: inputs.Parsed, arrived: float) -> asyncio.Future[Work]:
+        """A future of the request's ``Work``, or of the ``InputError`` of its first bad picture."""
+        future: asyncio.Future[Work] = asyncio.get_running_loop().create_future()
+        self._waiting.append((parsed, arrived, future))
+        if len(self._waiting) == 1:
+            future.get_loop().call_soon(self._prepare_waiting)
+        return future
+
+    def prepare_now(self, headers: Headers, body: bytes, options_model: type[BaseModel], arrived: float) -> Work:
+        """One request alone, parsed and prepared here (called in a thread for big bodies)."""
+        parsed = inputs.parse(headers, body, options_model, self.limits)
+        return _work(parsed, imaging.prepare(parsed.instances, self.limits), arrived)
+
+    def _prepare_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        outcomes: list[np.ndarray | Exception]
+        try:
+            outcomes = list(imaging.prepare_many([parsed.instances for parsed, _, _ in waiting], self.limits))
+        except Exception as e:  # a bug of ours: every request of the iteration answers it
+            outcomes = [e] * len(waiting)
+        for (parsed, arrived, future), outcome in zip(waiting, outcomes):
+            if future.done():  # the request was cancelled meanwhile
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(_work(parsed, outcome, arrived))
+
+
+def _work(parsed: inputs.Parsed, frames: np.ndarray, arrived: float) -> Work:
+    return Work(frames.reshape(len(frames), INPUT_SIZE), parsed.options.model_dump(), arrived)

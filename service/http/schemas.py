@@ -1,0 +1,114 @@
+"""The JSON request and response shapes of /predict and /explain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
+
+Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
+
+
+class Instance(BaseModel):
+    """One image: encoded bytes in base64, or a 28x28 array of 0..255 numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_b64: str | None = None
+    pixels: list[list[float]] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Instance:
+        if (self.image_b64 is None) == (self.pixels is None):
+            raise ValueError("give exactly one of 'image_b64' or 'pixels'")
+        return self
+
+
+INSTANCES = TypeAdapter(Annotated[list[Instance], Field(min_length=1)])
+
+
+class PredictOptions(BaseModel):
+    """/predict takes no options beside its instances; anything else is an unknown field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExplainOptions(PredictOptions):
+    """What /explain computes; in JSON beside ``instances``, or as multipart form fields."""
+
+    method: Method = "integrated_gradients"
+    target: int | None = Field(None, ge=0, le=9, description="class to explain (default: the predicted one)")
+    steps: int = Field(32, ge=1, description="integrated-gradients steps (at most the service's max_ig_steps)")
+    quadrature: Literal["midpoint", "exact"] = Field(
+        "midpoint", description="integrated gradients: midpoint rule over `steps`, or the exact path integral"
+    )
+    top_k: int = Field(10, ge=1, le=100, description="hidden units listed per layer")
+    heatmap: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _within_limit(cls, steps: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_ig_steps")
+        if limit is not None and steps > limit:
+            raise ValueError(f"steps must be at most {limit} (this service's max_ig_steps)")
+        return steps
+
+
+# ---- what the routes answer, for the OpenAPI document (``service.http.openapi``) and for tests
+
+
+class PredictRequest(BaseModel):
+    """``{"instances": [...]}``; multipart/form-data with ``file`` parts is the other way in."""
+
+    instances: list[Instance] = Field(min_length=1)
+
+
+class ExplainRequest(PredictRequest, ExplainOptions):
+    """The instances and, beside them, what to compute."""
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class Prediction(BaseModel):
+    label: int = Field(ge=0, le=9)
+    confidence: float = Field(ge=0, le=1)
+    probabilities: list[float] = Field(min_length=10, max_length=10)
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction] = Field(description="one per instance, in request order")
+
+
+class TopUnit(BaseModel):
+    unit: int
+    activation: float
+    contribution: float
+
+
+class LayerSummary(BaseModel):
+    name: str
+    output_shape: list[int]
+    mean_activation: float
+    zero_fraction: float
+    top_units: list[TopUnit]
+
+
+class Explanation(Prediction):
+    method: Method
+    target: int
+    attributions: list[list[float]] = Field(description="28x28, in the frame of `input`")
+    input: list[list[float]] = Field(description="the 28x28 image the model saw, 0..1")
+    layers: list[LayerSummary]
+    heatmap_png: str | None = Field(None, description="base64 PNG, with heatmap=true")
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Explanation]
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong, and for an image which instance")

@@ -1,0 +1,1 @@
+"""The model: the FNN, the versioned store it is loaded from, the MNIST data and training."""

@@ -1,0 +1,191 @@
+"""The versioned model store: ``<store>/<name>/<version>/{model.pt,metadata.json}``.
+
+Versions are integers, written to a hidden temporary folder and renamed into place, so a
+reader never sees a half-written version. Loading verifies the sha256 recorded in the
+metadata before unpickling anything, and only ever with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.model.fnn import FNN
+
+DEFAULT_NAME = "mnist-fnn"
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(Exception):
+    """A model store problem, with a message that names the path and what is wrong."""
+
+
+class Architecture(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_classes: int = Field(gt=0)
+
+
+class Normalization(BaseModel):
+    mean: float
+    std: float = Field(gt=0)
+
+
+class Metadata(BaseModel):
+    """The fields a loader relies on; everything else training records is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    version: int
+    architecture: Architecture
+    normalization: Normalization
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    metadata: Metadata
+    model: FNN
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return (self.metadata.model_extra or {}).get("metrics", {}).get("test_accuracy")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_dir(store: Path, name: str) -> Path:
+    store = Path(store)
+    if not store.is_dir():
+        raise StoreError(f"model store {store} ({store.resolve()}) does not exist or is not a folder: "
+                         "pass --store (or set DIGITSERVE_STORE) to the folder that holds <name>/<version>/")
+    model_dir = store / name
+    if not model_dir.is_dir():
+        known = sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise StoreError(f"model {name!r} not found in store {store} (models there: {known or 'none'})")
+    return model_dir
+
+
+def list_versions(store: Path, name: str) -> list[int]:
+    """Complete versions only: integer folder names; temporary folders are invisible."""
+    model_dir = _model_dir(store, name)
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resolve_version(store: Path, name: str, version: int | None = None) -> Path:
+    """The folder of the pinned version, or of the highest one when ``version`` is None."""
+    versions = list_versions(store, name)
+    model_dir = Path(store) / name
+    if not versions:
+        raise StoreError(f"no versions of model {name!r} in {model_dir}")
+    if version is None:
+        return model_dir / str(versions[-1])
+    if version not in versions:
+        raise StoreError(f"version {version} of model {name!r} not found in {model_dir} (versions: {versions})")
+    return model_dir / str(version)
+
+
+def read_metadata(version_dir: Path) -> Metadata:
+    path = version_dir / METADATA_FILE
+    if not path.is_file():
+        raise StoreError(f"metadata missing: {path}")
+    try:
+        return Metadata.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors())
+        raise StoreError(f"metadata invalid in {path}: {problems}") from None
+
+
+def load(store: Path, name: str = DEFAULT_NAME, version: int | None = None,
+         device: str | torch.device = "cpu") -> LoadedModel:
+    """Resolve, verify and load a version onto ``device``, in eval mode."""
+    version_dir = resolve_version(store, name, version)
+    metadata = read_metadata(version_dir)
+    weights = version_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise StoreError(f"weights missing: {weights}")
+    actual = sha256_file(weights)
+    if actual != metadata.sha256:
+        raise StoreError(
+            f"checksum mismatch for {weights}: metadata says sha256 {metadata.sha256}, file has {actual}; "
+            "the file was changed or truncated after it was written"
+        )
+    try:
+        state_dict = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a corrupt archive
+        raise StoreError(f"weights corrupt or not a weights-only checkpoint: {weights}: {e}") from None
+    arch = metadata.architecture
+    model = FNN(arch.input_size, arch.hidden_size, arch.num_classes)
+    try:
+        if not isinstance(state_dict, dict):
+            raise RuntimeError(f"expected a state_dict, found {type(state_dict).__name__}")
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise StoreError(
+            f"architecture mismatch in {version_dir}: metadata says "
+            f"{arch.input_size}-{arch.hidden_size}-{arch.num_classes} but {weights} does not fit it: {e}"
+        ) from None
+    model.to(device).eval()
+    return LoadedModel(name=name, version=int(version_dir.name), path=version_dir, metadata=metadata, model=model)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write a NEW version atomically and return its folder.
+
+    Everything goes to a hidden temporary folder first; only a complete, fsynced version is
+    renamed to its integer name. If anything fails, the temporary folder is removed.
+    """
+    model_dir = Path(store) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would survive the rename and hide the version from other users
+    try:
+        weights = tmp / WEIGHTS_FILE
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
+        with open(weights, "rb") as f:
+            os.fsync(f.fileno())
+        record = {**metadata, "name": name, "sha256": sha256_file(weights)}
+        while True:
+            versions = list_versions(store, name)
+            version = (versions[-1] + 1) if versions else 1
+            record["version"] = version
+            _fsync_write(tmp / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+            target = model_dir / str(version)
+            try:
+                os.rename(tmp, target)  # atomic; fails if another writer took this number
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            return target
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,107 @@
+"""The worker loop: batch collection that never spins or polls, then the LitAPI stages.
+
+``service.seam`` runs ``serve`` as the body of a LitServe loop (``LitLoop.run``), in each worker process.
+
+Collection: LitServe's stock loop polls the queue every millisecond for the whole batch timeout
+(or, at timeout 0, spins on ``get_nowait``). Ours blocks until the first request arrives,
+takes everything already queued without waiting (under load, requests pile up while the
+previous forward runs, so batches form by themselves), and then waits at most
+``batch_timeout`` for more only while the batch is not full, holds fewer images than a
+full-speed forward, and more requests are in flight than it holds (some may still be being
+decoded; under load there always are): a lone request never waits, and multi-image requests
+do not wait for each other in lock-step. Requests whose deadline passed while queued are
+answered 504 here and never computed.
+
+Stages: the same LitAPI stages in the same order (decode_request, batch, predict, unbatch,
+encode_response), without what a profile under load showed costing a sixth of the worker's
+time: LitServe's loop inspects every stage's signature on every call (for an optional
+``context`` argument we do not use) and sends each answer as its own message. Ours sends one
+message per API server per batch. LitServe callbacks are not run here; ``service.seam``
+refuses them at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from queue import Empty
+from typing import Any, Protocol
+
+from service.errors import HttpError
+from service.pipes import AnswerPipes, RequestPipes
+
+# One forward on the CPU reaches the model's full images/s at 32 images (see docs/performance.md): past
+# it, waiting for more requests would only idle the worker.
+FULL_SPEED_IMAGES = 32
+EXPIRED = HttpError(504, "waited in the queue past the request timeout; not computed")
+log = logging.getLogger("digitserve")
+
+
+class Stages(Protocol):
+    """The LitAPI stages the loop calls (``service.worker.stages``), and the batching limits."""
+
+    max_batch_size: int
+    batch_timeout: float
+    request_timeout: float | None
+
+    def decode_request(self, request: Any) -> Any: ...
+    def batch(self, inputs: list[Any]) -> Any: ...
+    def predict(self, x: Any) -> Any: ...
+    def unbatch(self, output: Any) -> list[Any]: ...
+    def encode_response(self, output: Any) -> Any: ...
+
+
+def serve(stages: Stages, requests: RequestPipes, answers: AnswerPipes) -> None:
+    """Collect a batch, run it through the stages, answer; forever (the server terminates the worker)."""
+    while True:
+        work, timed_out = collect(stages, requests)
+        replies: list[tuple[int, int, Any, bool]] = [(server, uid, EXPIRED, False) for server, uid in timed_out]
+        if work:
+            replies += run_stages(stages, work)
+        answers.answer(replies)
+
+
+def run_stages(stages: Stages, work: list[tuple[int, int, Any]]) -> list[tuple[int, int, Any, bool]]:
+    """One batch through the stages; on failure every request of the batch gets the error."""
+    servers, uids, inputs = zip(*work)
+    error: Exception
+    try:
+        outputs = stages.unbatch(stages.predict(stages.batch([stages.decode_request(x) for x in inputs])))
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"unbatch returned {len(outputs)} outputs for {len(inputs)} requests")
+        return [(s, u, stages.encode_response(y), True) for s, u, y in zip(servers, uids, outputs)]
+    except HttpError as e:
+        error = e
+    except Exception:
+        log.exception("the model failed on a batch of %d requests", len(inputs))
+        error = RuntimeError("the model failed on this batch")
+    return [(s, u, error, False) for s, u in zip(servers, uids)]
+
+
+def collect(stages: Stages, requests: RequestPipes) -> tuple[list[tuple[int, int, Any]], list[tuple[int, int]]]:
+    """The next batch: (api_server, uid, work) to compute, and (api_server, uid) whose deadline passed."""
+    payloads: list[tuple[int, int, Any]] = []
+    timed_out: list[tuple[int, int]] = []
+    images = 0
+    timeout = stages.request_timeout if stages.request_timeout not in (None, False, -1) else None
+    item = requests.get()  # an idle worker sleeps here until a request comes (or it is terminated)
+    deadline = time.monotonic() + stages.batch_timeout
+    while True:
+        server, uid, queued_at, work = item
+        if timeout is not None and time.monotonic() - queued_at > timeout:
+            timed_out.append((server, uid))
+        else:
+            payloads.append((server, uid, work))
+            images += len(work.images)
+        if len(payloads) >= stages.max_batch_size:
+            return payloads, timed_out
+        try:
+            item = requests.get_nowait()
+        except Empty:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or images >= FULL_SPEED_IMAGES or not requests.coming(len(payloads) + len(timed_out)):
+                return payloads, timed_out
+            try:
+                item = requests.get(timeout=remaining)
+            except Empty:
+                return payloads, timed_out
