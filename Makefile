@@ -41,7 +41,7 @@ lint: $(STAMP)
 train: $(STAMP)
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
 
-# Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~15 min; BENCH_QUICK=1 ~3 min).
+# Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~10 min; BENCH_QUICK=1 ~3 min).
 bench: $(STAMP) system-deps
 	$(PY) -m bench.run
 

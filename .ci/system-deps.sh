@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System tools that tests/test_deploy.py drives: promtool/prometheus (rules and config checks),
+# System tools that the e2e tests (tests/e2e) drive: promtool/prometheus (rules and config checks),
 # docker-compose (compose file validation; no engine needed) and wrk (load tests).
 # Idempotent: installs only the packages whose command is missing, and exits at once when none is.
 set -euo pipefail
@@ -9,6 +9,7 @@ declare -A package_for=(
   [prometheus]=prometheus
   [docker-compose]=docker-compose
   [wrk]=wrk
+  [haproxy]=haproxy
 )
 
 missing=()

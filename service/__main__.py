@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _json_access_log()
+    _quiet_wildcard_addresses()
     metrics_dir = use_fresh_dir()
     # Imported only now: prometheus-client picks multiprocess mode when first imported.
     from service.app import build
@@ -88,6 +89,18 @@ def describe(error: ValidationError) -> str:
         flag = f"--{where.replace('_', '-')} (DIGITSERVE_{where.upper()})" if where else "settings"
         parts.append(f"{flag}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def _quiet_wildcard_addresses() -> None:
+    """uvicorn and LitServe announce the wildcard address LitServe binds to prove the port free, not the
+    address the API servers listen on (``service.http.listeners``): our own start-up line says that."""
+
+    def misleading(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Uvicorn running on") or message.startswith("Swagger UI is available"))
+
+    for name in ("uvicorn.error", "litserve.server"):
+        logging.getLogger(name).addFilter(misleading)
 
 
 def _json_access_log() -> None:
