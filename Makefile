@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test test-fast lint train venv system-deps clean bench soak profile
+.PHONY: serve test test-fast lint train venv system-deps triton-venv clean bench soak profile
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ system-deps:
 	bash .ci/system-deps.sh
 
 # The whole suite: lint and types, the unit tier, then the end-to-end tier (real processes).
-test: lint test-fast system-deps
+test: lint test-fast system-deps triton-venv
 	$(PY) -m pytest tests/e2e
 
 # The unit tier alone: in process, no server started (under a minute).
@@ -37,6 +37,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# A real Triton Inference Server (PyTriton, numpy<2) in a venv of its own, the reference the V2 tests compare with.
+triton-venv:
+	bash .ci/triton-venv.sh
 
 train: $(STAMP)
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store

@@ -6,13 +6,15 @@ it and the workers receive what they need (their pipes) when LitServe starts the
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from importlib.metadata import version
 
 from service.config import Settings
 from service.http.admission import Admission
 from service.http.auth import ApiKey
+from service.http.dataplane import DataPlane
 from service.http.dispatch import Dispatcher
-from service.http.handler import InferenceHandler
+from service.http.endpoints import KServeV1, Native, OpenInferenceV2, Served
+from service.http.fastpath import Get, Post
 from service.http.keepalive import ConnectionShares
 from service.http.listeners import Listeners
 from service.http.prepare import Preparer
@@ -24,8 +26,6 @@ from service.seam import Parts, Server
 from service.supervisor import Supervisor
 from service.worker.stages import ExplainAPI, PredictAPI
 
-OPTIONS: dict[str, type[BaseModel]] = {"/predict": PredictOptions, "/explain": ExplainOptions}
-
 
 def build(settings: Settings, model: LoadedModel, device: str) -> Server:
     """The predict pool and the explain pool (LitServe runs one pool per api_path) on one server."""
@@ -36,14 +36,43 @@ def build(settings: Settings, model: LoadedModel, device: str) -> Server:
                 for pool, size in pools.items()}
     answers = AnswerPipes(pools, settings.api_servers, magic)
     dispatcher = Dispatcher(requests, answers)
-    preparer, api_key = Preparer(settings), ApiKey(settings.api_key)
-    handlers = {pool: InferenceHandler(pool, OPTIONS[pool], settings, api_key, admission, preparer, dispatcher)
-                for pool in pools}
+    plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher)
+    routes = Routes(settings, model, device, admission)
+    posts, gets = _routes(plane, routes, model)
     parts = Parts(
         settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
         listeners=Listeners(settings.host, settings.port), shares=ConnectionShares(settings.api_servers),
-        supervisor=Supervisor(settings, admission, requests, answers),
-        routes=Routes(settings, model, device, admission), handlers=handlers, device=device,
-        version=str(model.version),
+        supervisor=Supervisor(settings, admission, requests, answers), routes=routes, posts=posts, gets=gets,
+        device=device, version=str(model.version),
     )
     return Server([PredictAPI(settings, model.version), ExplainAPI(settings, model.version)], parts)
+
+
+def _routes(plane: DataPlane, routes: Routes, model: LoadedModel) -> tuple[list[Post], list[Get]]:
+    """Every route: the native ones, KServe V1 and the Open Inference Protocol (V2), over one data plane."""
+    predict, explain = Native(plane, "/predict", PredictOptions), Native(plane, "/explain", ExplainOptions)
+    served = Served(model.name, model.version, routes.is_ready)
+    v1, v2 = KServeV1(served, predict, explain), OpenInferenceV2(plane, served, version("digitserve"))
+    posts = [
+        Post("/predict", "predict", predict),
+        Post("/explain", "explain", explain),
+        Post("/v1/models/{name}:predict", "v1_predict", v1.predict),
+        Post("/v1/models/{name}:explain", "v1_explain", v1.explain),
+        Post("/v2/models/{name}/infer", "v2_infer", v2.infer),
+        Post("/v2/models/{name}/versions/{version}/infer", "v2_infer", v2.infer),
+    ]
+    gets = [
+        Get("/health", routes.health, "200 once every worker is ready; 503 while starting or stopping"),
+        Get("/info", routes.info, "the served model and the serving configuration"),
+        Get("/metrics", routes.metrics, "Prometheus text format", documented=False),
+        Get("/v2", v2.server, "Open Inference Protocol: server metadata"),
+        Get("/v2/health/live", v2.live, "Open Inference Protocol: liveness (200 while the process answers)"),
+        Get("/v2/health/ready", v2.ready, "Open Inference Protocol: readiness"),
+        Get("/v2/models/{name}", v2.model, "Open Inference Protocol: model metadata"),
+        Get("/v2/models/{name}/versions/{version}", v2.model, "Open Inference Protocol: model metadata"),
+        Get("/v2/models/{name}/ready", v2.model_ready, "Open Inference Protocol: model readiness"),
+        Get("/v2/models/{name}/versions/{version}/ready", v2.model_ready, "Open Inference Protocol: model readiness"),
+        Get("/v1/models", v1.models, "KServe V1: the models served"),
+        Get("/v1/models/{name}", v1.model, "KServe V1: model readiness"),
+    ]
+    return posts, gets

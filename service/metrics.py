@@ -33,7 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ACCESS_LOG = logging.getLogger("digitserve.access")
 _SANE_ID = re.compile(r"[\w.:-]{1,128}")
-ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics"}
+ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics",
+             "/v2": "v2_server", "/v2/health/live": "v2_health", "/v2/health/ready": "v2_health",
+             "/v1/models": "v1_model"}
+# the inference endpoints (one access-log line each); the fast path labels them as it routes them
+INFERENCE = frozenset({"predict", "explain", "v1_predict", "v1_explain", "v2_infer"})
+_MODEL_ROUTES = (("/v2/models/", "v2_model"), ("/v1/models/", "v1_model"))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -104,7 +109,7 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
 class MetricsMiddleware:
     """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels;
     gives it a request id (the client's ``X-Request-ID`` when it sent a sane one) returned as a header;
-    and writes one JSON log line per /predict and /explain request (other endpoints: debug level).
+    and writes one JSON log line per inference request (other endpoints: debug level).
     Log lines carry no image data and no headers, so no API key."""
 
     def __init__(self, app: ASGIApp, version: str):
@@ -115,7 +120,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = ENDPOINTS.get(scope["path"], "other")
+        endpoint = scope.get("state", {}).get("endpoint") or endpoint_of(scope["path"])
         started = time.monotonic()
         status = 500  # if the app fails before sending headers, that is what the client sees
         request_id = _request_id(scope)
@@ -133,6 +138,13 @@ class MetricsMiddleware:
         finally:
             BOOK.answered(Answered(endpoint, self.version, status, time.monotonic() - started, time.time(),
                                    request_id, scope["method"], scope.get("state", {}).get("batch_size")))
+
+
+def endpoint_of(path: str) -> str:
+    """The ``endpoint`` label of a path: a bounded set, whatever clients ask for."""
+    if (endpoint := ENDPOINTS.get(path)) is not None:
+        return endpoint
+    return next((label for prefix, label in _MODEL_ROUTES if path.startswith(prefix)), "other")
 
 
 class Answered(NamedTuple):
@@ -186,8 +198,8 @@ class RequestBook:
             latencies[r.endpoint, r.version].append(r.seconds)
         for key, seconds in latencies.items():
             observe_many(labelled(REQUEST_SECONDS, *key), np.asarray(seconds))
-        api = [r for r in done if r.endpoint in ("predict", "explain")]
-        rest = [r for r in done if r.endpoint not in ("predict", "explain")]
+        api = [r for r in done if r.endpoint in INFERENCE]
+        rest = [r for r in done if r.endpoint not in INFERENCE]
         for level, logged in ((logging.INFO, api), (logging.DEBUG, rest)):
             if logged and ACCESS_LOG.isEnabledFor(level):
                 ACCESS_LOG.log(level, "\n".join(map(_log_line, logged)))

@@ -14,9 +14,9 @@ signature of every method overridden here, and fails naming what changed.
 
 Hooks (LitServe 0.2.19): why we override each, and what upstream change would let us delete it.
 
-- ``_register_api_endpoints``: our handler (``http.handler``) as a plain route: no FastAPI
-  dependency solving, no thread hop for LitServe's sync auth dependency. Delete when LitServe
-  takes a custom request handler.
+- ``_register_api_endpoints``: registers nothing: every inference route is reached through
+  ``http.fastpath`` (no FastAPI dependency solving, no thread hop for LitServe's sync auth
+  dependency). Delete when LitServe takes a custom request handler.
 - ``_init_manager``: our request and answer pipes instead of Manager queues (a round trip through
   the manager per message). Delete with a public queue/transport factory (``fast_queue=True`` is
   a no-op in 0.2.19: it sets a misspelt field).
@@ -71,7 +71,7 @@ from service.errors import HttpError
 from service.http import openapi
 from service.http.admission import Admission
 from service.http.dispatch import Dispatcher
-from service.http.handler import Endpoint, FastPath, InferenceHandler, http_error
+from service.http.fastpath import FastPath, Get, Post, http_error
 from service.http.keepalive import ConnectionShares, balanced_protocol
 from service.http.listeners import Listeners
 from service.http.routes import Routes
@@ -97,7 +97,8 @@ class Parts:
     shares: ConnectionShares
     supervisor: Supervisor
     routes: Routes
-    handlers: dict[str, InferenceHandler]
+    posts: list[Post]  # the inference routes, reached through the fast path
+    gets: list[Get]
     device: str
     version: str
 
@@ -182,7 +183,7 @@ class Server(ls.LitServer):
                  proxy_headers=False)  # nothing uses the client's address or scheme, all X-Forwarded-* changes
 
     def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any) -> None:
-        self.app.router.routes.append(Route(lit_api.api_path, self.parts.handlers[lit_api.api_path], methods=["POST"]))
+        """Nothing here: every inference route, /predict and /explain included, is the fast path's."""
 
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
@@ -231,12 +232,13 @@ def _lean_app(app: FastAPI, parts: Parts) -> None:
     app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
     app._telemetry.update({"tracing": False, "metrics": False, "logs": False})
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", "/health", "/info")]
-    app.add_api_route("/health", parts.routes.health, methods=["GET"], summary="200 once every worker is ready")
-    app.add_api_route("/info", parts.routes.info, methods=["GET"], summary="the served model and configuration")
-    app.add_api_route("/metrics", parts.routes.metrics, methods=["GET"], include_in_schema=False)
+    for post in parts.posts:  # reached through the fast path; here so that another method gets a 405
+        app.router.routes.append(Route(post.path, post.endpoint, methods=["POST"], include_in_schema=False))
+    for get in parts.gets:
+        app.add_api_route(get.path, get.endpoint, methods=["GET"], summary=get.summary,
+                          include_in_schema=get.documented)
     openapi.install(app)
     app.add_exception_handler(HttpError, http_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     full_stack: Callable[[], Any] = app.build_middleware_stack  # Starlette builds the stack at the first request
-    routes: dict[str, Endpoint] = dict(parts.handlers)
-    app.build_middleware_stack = lambda: FastPath(routes, full_stack(), parts.version)  # type: ignore[method-assign]
+    app.build_middleware_stack = lambda: FastPath(parts.posts, full_stack(), parts.version)  # type: ignore[method-assign]

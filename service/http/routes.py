@@ -31,9 +31,12 @@ class Routes:
         service is not shutting down: ``{"status": "ok" | "starting" | "draining", "workers": {...}}``."""
         if self.admission.stopping:
             return JSONResponse({"status": "draining"}, status_code=503)
-        ready = self.workers.all_ready()
+        ready = self.is_ready()
         return JSONResponse({"status": "ok" if ready else "starting", "workers": self.workers.states()},
                             status_code=200 if ready else 503)
+
+    def is_ready(self) -> bool:
+        return not self.admission.stopping and self.workers.all_ready()
 
     async def info(self, request: Request) -> JSONResponse:
         return JSONResponse(info_payload(self.settings, self.model, self.device))

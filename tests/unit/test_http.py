@@ -19,7 +19,7 @@ from service.app import build
 from service.config import Settings
 from service.errors import HttpError
 from service.http.admission import Admission
-from service.http.handler import result
+from service.http.dataplane import result
 from service.http.routes import info_payload
 from service.http.schemas import ExplainOptions, PredictResponse
 from service.model import store

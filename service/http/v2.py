@@ -1,0 +1,486 @@
+"""Open Inference Protocol (KServe V2, Triton's HTTP API) for ``mnist-fnn``: bytes in, tensors out, and back.
+
+A pure codec, so that the HTTP layer only routes and the rules live in one place that tests can hit without a
+server: :func:`parse_infer` turns a ``POST .../infer`` body (JSON, or JSON followed by binary tensors as the
+binary tensor data extension has it) into an :class:`InferRequest`; :func:`encode_infer` turns the model's
+probabilities into the answer body and its headers; :func:`server_metadata` and :func:`model_metadata` are
+``GET /v2`` and ``GET /v2/models/{m}``.
+
+Tensors (DESIGN, "Open Inference Protocol"): exactly one input, ``pixels`` (FP32 in 0..1, or UINT8 in 0..255;
+``[N,784]``, ``[N,28,28]`` or ``[N,1,28,28]``) or ``image`` (BYTES ``[N]``, encoded pictures); outputs
+``probabilities`` FP32 ``[N,10]``, ``label`` INT64 ``[N]``, ``confidence`` FP32 ``[N]``.
+
+Statuses follow Triton, which answers 400 for every bad infer request it names (wrong datatype, wrong shape,
+missing, unknown or duplicate input, byte counts that do not add up); 413 is ours, for the same limits as
+``/predict`` (instances per request, payload bytes). Where Triton answers 500 for a malformed body (JSON that
+does not parse, a data count that does not match the shape, a negative dimension), the spec's "typically 400"
+wins. Every problem is a :class:`V2Error`; no bytes make this module raise anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import numpy as np
+import orjson
+
+from service.errors import HttpError
+
+INPUTS: Final = ("pixels", "image")
+OUTPUTS: Final = ("probabilities", "label", "confidence")
+OUTPUT_DATATYPES: Final = {"probabilities": "FP32", "label": "INT64", "confidence": "FP32"}
+PIXEL_DATATYPES: Final = ("FP32", "UINT8")
+PIXEL_SHAPES: Final = ((784,), (28, 28), (1, 28, 28))  # what may follow N
+V2_DATATYPES: Final = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+    | {"FP16", "FP32", "FP64", "BF16", "BYTES"}
+)
+# Extensions GET /v2 lists; the HTTP layer passes a longer tuple when it serves more (e.g. model_repository).
+EXTENSIONS: Final = ("binary_tensor_data",)
+# Spec: "<project>_<format>". Ours is a PyTorch state_dict run eagerly, which none of the spec's names is.
+PLATFORM: Final = "pytorch_statedict"
+SERVER_NAME: Final = "digitserve"
+
+_TOP_LEVEL: Final = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
+_INPUT_KEYS: Final = frozenset({"name", "shape", "datatype", "parameters", "data"})
+_OUTPUT_KEYS: Final = frozenset({"name", "parameters"})
+_SHARED_MEMORY: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_ELEMENT_SIZE: Final = {"FP32": 4, "UINT8": 1}
+_MAX_HEADER_DIGITS: Final = 20
+
+
+class V2Error(HttpError):
+    """A request we refuse: ``status`` (4xx) and ``message``, which the HTTP layer sends as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.message = message
+
+
+def _bad(message: str) -> V2Error:
+    return V2Error(400, message)
+
+
+class Limits(Protocol):
+    """What the codec needs of ``service.config.Limits`` (read-only, so settings objects and dataclasses both fit)."""
+
+    @property
+    def max_instances(self) -> int: ...
+
+    @property
+    def max_payload_bytes(self) -> int: ...
+
+
+@dataclass
+class InferRequest:
+    """A checked infer request: either ``pixels`` (float32 (N,28,28) in 0..1) or ``images`` (N encoded pictures).
+
+    ``outputs`` are the requested outputs in the order they were asked for (all three when none were);
+    ``binary[name]`` says whether that output goes back as binary data rather than JSON.
+    """
+
+    id: str | None
+    count: int
+    pixels: np.ndarray | None = None
+    images: list[bytes] | None = None
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    binary: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class _Input:
+    """One entry of ``inputs`` after its structure was checked; its bytes or JSON data not yet."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: object = None
+    binary_size: int | None = None
+    blob: memoryview | None = None
+
+
+# ---------------------------------------------------------------------------------------------- parse
+
+
+def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
+    """A V2 infer body -> :class:`InferRequest`, or :class:`V2Error` naming what is wrong and where.
+
+    ``header_length`` is the ``Inference-Header-Content-Length`` header (None when absent: then the whole body
+    is JSON). After the JSON header come the binary tensors of the inputs that declare
+    ``parameters.binary_data_size``, in the order of ``inputs``, and nothing else.
+
+    JSON cannot carry raw bytes, so an ``image`` sent as JSON ``data`` holds one base64 string per picture
+    (what ``/predict``'s ``image_b64`` holds); in binary each element is a 4-byte little-endian length and the
+    picture's bytes, as tritonclient serialises BYTES.
+    """
+    if len(body) > limits.max_payload_bytes:
+        raise V2Error(413, f"payload is {len(body)} bytes; the limit is {limits.max_payload_bytes}")
+    size = _header_size(header_length, len(body))
+    header = _load_json(bytes(body[:size]))
+    unknown = sorted(set(header) - _TOP_LEVEL)
+    if unknown:
+        raise _bad(f"unknown field(s) {unknown} in the infer request (allowed: {', '.join(sorted(_TOP_LEVEL))})")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad("'id' must be a string")
+    parameters = _parameters(header.get("parameters"), "the request")
+    default_binary = parameters.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise _bad("parameter 'binary_data_output' must be a boolean")
+    inputs = _inputs(header.get("inputs"))
+    _attach_blobs(inputs, memoryview(body)[size:], binary=header_length is not None)
+    chosen = _only_input(inputs)
+    count = _batch_size(chosen, limits)
+    outputs, binary = _outputs(header.get("outputs"), default_binary)
+    request = InferRequest(id=request_id, count=count, outputs=outputs, binary=binary)
+    if chosen.name == "pixels":
+        request.pixels = _pixels(chosen, count)
+    else:
+        request.images = _images(chosen, count)
+    return request
+
+
+def _header_size(header_length: str | None, body_size: int) -> int:
+    """How many leading bytes of the body are JSON: all of them without the header, else the header's value."""
+    if header_length is None:
+        return body_size
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_HEADER_DIGITS:
+        raise _bad(f"Inference-Header-Content-Length must be a byte count, got {header_length[:40]!r}")
+    size = int(text)
+    if size == 0:
+        raise _bad(
+            "raw binary requests (Inference-Header-Content-Length: 0) are for models with a single input; "
+            "this one takes 'pixels' or 'image', so send the JSON header first"
+        )
+    if size > body_size:
+        raise _bad(f"Inference-Header-Content-Length is {size} but the body has only {body_size} bytes")
+    return size
+
+
+def _load_json(header: bytes) -> dict[str, object]:
+    if not header or header.isspace():
+        raise _bad('request body is empty: send {"inputs": [{"name": "pixels", ...}]}')
+    try:
+        parsed = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
+        raise _bad(f"infer request is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise _bad("infer request must be a JSON object with 'inputs'")
+    return parsed
+
+
+def _parameters(raw: object, where: str) -> dict[str, object]:
+    """A ``parameters`` object: values are strings, numbers or booleans (spec); names we do not use are ignored."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad(f"'parameters' of {where} must be an object")
+    for key, value in raw.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise _bad(f"parameter '{key}' of {where} must be a string, number or boolean")
+    shared = [key for key in _SHARED_MEMORY if key in raw]
+    if shared:
+        raise _bad(f"{where} asks for shared memory ({shared[0]}); this server does not offer that extension")
+    return raw
+
+
+def _inputs(raw: object) -> list[_Input]:
+    if not isinstance(raw, list):
+        raise _bad('\'inputs\' must be a list of tensors, e.g. [{"name": "pixels", ...}]')
+    inputs: list[_Input] = []
+    for index, entry in enumerate(raw):
+        tensor = _input(entry, index)
+        if any(seen.name == tensor.name for seen in inputs):
+            raise _bad(f"input '{tensor.name}' appears more than once")
+        inputs.append(tensor)
+    return inputs
+
+
+def _input(entry: object, index: int) -> _Input:
+    """One ``inputs`` entry: a known name, a V2 datatype this name accepts, integer dims, data or a byte count."""
+    if not isinstance(entry, dict):
+        raise _bad(f"inputs[{index}] must be an object with name, shape, datatype and data")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise _bad(f"inputs[{index}] has no 'name' string")
+    if name not in INPUTS:
+        raise _bad(f"unexpected inference input '{name[:64]}' (this model takes 'pixels' or 'image')")
+    unknown = sorted(set(entry) - _INPUT_KEYS)
+    if unknown:
+        raise _bad(f"input '{name}': unknown field(s) {unknown}")
+    datatype = _datatype(entry.get("datatype"), name)
+    shape = _shape(entry.get("shape"), name)
+    parameters = _parameters(entry.get("parameters"), f"input '{name}'")
+    size = parameters.get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
+    if size is not None and "data" in entry:
+        raise _bad(f"input '{name}' has both 'data' and binary_data_size; give one")
+    if size is None and "data" not in entry:
+        raise _bad(f"input '{name}' has no data (give 'data', or binary data with parameters.binary_data_size)")
+    return _Input(name, datatype, shape, data=entry.get("data"), binary_size=size)
+
+
+def _datatype(raw: object, name: str) -> str:
+    if not isinstance(raw, str):
+        raise _bad(f"input '{name}': 'datatype' must be a string such as \"FP32\"")
+    if raw not in V2_DATATYPES:
+        raise _bad(f"input '{name}': '{raw[:32]}' is not a V2 datatype ({', '.join(sorted(V2_DATATYPES))})")
+    accepted = PIXEL_DATATYPES if name == "pixels" else ("BYTES",)
+    if raw not in accepted:
+        wanted = "FP32 (0..1) or UINT8 (0..255)" if name == "pixels" else "BYTES (encoded pictures)"
+        raise _bad(f"input '{name}' data-type is '{raw}', but model expects {wanted}")
+    return raw
+
+
+def _shape(raw: object, name: str) -> tuple[int, ...]:
+    """Integer, non-negative dims that fit in int64; whether they fit this input is :func:`_batch_size`'s."""
+    if not isinstance(raw, list) or not raw:
+        raise _bad(f"input '{name}': 'shape' must be a non-empty list of dimensions")
+    for dim in raw:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < 2**63:
+            raise _bad(f"input '{name}': shape {_text(raw)} has a dimension that is not a non-negative integer")
+    return tuple(raw)
+
+
+def _text(shape: Sequence[object]) -> str:
+    return "[" + ",".join(str(dim)[:24] for dim in list(shape)[:8]) + (",...]" if len(shape) > 8 else "]")
+
+
+def _attach_blobs(inputs: list[_Input], rest: memoryview, binary: bool) -> None:
+    """Hand each input that declared ``binary_data_size`` its bytes, in order; every byte must be claimed."""
+    declared = [tensor for tensor in inputs if tensor.binary_size is not None]
+    if declared and not binary:
+        raise _bad(
+            f"input '{declared[0].name}' declares binary_data_size but the request has no "
+            "Inference-Header-Content-Length header to say where the binary data starts"
+        )
+    offset = 0
+    for tensor in declared:
+        size = tensor.binary_size or 0
+        if offset + size > len(rest):
+            short = offset + size - len(rest)
+            raise _bad(f"input '{tensor.name}' declares {size} bytes of binary data, {short} more than the body holds")
+        tensor.blob = rest[offset : offset + size]
+        offset += size
+    if offset != len(rest):
+        raise _bad(f"{len(rest) - offset} bytes after the binary tensors belong to no input's binary_data_size")
+
+
+def _only_input(inputs: list[_Input]) -> _Input:
+    if not inputs:
+        raise _bad("missing required input: give 'pixels' (FP32 0..1 or UINT8 0..255) or 'image' (BYTES)")
+    if len(inputs) > 1:
+        raise _bad("give exactly one of the inputs 'pixels' or 'image', not both")
+    return inputs[0]
+
+
+def _batch_size(tensor: _Input, limits: Limits) -> int:
+    """N, once the dims after it are the input's (so a product of dims cannot overflow) and N is 1..limit."""
+    count, rest = tensor.shape[0], tensor.shape[1:]
+    if tensor.name == "pixels" and rest not in PIXEL_SHAPES:
+        raise _bad(
+            f"input 'pixels': unexpected shape {_text(tensor.shape)}; expected [N,784], [N,28,28] or [N,1,28,28]"
+        )
+    if tensor.name == "image" and rest:
+        raise _bad(f"input 'image': unexpected shape {_text(tensor.shape)}; expected [N] (one element per picture)")
+    if count == 0:
+        raise _bad(f"input '{tensor.name}': shape {_text(tensor.shape)} has no instances; N must be at least 1")
+    if count > limits.max_instances:
+        raise V2Error(
+            413, f"input '{tensor.name}': {count} instances in one request; the limit is {limits.max_instances}"
+        )
+    return count
+
+
+def _pixels(tensor: _Input, count: int) -> np.ndarray:
+    """Checked pixels -> float32 (N,28,28) in 0..1: FP32 as sent, UINT8 divided by 255 as /predict does."""
+    elements = count * 784
+    if tensor.blob is not None:
+        expected = elements * _ELEMENT_SIZE[tensor.datatype]
+        if len(tensor.blob) != expected:
+            raise _bad(
+                f"input 'pixels': binary_data_size is {len(tensor.blob)} bytes; shape {_text(tensor.shape)} of "
+                f"{tensor.datatype} needs {expected}"
+            )
+        values = np.frombuffer(tensor.blob, dtype="<f4" if tensor.datatype == "FP32" else np.uint8)
+    else:
+        values = _json_numbers(tensor, elements)
+    if tensor.datatype == "UINT8":
+        if values.min() < 0 or values.max() > 255:
+            raise _bad(f"input 'pixels': UINT8 values must lie in 0..255 (found {values.min()}..{values.max()})")
+        return (values.astype(np.float64) / 255.0).astype(np.float32).reshape(count, 28, 28)
+    # Checked before the cast to float32, so that a huge JSON number is out of range rather than a cast overflow.
+    if not np.isfinite(values).all():
+        raise _bad("input 'pixels': FP32 values must be finite numbers (found NaN or infinity)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise _bad(
+            f"input 'pixels': FP32 values must lie in 0..1, torchvision's ToTensor scale (found {low:g}..{high:g}); "
+            "send 0..255 values as UINT8"
+        )
+    return values.astype(np.float32).reshape(count, 28, 28)
+
+
+def _json_numbers(tensor: _Input, elements: int) -> np.ndarray:
+    """JSON ``data``, flat or nested (row-major), as a flat array of numbers of the datatype's kind."""
+    try:
+        values = np.asarray(tensor.data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        values = np.asarray(None)  # ragged or too deep: reported as not numbers below
+    integers = tensor.datatype == "UINT8"
+    kinds = "iu" if integers else "iuf"
+    if values.dtype.kind not in kinds or values.ndim == 0:
+        wanted = "integers 0..255" if integers else "numbers 0..1"
+        raise _bad(f"input 'pixels': {tensor.datatype} 'data' must be a list (flat or nested) of {wanted}")
+    if values.size != elements:
+        raise _bad(f"input 'pixels': 'data' has {values.size} elements; shape {_text(tensor.shape)} needs {elements}")
+    return values.reshape(-1)
+
+
+def _images(tensor: _Input, count: int) -> list[bytes]:
+    """BYTES elements: length-prefixed in binary, base64 strings in JSON (see :func:`parse_infer`)."""
+    if tensor.blob is not None:
+        return _byte_elements(tensor.blob, count)
+    data = tensor.data
+    if not isinstance(data, list) or len(data) != count:
+        found = f"{len(data)} elements" if isinstance(data, list) else "not a list"
+        raise _bad(f"input 'image': 'data' must be a list of {count} base64 strings (shape [{count}]); {found}")
+    images = []
+    for index, element in enumerate(data):
+        if not isinstance(element, str):
+            raise _bad(f"input 'image': element {index} must be a string holding the picture's base64")
+        try:
+            images.append(base64.b64decode(element, validate=True))
+        except (binascii.Error, ValueError):
+            raise _bad(f"input 'image': element {index} is not valid base64") from None
+    return images
+
+
+def _byte_elements(blob: memoryview, count: int) -> list[bytes]:
+    """Binary BYTES: ``count`` times (uint32 little-endian length, bytes), ending exactly at the blob's end."""
+    images, offset = [], 0
+    for index in range(count):
+        if offset + 4 > len(blob):
+            raise _bad(f"input 'image': binary data ends before element {index}'s 4-byte length ({count} expected)")
+        (length,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + length > len(blob):
+            raise _bad(f"input 'image': element {index} says {length} bytes but only {len(blob) - offset} remain")
+        images.append(bytes(blob[offset : offset + length]))
+        offset += length
+    if offset != len(blob):
+        raise _bad(f"input 'image': {len(blob) - offset} bytes after the {count} elements of shape [{count}]")
+    return images
+
+
+def _outputs(raw: object, default_binary: bool) -> tuple[list[str], dict[str, bool]]:
+    """Requested outputs (all three when none are listed) and, for each, binary or JSON."""
+    if raw is None or raw == []:
+        return list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
+    if not isinstance(raw, list):
+        raise _bad('\'outputs\' must be a list such as [{"name": "label"}]')
+    names: list[str] = []
+    binary: dict[str, bool] = {}
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise _bad(f"outputs[{index}] must be an object with a 'name' string")
+        name = entry["name"]
+        if name not in OUTPUTS:
+            raise _bad(f"unexpected inference output '{name[:64]}' (this model has {', '.join(OUTPUTS)})")
+        if name in binary:
+            raise _bad(f"output '{name}' is requested more than once")
+        unknown = sorted(set(entry) - _OUTPUT_KEYS)
+        if unknown:
+            raise _bad(f"output '{name}': unknown field(s) {unknown}")
+        binary[name] = _binary_flag(_parameters(entry.get("parameters"), f"output '{name}'"), name, default_binary)
+        names.append(name)
+    return names, binary
+
+
+def _binary_flag(parameters: dict[str, object], name: str, default: bool) -> bool:
+    if "classification" in parameters:
+        raise _bad(f"output '{name}' asks for classification; this server does not offer that extension")
+    flag = parameters.get("binary_data", default)
+    if not isinstance(flag, bool):
+        raise _bad(f"output '{name}': parameter 'binary_data' must be a boolean")
+    return flag
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+def encode_infer(
+    request: InferRequest, model_name: str, model_version: str, probabilities: np.ndarray
+) -> tuple[bytes, dict[str, str]]:
+    """The answer to ``request`` from the model's (N,10) softmax: body and the headers to send with it.
+
+    Binary outputs follow the JSON header in the order of ``outputs``; then ``Inference-Header-Content-Length``
+    says where they start and the body is ``application/octet-stream``, else it is plain ``application/json``.
+    """
+    probs = np.ascontiguousarray(probabilities, dtype="<f4")
+    if probs.shape != (request.count, 10):
+        raise ValueError(f"probabilities have shape {probs.shape}; the request needs ({request.count}, 10)")
+    tensors = {
+        "probabilities": probs,
+        "label": probs.argmax(axis=1).astype("<i8"),
+        "confidence": probs.max(axis=1).astype("<f4"),
+    }
+    outputs: list[dict[str, object]] = []
+    blobs: list[bytes] = []
+    for name in request.outputs:
+        array = tensors[name]
+        entry: dict[str, object] = {"name": name, "datatype": OUTPUT_DATATYPES[name], "shape": list(array.shape)}
+        if request.binary.get(name, False):
+            blob = array.tobytes()  # every tensor above is little-endian, as the extension requires
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    answer: dict[str, object] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        answer["id"] = request.id
+    answer["outputs"] = outputs
+    header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return header + b"".join(blobs), headers
+
+
+# ------------------------------------------------------------------------------------------- metadata
+
+
+def server_metadata(version: str, extensions: Iterable[str] = EXTENSIONS) -> dict[str, object]:
+    """``GET /v2``: who we are and the protocol extensions we serve (tritonclient checks for binary_tensor_data)."""
+    return {"name": SERVER_NAME, "version": version, "extensions": list(extensions)}
+
+
+def model_metadata(name: str, versions: list[str]) -> dict[str, object]:
+    """``GET /v2/models/{name}``: tensors with -1 for the batch dimension.
+
+    V2 metadata has one datatype and one shape per tensor (Triton lists one, too), so ``pixels`` is advertised
+    as its canonical form, FP32 ``[-1,784]``, the same as the Triton reference serving this checkpoint; UINT8
+    and the ``[N,28,28]`` / ``[N,1,28,28]`` shapes are accepted as well (README, DESIGN).
+    """
+    return {
+        "name": name,
+        "versions": list(versions),
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": "pixels", "datatype": "FP32", "shape": [-1, 784]},
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+        ],
+    }
