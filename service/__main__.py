@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)  # type: ignore[call-arg]
         device = resolve_device(settings.accelerator)
-        model = store.load(settings.store, settings.model, settings.version, "cpu")  # verify before spawning
+        if settings.version is None:  # verify before spawning anything
+            model, skipped = store.load_best(settings.store, settings.model, settings.min_accuracy)
+        else:
+            model, skipped = store.load(settings.store, settings.model, settings.version, "cpu"), {}
     except ValidationError as e:
         print(f"error: invalid configuration: {describe(e)}", file=sys.stderr)
         return 2
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now: prometheus-client picks multiprocess mode when first imported.
     from service.app import build
 
-    server = build(settings, model, device.type)
+    server = build(settings, model, device.type, skipped)
     # Everything imported so far lives as long as the process: keep the collector from walking it
     # again and again (a full collection over ~220,000 objects stalls a small machine for ~150 ms,
     # which showed in p99 under load). The forked API servers inherit this.

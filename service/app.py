@@ -1,14 +1,17 @@
 """Wiring: the objects one digitserve is made of, built once in the main process, and the server.
 
 Everything here is created before any process is forked or spawned, so the API servers inherit
-it and the workers receive what they need (their pipes) when LitServe starts them.
+it and the workers receive what they need (their pipes, the version board) when LitServe starts them.
 """
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import version
 
+from service import metrics
 from service.config import Settings
+from service.http.admin import Admin
 from service.http.admission import Admission
 from service.http.auth import ApiKey
 from service.http.dataplane import DataPlane
@@ -20,15 +23,21 @@ from service.http.listeners import Listeners
 from service.http.prepare import Preparer
 from service.http.routes import Routes
 from service.http.schemas import ExplainOptions, PredictOptions
+from service.http.versioning import VersionControl, files_signature
+from service.http.watcher import StoreWatcher
 from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
 from service.supervisor import Supervisor
+from service.versions import Board
 from service.worker.stages import ExplainAPI, PredictAPI
 
+log = logging.getLogger("digitserve")
 
-def build(settings: Settings, model: LoadedModel, device: str) -> Server:
-    """The predict pool and the explain pool (LitServe runs one pool per api_path) on one server."""
+
+def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int, str] | None = None) -> Server:
+    """The predict pool and the explain pool (LitServe runs one pool per api_path) on one server, serving
+    ``model``'s version first; ``skipped`` are the higher versions start-up passed over, and why."""
     pools = settings.pools()
     magic = new_magic()
     admission = Admission(list(pools), settings.api_servers, settings.max_queued_requests)
@@ -36,22 +45,39 @@ def build(settings: Settings, model: LoadedModel, device: str) -> Server:
                 for pool, size in pools.items()}
     answers = AnswerPipes(pools, settings.api_servers, magic)
     dispatcher = Dispatcher(requests, answers)
-    plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher)
-    routes = Routes(settings, model, device, admission)
-    posts, gets = _routes(plane, routes, model)
+    board = _board(settings, model, skipped or {})
+    versions = VersionControl(settings, board, dispatcher)
+    plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions)
+    routes = Routes(settings, device, admission, versions)
+    posts, gets = _routes(plane, routes, versions)
     parts = Parts(
         settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
         listeners=Listeners(settings.host, settings.port), shares=ConnectionShares(settings.api_servers),
         supervisor=Supervisor(settings, admission, requests, answers), routes=routes, posts=posts, gets=gets,
-        device=device, version=str(model.version),
+        device=device, board=board, watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
     )
-    return Server([PredictAPI(settings, model.version), ExplainAPI(settings, model.version)], parts)
+    return Server([PredictAPI(settings, board), ExplainAPI(settings, board)], parts)
 
 
-def _routes(plane: DataPlane, routes: Routes, model: LoadedModel) -> tuple[list[Post], list[Get]]:
-    """Every route: the native ones, KServe V1 and the Open Inference Protocol (V2), over one data plane."""
+def _board(settings: Settings, model: LoadedModel, skipped: dict[int, str]) -> Board:
+    """The version board, serving ``model``; versions skipped at start are said loudly: log, /info, a metric."""
+    board = Board(model.version)
+    for version_skipped, reason in skipped.items():
+        board.note(version_skipped, f"skipped at start-up: {reason}",
+                   files=files_signature(settings.store, settings.model, version_skipped))
+        metrics.labelled(metrics.VERSION_LOADS, str(version_skipped), "skipped").inc()
+        log.warning("not serving v%d: %s", version_skipped, reason)
+    metrics.SERVING.set(model.version)
+    metrics.CANARY_SHARE.set(0)
+    return board
+
+
+def _routes(plane: DataPlane, routes: Routes, versions: VersionControl) -> tuple[list[Post], list[Get]]:
+    """Every route: the native ones, KServe V1 and the Open Inference Protocol (V2), over one data plane;
+    and the admin API when there is an admin key."""
+    settings = plane.settings
     predict, explain = Native(plane, "/predict", PredictOptions), Native(plane, "/explain", ExplainOptions)
-    served = Served(model.name, model.version, routes.is_ready)
+    served = Served(settings.model, versions, routes.is_ready)
     v1, v2 = KServeV1(served, predict, explain), OpenInferenceV2(plane, served, version("digitserve"))
     posts = [
         Post("/predict", "predict", predict),
@@ -75,4 +101,6 @@ def _routes(plane: DataPlane, routes: Routes, model: LoadedModel) -> tuple[list[
         Get("/v1/models", v1.models, "KServe V1: the models served"),
         Get("/v1/models/{name}", v1.model, "KServe V1: model readiness"),
     ]
+    if settings.admin_key is not None:
+        gets += Admin(settings.admin_key, versions, settings.model).routes()
     return posts, gets

@@ -48,7 +48,18 @@ class Settings(Limits):
     port: int = Field(8000, ge=1024, le=65535, description="port to bind")
     store: Path = Field(Path("model_store"), description="model store folder")
     model: str = Field("mnist-fnn", min_length=1, description="model name in the store")
-    version: int | None = Field(None, ge=1, description="pin a version (unset: the highest)")
+    version: int | None = Field(
+        None, ge=1, description="serve this version (unset: the highest that verifies and passes --min-accuracy)")
+    min_accuracy: float = Field(
+        0.0, ge=0, le=1, description="never serve a version whose recorded test accuracy is lower unless it is "
+                                     "pinned or an admin call asks (start-up and the store watcher)")
+    watch_store_s: float = Field(
+        0.0, ge=0, le=3600, description="poll the store this often and serve a new highest version that verifies "
+                                        "(0: off)")
+    max_loaded_versions: int = Field(2, ge=1, le=8, description="model versions held at once in every worker")
+    admin_key: SecretStr | None = Field(
+        None, description="turns the admin API on (/admin, /v2/repository); send it as X-Admin-Key or "
+                          "Authorization: Bearer (never logged)")
     accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
     batch_timeout_ms: float = Field(
@@ -83,9 +94,12 @@ class Settings(Limits):
         return host
 
     @model_validator(mode="after")
-    def _batch_within_timeout(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.batch_timeout_ms / 1000 >= self.request_timeout_s:
             raise ValueError("batch-timeout-ms must be shorter than request-timeout-s")
+        if self.admin_key is not None and self.api_key is not None and (
+                self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
+            raise ValueError("admin-key must differ from api-key: a client's key must not change what is served")
         return self
 
     def pools(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -60,6 +61,13 @@ FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds",
 PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
 CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
                        buckets=CONFIDENCE_BUCKETS)
+SERVING = Gauge("digitserve_serving_version", "The model version requests are routed to (unpinned, not canary)",
+                multiprocess_mode="mostrecent")
+CANARY_SHARE = Gauge("digitserve_canary_share", "Share of unpinned requests routed to the canary version",
+                     multiprocess_mode="mostrecent")
+VERSION_LOADS = Counter("digitserve_version_loads_total",
+                        "Version loads by result: loaded (in every worker), failed, skipped (at start-up)",
+                        ["version", "result"])
 MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves", ["name", "version", "device"],
                    multiprocess_mode="livemax")
 
@@ -110,11 +118,13 @@ class MetricsMiddleware:
     """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels;
     gives it a request id (the client's ``X-Request-ID`` when it sent a sane one) returned as a header;
     and writes one JSON log line per inference request (other endpoints: debug level).
-    Log lines carry no image data and no headers, so no API key."""
+    Log lines carry no image data and no headers, so no API key. The ``version`` of an inference
+    request is the one that computed it (the endpoint puts it in the scope's state); of any other,
+    and of the in-flight gauge, the version served when it arrived (``serving()``)."""
 
-    def __init__(self, app: ASGIApp, version: str):
+    def __init__(self, app: ASGIApp, serving: Callable[[], int]):
         self.app = app
-        self.version = version
+        self.serving = serving
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,12 +142,15 @@ class MetricsMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        BOOK.started(endpoint, self.version)
+        arrived_on = str(self.serving())
+        BOOK.started(endpoint, arrived_on)
         try:
             await self.app(scope, receive, send_status)
         finally:
-            BOOK.answered(Answered(endpoint, self.version, status, time.monotonic() - started, time.time(),
-                                   request_id, scope["method"], scope.get("state", {}).get("batch_size")))
+            state = scope.get("state", {})
+            version = str(state.get("version", arrived_on))
+            BOOK.answered(Answered(endpoint, version, status, time.monotonic() - started, time.time(), request_id,
+                                   scope["method"], state.get("batch_size"), arrived_on))
 
 
 def endpoint_of(path: str) -> str:
@@ -158,6 +171,7 @@ class Answered(NamedTuple):
     request_id: str
     method: str
     batch_size: int | None
+    arrived_on: str  # the version served when it arrived: its in-flight gauge's label
 
 
 class RequestBook:
@@ -176,7 +190,7 @@ class RequestBook:
         self._change((endpoint, version), 1)
 
     def answered(self, request: Answered) -> None:
-        self._change((request.endpoint, request.version), -1)
+        self._change((request.endpoint, request.arrived_on), -1)
         self.done.append(request)
 
     def _change(self, key: tuple[str, str], by: int) -> None:

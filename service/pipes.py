@@ -295,9 +295,9 @@ class RequestPipes:
         self._inbox: deque[Any] = deque()
 
     # ---- API-server side
-    def put(self, item: tuple[int, int, float, Any]) -> int:
-        """``item`` is (api_server, uid, queued_at, work). Returns the worker it goes to."""
-        worker = self._choose()
+    def put(self, item: tuple[int, int, float, Any], worker: int | None = None) -> int:
+        """``item`` is (api_server, uid, queued_at, work), for ``worker`` or the next one up. Returns the worker."""
+        worker = self._choose() if worker is None else worker
         fd = self._writers[worker][item[0]].fileno()
         out = self._outgoing.get(fd)
         if out is None:

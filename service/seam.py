@@ -75,8 +75,10 @@ from service.http.fastpath import FastPath, Get, Post, http_error
 from service.http.keepalive import ConnectionShares, balanced_protocol
 from service.http.listeners import Listeners
 from service.http.routes import Routes
+from service.http.watcher import StoreWatcher
 from service.pipes import AnswerPipes, RequestPipes
 from service.supervisor import Supervisor
+from service.versions import Board
 from service.worker import batching
 
 LITSERVE_VERSION = "0.2.19"
@@ -100,7 +102,17 @@ class Parts:
     posts: list[Post]  # the inference routes, reached through the fast path
     gets: list[Get]
     device: str
-    version: str
+    board: Board
+    watcher: StoreWatcher | None
+
+    def serving(self) -> int:
+        return self.board.read().serving
+
+    def api_server_started(self) -> None:
+        """In each API server's event loop, once: answers flow to their requests; the first watches the store."""
+        self.dispatcher.watch()
+        if self.watcher is not None and self.admission.slot == 0:
+            self._watching = asyncio.get_running_loop().create_task(self.watcher.run())
 
     def bind_api_server(self, slot: int) -> None:
         """Just before API server ``slot`` is forked: its socket and its slot in the shared state."""
@@ -125,18 +137,22 @@ class _AnswerTransport(MessageTransport):
     per API server calling ``areceive(consumer_id)``: that is where the API server starts watching its
     pipes (answers then go straight to the waiting requests, so the task itself only waits)."""
 
-    def __init__(self, pipes: AnswerPipes, dispatcher: Dispatcher):
-        self.pipes, self.dispatcher = pipes, dispatcher
+    def __init__(self, pipes: AnswerPipes, started: Callable[[], None]):
+        self.pipes, self.started = pipes, started
 
     def send(self, item: Any, consumer_id: int) -> None:
         raise RuntimeError("digitserve's workers answer through AnswerPipes.answer, not LitServe's send")
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
-        self.dispatcher.watch()
+        self.started()
         await asyncio.get_running_loop().create_future()  # until the task is cancelled at shutdown
 
     def close(self, **kwargs: Any) -> None:
         self.pipes.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A worker gets the pipes only (``started`` belongs to the API servers' side)."""
+        return {"pipes": self.pipes, "started": None}
 
 
 class _WorkerView:
@@ -167,7 +183,7 @@ class Server(ls.LitServer):
         settings = parts.settings
         super().__init__(apis, accelerator=parts.device, devices=1, workers_per_device=settings.pools(),
                          timeout=settings.request_timeout_s,
-                         middlewares=[(metrics.MetricsMiddleware, {"version": parts.version})],
+                         middlewares=[(metrics.MetricsMiddleware, {"serving": parts.serving})],
                          restart_workers=True)  # a dead worker is replaced; its requests get 503 at once
         self.monitor_internal = WORKER_POLL_S
         parts.routes.workers = _WorkerView(self)
@@ -188,7 +204,7 @@ class Server(ls.LitServer):
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
         self.litapi_request_queues.update(self.parts.requests)
-        self._transport = _AnswerTransport(self.parts.answers, self.parts.dispatcher)
+        self._transport = _AnswerTransport(self.parts.answers, self.parts.api_server_started)
         return manager
 
     def _start_server(self, port: int, num_api_servers: int, log_level: str, sockets: list[socket.socket],
@@ -235,10 +251,10 @@ def _lean_app(app: FastAPI, parts: Parts) -> None:
     for post in parts.posts:  # reached through the fast path; here so that another method gets a 405
         app.router.routes.append(Route(post.path, post.endpoint, methods=["POST"], include_in_schema=False))
     for get in parts.gets:
-        app.add_api_route(get.path, get.endpoint, methods=["GET"], summary=get.summary,
+        app.add_api_route(get.path, get.endpoint, methods=[get.method], summary=get.summary,
                           include_in_schema=get.documented)
     openapi.install(app)
     app.add_exception_handler(HttpError, http_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     full_stack: Callable[[], Any] = app.build_middleware_stack  # Starlette builds the stack at the first request
-    app.build_middleware_stack = lambda: FastPath(parts.posts, full_stack(), parts.version)  # type: ignore[method-assign]
+    app.build_middleware_stack = lambda: FastPath(parts.posts, full_stack(), parts.serving)  # type: ignore[method-assign]

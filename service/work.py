@@ -10,7 +10,8 @@ import numpy as np
 
 @dataclass(slots=True)
 class Work:
-    """One request's images in MNIST's frame (float32 (n, 784) in 0..1), its options, and when it arrived.
+    """One request's images in MNIST's frame (float32 (n, 784) in 0..1), its options, when it arrived, and
+    the model version that is to compute it (chosen by the API server: served, canary or pinned).
 
     Normalising with the mean/std is left to the worker: it holds the model, whose metadata says which.
     """
@@ -18,12 +19,22 @@ class Work:
     images: np.ndarray
     options: dict[str, Any]
     arrived: float  # time.monotonic() at arrival (system-wide on Linux, so comparable across processes)
+    version: int = 0
 
-    def __reduce__(self) -> tuple[Any, tuple[bytes, int, dict[str, Any], float]]:
+    def __reduce__(self) -> tuple[Any, tuple[bytes, int, dict[str, Any], float, int]]:
         """Pickled as raw bytes: 3-4x faster both ways than numpy's own pickling, on every request."""
         data = self.images.astype(np.float32, copy=False).tobytes()
-        return _work, (data, len(self.images), self.options, self.arrived)
+        return _work, (data, len(self.images), self.options, self.arrived, self.version)
 
 
-def _work(data: bytes, n: int, options: dict[str, Any], arrived: float) -> Work:
-    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived)
+def _work(data: bytes, n: int, options: dict[str, Any], arrived: float, version: int) -> Work:
+    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """An instruction to one worker, on the same pipe as requests: ``prepare`` (load and warm up) or ``drop``
+    a version. The worker answers it like a request, between batches."""
+
+    op: str
+    version: int

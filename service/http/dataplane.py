@@ -25,6 +25,7 @@ from service.http.admission import Admission
 from service.http.auth import ApiKey
 from service.http.dispatch import Dispatcher
 from service.http.prepare import Preparer
+from service.http.versioning import VersionControl
 from service.pipes import Pending, WorkerDied
 from service.work import Work
 
@@ -33,9 +34,9 @@ OFFLOAD_BYTES = 256 * 1024  # bodies bigger than this are parsed and prepared in
 
 class DataPlane:
     def __init__(self, settings: Settings, api_key: ApiKey, admission: Admission, preparer: Preparer,
-                 dispatcher: Dispatcher):
+                 dispatcher: Dispatcher, versions: VersionControl):
         self.settings, self.api_key, self.admission = settings, api_key, admission
-        self.preparer, self.dispatcher = preparer, dispatcher
+        self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
 
     async def read(self, request: Request) -> bytes:
         """The API key, then the whole body (413 past the limit)."""
@@ -57,8 +58,10 @@ class DataPlane:
         # prepared at the end of this event-loop iteration, together with the other requests read in it
         return await self.preparer.prepare(parsed, arrived)
 
-    async def compute(self, pool: str, work: Work) -> tuple[Any, int]:
-        """A worker of ``pool`` computes ``work``: its answer and the size of the batch it was part of."""
+    async def compute(self, pool: str, work: Work, pinned: int | None = None) -> tuple[Any, int, int]:
+        """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
+        its answer, the size of the batch it was part of, and the version that computed it."""
+        work.version = self.versions.route(pinned)
         uid, pending = self.dispatcher.submit(pool, work)
         timeout = self.settings.request_timeout_s
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own

@@ -10,7 +10,7 @@ import itertools
 import time
 
 from service.pipes import AnswerPipes, Pending, RequestPipes
-from service.work import Work
+from service.work import Control, Work
 
 
 class Dispatcher:
@@ -32,6 +32,13 @@ class Dispatcher:
         """Queue ``work`` for ``pool``; its answer will land in the returned ``Pending``."""
         uid, pending = next(self._uids), Pending()
         worker = self.requests[pool].put((self.server, uid, time.monotonic(), work))
+        self.answers.sent(uid, pool, worker, pending)
+        return uid, pending
+
+    def submit_to(self, pool: str, worker: int, command: Control) -> tuple[int, Pending]:
+        """A control for one given worker of ``pool`` (every worker must get it, not the next one up)."""
+        uid, pending = next(self._uids), Pending()
+        self.requests[pool].put((self.server, uid, time.monotonic(), command), worker)
         self.answers.sent(uid, pool, worker, pending)
         return uid, pending
 

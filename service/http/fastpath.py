@@ -21,12 +21,14 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class Get:
-    """A GET route, served through FastAPI's full stack (and described in the OpenAPI document)."""
+    """A route served through FastAPI's full stack (and described in the OpenAPI document): the GET
+    routes, and the admin API's few POSTs, which need no fast path."""
 
     path: str
     endpoint: Endpoint
     summary: str
     documented: bool = True
+    method: str = "GET"
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,11 @@ class FastPath:
     exception and exit-stack layers, about a fifth of an API server's time in a profile under
     load, for nothing these routes use. Fixed paths are one dict lookup; model paths one regex each."""
 
-    def __init__(self, routes: list[Post], full_stack: ASGIApp, version: str):
+    def __init__(self, routes: list[Post], full_stack: ASGIApp, serving: Callable[[], int]):
         self.exact = {r.path: r for r in routes if "{" not in r.path}
         self.patterns = [(r.pattern(), r) for r in routes if "{" in r.path]
         self.full_stack = full_stack
-        self.fast = metrics.MetricsMiddleware(self._handle, version)
+        self.fast = metrics.MetricsMiddleware(self._handle, serving)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and (route := self._match(scope)) is not None:

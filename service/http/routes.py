@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -10,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from service import metrics
 from service.config import Limits, Settings
 from service.http.admission import Admission
-from service.model.store import LoadedModel
+from service.http.versioning import VersionControl, metadata_of
 
 
 class Workers(Protocol):
@@ -23,8 +24,8 @@ class Workers(Protocol):
 class Routes:
     workers: Workers  # set by ``service.seam`` once the server that spawns them exists
 
-    def __init__(self, settings: Settings, model: LoadedModel, device: str, admission: Admission):
-        self.settings, self.model, self.device, self.admission = settings, model, device, admission
+    def __init__(self, settings: Settings, device: str, admission: Admission, versions: VersionControl):
+        self.settings, self.device, self.admission, self.versions = settings, device, admission, versions
 
     async def health(self, request: Request) -> JSONResponse:
         """200 only while every worker of every pool has loaded the model and run its warm-up, and the
@@ -39,25 +40,33 @@ class Routes:
         return not self.admission.stopping and self.workers.all_ready()
 
     async def info(self, request: Request) -> JSONResponse:
-        return JSONResponse(info_payload(self.settings, self.model, self.device))
+        return JSONResponse(info_payload(self.settings, self.device, self.versions))
 
     async def metrics(self, request: Request) -> Response:
         return metrics.render()
 
 
-def info_payload(settings: Settings, model: LoadedModel, device: str) -> dict[str, Any]:
-    """What /info answers: the served model's metadata, the serving configuration and the input limits."""
-    meta = model.metadata
+def info_payload(settings: Settings, device: str, versions: VersionControl) -> dict[str, Any]:
+    """What /info answers: the served version's metadata, the versions loaded and the canary, the serving
+    configuration and the input limits."""
+    state = versions.board.read()
+    meta = metadata_of(settings.store, settings.model, state.serving)
     return {
         "model": {
-            "name": model.name,
-            "version": model.version,
-            "sha256": meta.sha256,
-            "test_accuracy": model.test_accuracy,
-            "architecture": meta.architecture.model_dump(),
-            "normalization": meta.normalization.model_dump(),
-            "created_at": (meta.model_extra or {}).get("created_at"),
-            "path": str(model.path),
+            "name": settings.model,
+            "version": state.serving,
+            "sha256": meta.get("sha256"),
+            "test_accuracy": meta.get("metrics", {}).get("test_accuracy"),
+            "architecture": meta.get("architecture"),
+            "normalization": meta.get("normalization"),
+            "created_at": meta.get("created_at"),
+            "path": str(Path(settings.store) / settings.model / str(state.serving)),
+        },
+        "versions": {
+            "serving": state.serving,
+            "loaded": list(state.loaded),
+            "canary": None if state.canary is None else {"version": state.canary, "share": state.share},
+            "problems": versions.board.notes(),
         },
         "serving": {
             "device": device,

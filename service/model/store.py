@@ -150,6 +150,26 @@ def load(store: Path, name: str = DEFAULT_NAME, version: int | None = None,
     return LoadedModel(name=name, version=int(version_dir.name), path=version_dir, metadata=metadata, model=model)
 
 
+def load_best(store: Path, name: str, min_accuracy: float = 0.0) -> tuple[LoadedModel, dict[int, str]]:
+    """The highest version that verifies, loads and records a test accuracy of at least ``min_accuracy``,
+    and why each higher one was skipped. A corrupt newest version then does not stop a service whose
+    previous version is one folder away."""
+    skipped: dict[int, str] = {}
+    for version in reversed(list_versions(store, name)):
+        try:
+            loaded = load(store, name, version)
+        except StoreError as e:
+            skipped[version] = str(e)
+            continue
+        accuracy = loaded.test_accuracy
+        if accuracy is not None and accuracy < min_accuracy:
+            skipped[version] = f"test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}"
+            continue
+        return loaded, skipped
+    reasons = "; ".join(f"v{v}: {why}" for v, why in skipped.items()) or "the store has none"
+    raise StoreError(f"no version of model {name!r} in {store} can be served: {reasons}")
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from service.errors import HttpError
 from service.pipes import AnswerPipes, RequestPipes
+from service.work import Control
 
 # One forward on the CPU reaches the model's full images/s at 32 images (see docs/performance.md): past
 # it, waiting for more requests would only idle the worker.
@@ -49,59 +50,91 @@ class Stages(Protocol):
     def predict(self, x: Any) -> Any: ...
     def unbatch(self, output: Any) -> list[Any]: ...
     def encode_response(self, output: Any) -> Any: ...
+    def control(self, command: Control) -> Any: ...
+
+
+Reply = tuple[int, int, Any, bool]  # (API server, request id, answer or error, ok)
 
 
 def serve(stages: Stages, requests: RequestPipes, answers: AnswerPipes) -> None:
-    """Collect a batch, run it through the stages, answer; forever (the server terminates the worker)."""
+    """Collect a batch, run it through the stages, answer; then any controls; forever (the server
+    terminates the worker). Controls (``service.work.Control``) come between batches."""
     while True:
-        work, timed_out = collect(stages, requests)
-        replies: list[tuple[int, int, Any, bool]] = [(server, uid, EXPIRED, False) for server, uid in timed_out]
+        work, timed_out, controls = collect(stages, requests)
+        replies: list[Reply] = [(server, uid, EXPIRED, False) for server, uid in timed_out]
         if work:
             replies += run_stages(stages, work)
+        replies += [run_control(stages, *control) for control in controls]
         answers.answer(replies)
 
 
-def run_stages(stages: Stages, work: list[tuple[int, int, Any]]) -> list[tuple[int, int, Any, bool]]:
-    """One batch through the stages; on failure every request of the batch gets the error."""
-    servers, uids, inputs = zip(*work)
+def run_stages(stages: Stages, work: list[tuple[int, int, Any]]) -> list[Reply]:
+    """One batch through the stages. A request ``decode_request`` refuses gets its own error; if a later
+    stage fails, every request of the batch gets the error."""
+    replies: list[Reply] = []
+    accepted: list[tuple[int, int, Any]] = []
+    for server, uid, item in work:
+        try:
+            accepted.append((server, uid, stages.decode_request(item)))
+        except HttpError as e:
+            replies.append((server, uid, e, False))
+    if not accepted:
+        return replies
+    servers, uids, inputs = zip(*accepted)
     error: Exception
     try:
-        outputs = stages.unbatch(stages.predict(stages.batch([stages.decode_request(x) for x in inputs])))
+        outputs = stages.unbatch(stages.predict(stages.batch(list(inputs))))
         if len(outputs) != len(inputs):
             raise RuntimeError(f"unbatch returned {len(outputs)} outputs for {len(inputs)} requests")
-        return [(s, u, stages.encode_response(y), True) for s, u, y in zip(servers, uids, outputs)]
+        return replies + [(s, u, stages.encode_response(y), True) for s, u, y in zip(servers, uids, outputs)]
     except HttpError as e:
         error = e
     except Exception:
         log.exception("the model failed on a batch of %d requests", len(inputs))
         error = RuntimeError("the model failed on this batch")
-    return [(s, u, error, False) for s, u in zip(servers, uids)]
+    return replies + [(s, u, error, False) for s, u in zip(servers, uids)]
 
 
-def collect(stages: Stages, requests: RequestPipes) -> tuple[list[tuple[int, int, Any]], list[tuple[int, int]]]:
-    """The next batch: (api_server, uid, work) to compute, and (api_server, uid) whose deadline passed."""
+def run_control(stages: Stages, server: int, uid: int, command: Control) -> Reply:
+    try:
+        return server, uid, stages.control(command), True
+    except Exception as e:  # a version that cannot be loaded: the admin path says why, nothing else changes
+        log.exception("control %s v%d failed", command.op, command.version)
+        return server, uid, HttpError(409, f"{type(e).__name__}: {e}"), False
+
+
+Collected = tuple[list[tuple[int, int, Any]], list[tuple[int, int]], list[tuple[int, int, Control]]]
+
+
+def collect(stages: Stages, requests: RequestPipes) -> Collected:
+    """The next batch: (api_server, uid, work) to compute, (api_server, uid) whose deadline passed, and
+    controls, which end the collection at once."""
     payloads: list[tuple[int, int, Any]] = []
     timed_out: list[tuple[int, int]] = []
+    controls: list[tuple[int, int, Control]] = []
     images = 0
     timeout = stages.request_timeout if stages.request_timeout not in (None, False, -1) else None
     item = requests.get()  # an idle worker sleeps here until a request comes (or it is terminated)
     deadline = time.monotonic() + stages.batch_timeout
     while True:
         server, uid, queued_at, work = item
+        if isinstance(work, Control):
+            controls.append((server, uid, work))
+            return payloads, timed_out, controls
         if timeout is not None and time.monotonic() - queued_at > timeout:
             timed_out.append((server, uid))
         else:
             payloads.append((server, uid, work))
             images += len(work.images)
         if len(payloads) >= stages.max_batch_size:
-            return payloads, timed_out
+            return payloads, timed_out, controls
         try:
             item = requests.get_nowait()
         except Empty:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or images >= FULL_SPEED_IMAGES or not requests.coming(len(payloads) + len(timed_out)):
-                return payloads, timed_out
+                return payloads, timed_out, controls
             try:
                 item = requests.get(timeout=remaining)
             except Empty:
-                return payloads, timed_out
+                return payloads, timed_out, controls

@@ -1,9 +1,11 @@
 """The LitAPI stages that run in the model workers: setup, decode_request, batch, predict, unbatch, encode_response.
 
-Requests arrive already validated and preprocessed by the API server (``service.http.inputs``):
-each is a ``Work`` of float32 (n, 784) images in 0..1. A worker normalises them with its model's
-own mean/std, merges several requests with different image counts into one forward pass and
-splits the answers back in order.
+Requests arrive already validated and preprocessed by the API server (``service.http.prepare``):
+each is a ``Work`` of float32 (n, 784) images in 0..1 and the model version to compute it. A
+worker merges the requests of one version into one forward pass (a batch holds one group per
+version; a switch happens between batches, so usually there is one), normalises them with that
+version's own mean/std, and splits the answers back in order. Every answer says the version that
+computed it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import gc
 import itertools
 import logging
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,71 +26,106 @@ import torch
 from service import metrics
 from service.config import Settings
 from service.imaging import normalize
-from service.model import store
-from service.model.fnn import INPUT_SIZE
-from service.work import Work
-from service.worker.explain import Explainer
+from service.versions import Board
+from service.work import Control, Work
+from service.worker.models import Held, Models
 
 log = logging.getLogger("digitserve")
 
 
 @dataclass(slots=True)
-class Batch:
-    """Several requests' images in one tensor, and what is needed to split the answers back."""
+class Group:
+    """The requests of a batch that one version computes: their images in one tensor, and where they are."""
 
+    held: Held
     x: torch.Tensor
-    counts: list[int]
-    options: list[dict[str, Any]]
-    arrivals: list[float]
+    requests: list[int]  # their indexes in the batch
+
+
+@dataclass(slots=True)
+class Batch:
+    groups: list[Group]
+    inputs: list[Work]
+
+
+@dataclass(slots=True)
+class Answer:
+    """One request's answer rows (one per image) and the version that computed them."""
+
+    rows: list[Any]
+    version: int
+    batch_size: int
+    options: dict[str, Any]
 
 
 class DigitAPI(ls.LitAPI):
-    """Shared worker set-up: load the pinned version onto this worker's device and warm it up."""
+    """Shared worker set-up: hold the board's versions on this worker's device, warmed up."""
 
-    def __init__(self, settings: Settings, version: int, api_path: str):
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout_ms / 1000,
-            api_path=api_path,
-        )
-        self.settings = settings
-        self.version = version
+    explains = False
+
+    def __init__(self, settings: Settings, board: Board, api_path: str):
+        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout_ms / 1000,
+                         api_path=api_path)
+        self.settings, self.board = settings, board
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
-        self.torch_device = torch.device(device)
-        self.loaded = store.load(self.settings.store, self.settings.model, self.version, self.torch_device)
-        self.model = self.loaded.model
-        self.model_ref = {"name": self.loaded.name, "version": self.loaded.version}
-        self.warm_up()
-        gc.freeze()  # the model and the imports live as long as the worker (see service.__main__)
-        metrics.MODEL_INFO.labels(self.loaded.name, str(self.loaded.version), self.torch_device.type).set(1)
-        log.info("worker ready: %s v%d on %s", self.loaded.name, self.loaded.version, device)
+        self.models = Models(self.settings, self.board, torch.device(device), self.explains)
+        self.models.sync(strict=True)
+        gc.freeze()  # the imports live as long as the worker (see service.__main__); models are freed by refcount
+        log.info("worker ready on %s, holding %s", device, sorted(self.models.held))
 
-    def warm_up(self) -> None:
-        """One real inference before /health turns 200, so the first client never pays for it."""
-        with torch.inference_mode():
-            self.model(torch.zeros(2, INPUT_SIZE, device=self.torch_device))
+    def control(self, command: Control) -> str:
+        return self.models.control(command)
 
     def decode_request(self, request: Work) -> Work:
+        """Refuse (409) a request for a version this worker does not hold: pinned to one just unloaded."""
+        self.models.get(request.version)
         return request
 
     def batch(self, inputs: list[Work]) -> Batch:
-        norm = self.loaded.metadata.normalization
-        x = torch.from_numpy(normalize(np.concatenate([w.images for w in inputs]), norm.mean, norm.std))
-        x = x.to(self.torch_device)
-        return Batch(x, [len(w.images) for w in inputs], [w.options for w in inputs], [w.arrived for w in inputs])
+        self.models.sync()
+        by_version: dict[int, list[int]] = {}
+        for index, work in enumerate(inputs):
+            by_version.setdefault(work.version, []).append(index)
+        groups = []
+        for version, requests in by_version.items():
+            held = self.models.get(version)
+            norm = held.loaded.metadata.normalization
+            images = np.concatenate([inputs[i].images for i in requests])
+            x = torch.from_numpy(normalize(images, norm.mean, norm.std)).to(self.models.device)
+            groups.append(Group(held, x, requests))
+        return Batch(groups, inputs)
 
-    def unbatch(self, output: tuple[list[Any], list[int]]) -> list[tuple[list[Any], int]]:
-        """Each request's own answers, with the size of the forward they were part of (for its log line)."""
-        results, counts = output
-        bounds = np.cumsum([0, *counts]).tolist()
-        return [(results[a:b], len(results)) for a, b in itertools.pairwise(bounds)]
+    def predict(self, batch: Batch) -> list[Answer]:
+        started = time.monotonic()
+        answers: list[Answer | None] = [None] * len(batch.inputs)
+        size = sum(len(g.x) for g in batch.groups)
+        for group in batch.groups:
+            version = group.held.loaded.version
+            rows = self.compute(group, [batch.inputs[i] for i in group.requests])
+            bounds = np.cumsum([0, *(len(batch.inputs[i].images) for i in group.requests)]).tolist()
+            for i, (a, b) in zip(group.requests, itertools.pairwise(bounds)):
+                answers[i] = Answer(rows[a:b], version, size, batch.inputs[i].options)
+            arrivals = [batch.inputs[i].arrived for i in group.requests]
+            metrics.observe_forward(self.endpoint, str(version), arrivals, len(group.x), started)
+        return [answer for answer in answers if answer is not None]
 
-    def encode_response(self, output: tuple[list[Any], int]) -> tuple[bytes, int]:
-        answers, batch_size = output
+    def unbatch(self, output: list[Answer]) -> list[Answer]:
+        return output
+
+    def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
+        """The JSON answer, the size of the forward it was part of, and the version (for the log and metrics)."""
+        held = self.models.held.get(output.version)
+        ref = held.ref if held is not None else {"name": self.settings.model, "version": output.version}
         # orjson: 20x faster than json on a 32-image answer's 320 floats, which cost the worker a quarter of its time
-        return orjson.dumps({"model": self.model_ref, "predictions": answers}), batch_size
+        return orjson.dumps({"model": ref, "predictions": output.rows}), output.batch_size, output.version
+
+    endpoint = ""  # the metrics' endpoint label of this pool
+
+    @abstractmethod
+    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
+        """One version's requests -> one answer row per image, in order."""
 
 
 class PredictAPI(DigitAPI):
@@ -97,59 +135,52 @@ class PredictAPI(DigitAPI):
     server) is answered with its raw float32 probabilities, which the API server encodes as V2
     tensors; every other gets the JSON of /predict."""
 
-    def __init__(self, settings: Settings, version: int):
-        super().__init__(settings, version, "/predict")
+    endpoint = "predict"
 
-    def predict(self, batch: Batch) -> tuple[list[Any], list[int]]:
-        started = time.monotonic()
+    def __init__(self, settings: Settings, board: Board):
+        super().__init__(settings, board, "/predict")
+
+    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         with torch.inference_mode():
-            probs = torch.softmax(self.model(batch.x), dim=1).cpu().numpy()
-        version = str(self.version)
-        metrics.observe_forward("predict", version, batch.arrivals, len(probs), started)
-        metrics.observe_predictions(version, probs)
-        rows = [(answer, row, options) for answer, row, options in
-                zip(predictions(probs), probs, _per_image(batch.options, batch.counts))]
-        return rows, batch.counts
+            probs = torch.softmax(group.held.loaded.model(group.x), dim=1).cpu().numpy()
+        metrics.observe_predictions(str(group.held.loaded.version), probs)
+        return list(zip(predictions(probs), probs))
 
-    def encode_response(self, output: tuple[list[Any], int]) -> tuple[bytes, int]:
-        rows, batch_size = output
-        if rows and rows[0][2].get("output") == "tensor":
-            return np.stack([row for _, row, _ in rows]).astype(np.float32).tobytes(), batch_size
-        return super().encode_response(([answer for answer, _, _ in rows], batch_size))
+    def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
+        if output.options.get("output") == "tensor":
+            tensor = np.stack([row for _, row in output.rows]).astype(np.float32)
+            return tensor.tobytes(), output.batch_size, output.version
+        return super().encode_response(Answer([answer for answer, _ in output.rows], output.version,
+                                              output.batch_size, output.options))
 
 
 class ExplainAPI(DigitAPI):
     """``/explain``: attributions and hooked activations, in its own worker pool so it never slows /predict."""
 
-    def __init__(self, settings: Settings, version: int):
-        super().__init__(settings, version, "/explain")
+    endpoint, explains = "explain", True
 
-    def setup(self, device: str) -> None:
-        super().setup(device)
-        norm = self.loaded.metadata.normalization
-        self.explainer = Explainer(self.model, norm.mean, norm.std)
+    def __init__(self, settings: Settings, board: Board):
+        super().__init__(settings, board, "/explain")
 
-    def predict(self, batch: Batch) -> tuple[list, list[int]]:
+    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         """Requests that ask for the same computation share one batched explanation."""
-        started = time.monotonic()
-        bounds = np.cumsum([0, *batch.counts])
-        groups: dict[tuple, list[int]] = {}  # computation -> the batch rows that ask for it
-        for request, options in enumerate(batch.options):
-            key = (options["method"], options["steps"], options["top_k"], options["heatmap"], options["quadrature"])
-            groups.setdefault(key, []).extend(range(bounds[request], bounds[request + 1]))
-        targets = [options["target"] for options, count in zip(batch.options, batch.counts) for _ in range(count)]
-        reports: list[dict] = [{} for _ in range(len(batch.x))]
-        for (method, steps, top_k, heatmap, quadrature), rows in groups.items():
-            explained = self.explainer.explain(batch.x[rows], method, [targets[r] for r in rows], steps, top_k,
-                                               heatmap, quadrature)
+        explainer = group.held.explainer
+        assert explainer is not None
+        counts = [len(work.images) for work in requests]
+        bounds = np.cumsum([0, *counts]).tolist()
+        kinds: dict[tuple[Any, ...], list[int]] = {}  # computation -> the group's rows that ask for it
+        for (a, b), work in zip(itertools.pairwise(bounds), requests):
+            o = work.options
+            kind = (o["method"], o["steps"], o["top_k"], o["heatmap"], o["quadrature"])
+            kinds.setdefault(kind, []).extend(range(a, b))
+        targets = [work.options["target"] for work in requests for _ in range(len(work.images))]
+        reports: list[Any] = [None] * len(group.x)
+        for (method, steps, top_k, heatmap, quadrature), rows in kinds.items():
+            explained = explainer.explain(group.x[rows], method, [targets[r] for r in rows], steps, top_k, heatmap,
+                                          quadrature)
             for row, report in zip(rows, explained):
                 reports[row] = report
-        metrics.observe_forward("explain", str(self.version), batch.arrivals, len(batch.x), started)
-        return reports, batch.counts
-
-
-def _per_image(options: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
-    return [request for request, count in zip(options, counts) for _ in range(count)]
+        return reports
 
 
 def predictions(probs: np.ndarray) -> list[dict[str, Any]]:

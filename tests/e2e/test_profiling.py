@@ -34,7 +34,7 @@ def test_profile_samples_every_process_of_the_default_server(tmp_path: Path):
         assert (tmp_path / f"{api_server['pid']}.folded").stat().st_size > 0
         assert "Native.__call__ (service/http/endpoints.py)" in dict(api_server["inclusive"])
     busiest = max(by_role["worker"], key=lambda p: p["samples"])
-    assert "PredictAPI.predict (service/worker/stages.py)" in dict(busiest["inclusive"])
+    assert "PredictAPI.compute (service/worker/stages.py)" in dict(busiest["inclusive"])
     assert busiest["core_share"] > 0 and busiest["cpu_ms_per_request"] > 0
 
     summary = (tmp_path / "summary.md").read_text()

@@ -1,0 +1,94 @@
+"""Which model versions are loaded, which one is served, and the canary: shared by every process.
+
+The board lives in shared memory made before anything forks or spawns. The API servers read it on
+every request (which version computes it), the workers on every batch (which versions to hold),
+and one writer at a time changes it (the admin API or the store watcher, in an API server, holding
+``lock``). A sequence counter makes each change atomic for readers, who take no lock: it is odd
+while a change is written, and a reader that saw it odd or changing reads again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LOADED = 8  # the most versions --max-loaded-versions may ask for
+_NOTES_BYTES = 8192
+_SEQ, _SERVING, _CANARY, _SHARE, _LOADED = 0, 1, 2, 3, 4  # slots of the integer array
+_SHARE_SCALE = 1_000_000  # the canary share in millionths
+
+
+@dataclass(frozen=True)
+class State:
+    """One consistent reading of the board."""
+
+    serving: int
+    loaded: tuple[int, ...]
+    canary: int | None = None
+    share: float = 0.0  # of requests that go to the canary
+    seq: int = field(default=0, compare=False)
+
+    def routed(self, pinned: int | None) -> int:
+        """The version that computes a request: the pinned one, the canary for its share, else the served one."""
+        if pinned is not None:
+            return pinned
+        if self.canary is not None and random.random() < self.share:
+            return self.canary
+        return self.serving
+
+
+class Board:
+    def __init__(self, serving: int):
+        context = mp.get_context("spawn")
+        self._ints = context.RawArray("q", _LOADED + MAX_LOADED)
+        self._notes = context.RawArray("c", _NOTES_BYTES)
+        self.lock = context.Lock()  # held by whoever changes the board (never on a request's path)
+        self._cached = State(serving, (serving,), seq=-1)
+        self.write(State(serving, (serving,)))
+
+    def read(self) -> State:
+        """The board now; one shared-memory read when nothing changed since the last call."""
+        ints = self._ints
+        while True:
+            seq = ints[_SEQ]
+            if seq == self._cached.seq:
+                return self._cached
+            if seq % 2 == 0:
+                count = sum(1 for v in ints[_LOADED:] if v)
+                state = State(ints[_SERVING], tuple(ints[_LOADED:_LOADED + count]),
+                              ints[_CANARY] or None, ints[_SHARE] / _SHARE_SCALE, seq)
+                if ints[_SEQ] == seq:
+                    self._cached = state
+                    return state
+
+    def write(self, state: State) -> State:
+        """Publish ``state`` (the caller holds ``lock``, or is the main process before anything started)."""
+        if len(state.loaded) > MAX_LOADED or state.serving not in state.loaded:
+            raise ValueError(f"inconsistent board: {state}")
+        ints = self._ints
+        ints[_SEQ] += 1  # odd: being written
+        ints[_SERVING], ints[_CANARY] = state.serving, state.canary or 0
+        ints[_SHARE] = round(state.share * _SHARE_SCALE)
+        ints[_LOADED:] = [*state.loaded, *[0] * (MAX_LOADED - len(state.loaded))]
+        ints[_SEQ] += 1
+        return self.read()
+
+    def notes(self) -> dict[str, Any]:
+        """What went wrong with which version (failed loads, versions skipped at start), by version."""
+        raw = bytes(self._notes.raw).rstrip(b"\0")
+        return json.loads(raw) if raw else {}
+
+    def note(self, version: int, reason: str | None, **extra: Any) -> None:
+        """Record (or, with ``reason`` None, clear) a version's problem; the oldest notes go when full."""
+        notes = self.notes()
+        notes.pop(str(version), None)
+        if reason is not None:
+            notes[str(version)] = {"reason": reason[:500], **extra}
+        data = json.dumps(notes).encode()
+        while len(data) >= _NOTES_BYTES and notes:
+            notes.pop(next(iter(notes)))
+            data = json.dumps(notes).encode()
+        self._notes.raw = data.ljust(_NOTES_BYTES, b"\0")

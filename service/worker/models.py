@@ -1,0 +1,102 @@
+"""The model versions one worker holds, kept in step with the version board.
+
+A version is loaded (verified by the store, warmed up) when the board lists it or the admin path
+asks this worker to prepare it, and dropped (its memory freed) when neither holds any longer. A
+worker started after two switches therefore comes up holding what is served now.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from service import metrics
+from service.config import Settings
+from service.errors import HttpError
+from service.model import store
+from service.model.fnn import INPUT_SIZE
+from service.versions import Board
+from service.work import Control
+from service.worker.explain import Explainer
+
+log = logging.getLogger("digitserve")
+
+
+@dataclass
+class Held:
+    """One loaded version: the model, what the answers call it, and its explainer (explain workers)."""
+
+    loaded: store.LoadedModel
+    ref: dict[str, object]
+    explainer: Explainer | None
+
+
+class Models:
+    def __init__(self, settings: Settings, board: Board, device: torch.device, explains: bool):
+        self.settings, self.board, self.device, self.explains = settings, board, device, explains
+        self.held: dict[int, Held] = {}
+        self.prepared: set[int] = set()  # loaded on the admin path's request, not yet on the board
+        self._seq = -1
+
+    def sync(self, strict: bool = False) -> None:
+        """Hold exactly the board's versions (and those being prepared); cheap when the board is unchanged.
+
+        A version this worker cannot load is logged and left out (its requests get 409 here), unless
+        ``strict``: at set-up, a worker that cannot hold what is served must not start."""
+        state = self.board.read()
+        if state.seq == self._seq:
+            return
+        self._seq = state.seq
+        self.prepared -= set(state.loaded)
+        for version in state.loaded:
+            if version not in self.held:
+                try:
+                    self._load(version)
+                except store.StoreError:
+                    if strict:
+                        raise
+                    log.exception("cannot hold v%d, which the board lists", version)
+        for version in [v for v in self.held if v not in state.loaded and v not in self.prepared]:
+            self._drop(version)
+
+    def get(self, version: int) -> Held:
+        held = self.held.get(version)
+        if held is None:
+            raise HttpError(409, f"version {version} is not loaded (any more); retry unpinned")
+        return held
+
+    def control(self, command: Control) -> str:
+        """The admin path's ``prepare`` (load and warm up, before the board lists the version) and ``drop``."""
+        if command.op == "prepare":
+            if command.version not in self.held:
+                self._load(command.version)
+            self.prepared.add(command.version)
+        elif command.op == "drop":
+            self.prepared.discard(command.version)
+            self._seq = -1  # let sync decide with the board as it is now
+            self.sync()
+        else:
+            raise ValueError(f"unknown control {command.op!r}")
+        return f"{command.op} {command.version}: done"
+
+    def _load(self, version: int) -> None:
+        loaded = store.load(self.settings.store, self.settings.model, version, self.device)
+        with torch.inference_mode():  # one real inference before it serves, so no client pays for it
+            loaded.model(torch.zeros(2, INPUT_SIZE, device=self.device))
+        norm = loaded.metadata.normalization
+        explainer = Explainer(loaded.model, norm.mean, norm.std) if self.explains else None
+        self.held[version] = Held(loaded, {"name": loaded.name, "version": loaded.version}, explainer)
+        metrics.labelled(metrics.MODEL_INFO, loaded.name, str(version), self.device.type).set(1)
+        log.info("worker holds %s v%d on %s", loaded.name, version, self.device)
+
+    def _drop(self, version: int) -> None:
+        held = self.held.pop(version)
+        metrics.labelled(metrics.MODEL_INFO, held.loaded.name, str(version), self.device.type).set(0)
+        del held
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("worker dropped v%d", version)
