@@ -39,7 +39,9 @@ class ExplainOptions(PredictOptions):
     target: int | None = Field(None, ge=0, le=9, description="class to explain (default: the predicted one)")
     steps: int = Field(32, ge=1, description="integrated-gradients steps (at most the service's max_ig_steps)")
     quadrature: Literal["midpoint", "exact"] = Field(
-        "midpoint", description="integrated gradients: midpoint rule over `steps`, or the exact path integral"
+        "exact", description="integrated gradients: `exact`, the path integral itself (this net is piecewise "
+                             "linear; `steps` is then unused), or `midpoint`, the midpoint rule over `steps` "
+                             "(Captum's riemann_middle, for comparison)"
     )
     top_k: int = Field(10, ge=1, le=100, description="hidden units listed per layer")
     heatmap: bool = False
@@ -96,12 +98,23 @@ class LayerSummary(BaseModel):
     top_units: list[TopUnit]
 
 
+class ConvergenceDelta(BaseModel):
+    """How far integrated gradients are from complete (sum of attributions = f(x) - f(black)), f the
+    target logit."""
+
+    absolute: float = Field(description="sum(attributions) - (f(x) - f(baseline)), in logits")
+    relative: float = Field(description="`absolute` / |f(x) - f(baseline)|, that denominator floored at 1e-6 "
+                                        "(a logit that does not move gives a finite number)")
+
+
 class Explanation(Prediction):
     method: Method
     target: int
     attributions: list[list[float]] = Field(description="28x28, in the frame of `input`")
     input: list[list[float]] = Field(description="the 28x28 image the model saw, 0..1")
     layers: list[LayerSummary]
+    convergence_delta: ConvergenceDelta | None = Field(
+        None, description="integrated gradients only: the completeness gap of these attributions")
     heatmap_png: str | None = Field(None, description="base64 PNG, with heatmap=true")
 
 

@@ -5,7 +5,9 @@ full backward hook (the gradient of the explained logits with respect to that ou
 one forward and one backward pass over the whole batch, and removes every hook through its
 handle on the way out, also when something raises. Plain prediction therefore never runs
 through a hook. Integrated gradients then integrate input gradients along the path from the
-black image with plain autograd, all images and steps batched together.
+black image: exactly by default (the net is piecewise linear), or by the midpoint rule with plain
+autograd, all images and steps batched together. Every integrated-gradients answer says how far
+it is from complete: its ``convergence_delta``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +30,10 @@ QUADRATURES = ("midpoint", "exact")
 LAYERS = ("fc1", "relu", "fc2")
 HIDDEN_LAYER = "relu"  # its units feed the logits directly, so their contributions are exact
 IG_CHUNK_ROWS = 8192  # interpolated images per forward/backward; bounds memory for large N * steps
+DEFAULT_QUADRATURE = "exact"
+# convergence_delta's relative gap divides by max(|f(x) - f(baseline)|, this): a change of the target
+# logit smaller than this (in logits) is float32 rounding of the served model, not a signal to divide by.
+DELTA_FLOOR = 1e-6
 
 
 def hook_count(model: nn.Module) -> int:
@@ -134,6 +141,53 @@ def _open_fraction(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     return torch.where((start > 0) & (end > 0), 1.0, torch.where((start <= 0) & (end <= 0), 0.0, rising))
 
 
+class _Path:
+    """The straight path from the baseline to each image, in float64 from the model's own weights.
+
+    One forward over the images and the baseline together (N + 1 rows) gives what integrated
+    gradients need besides the gradients: each image's target-logit change f(x) - f(baseline),
+    and the hidden pre-activations at both ends of the path, from which the exact integral
+    follows. Float64 so that a gap it reports is the quadrature's, not float32 rounding's (the
+    served float32 logits differ from these by up to about 1e-5).
+    """
+
+    def __init__(self, model: FNN, x: torch.Tensor, baseline: float, target: torch.Tensor):
+        self.target = target
+        self.w1 = model.fc1.weight.detach().double()
+        self.w2 = model.fc2.weight.detach().double()
+        ends = torch.cat([torch.full_like(x[:1], baseline), x]).double()  # row 0: the baseline
+        self.span = ends[1:] - ends[:1]  # x - baseline
+        pre = ends @ self.w1.T + model.fc1.bias.detach().double()
+        self.start, self.end = pre[:1], pre[1:]
+        self.logits = torch.relu(pre) @ self.w2.T + model.fc2.bias.detach().double()  # (N + 1, classes)
+
+    def logit_change(self) -> torch.Tensor:
+        """f(x) - f(baseline) per image, f the image's target logit: (N,) float64."""
+        return (self.logits[1:] - self.logits[:1]).gather(1, self.target[:, None]).squeeze(1)
+
+    def exact_attributions(self) -> torch.Tensor:
+        """Integrated gradients with no quadrature error, for Linear -> ReLU -> Linear: (N, 784) float64.
+
+        Along the straight path each hidden unit's pre-activation is linear in alpha, so the unit
+        is open on a known fraction of [0, 1] and the input gradient is piecewise constant (about
+        250 pieces per MNIST digit, which is why a uniform grid of a few dozen steps misses by up
+        to a few percent). The path-averaged gradient is therefore that of the net whose ReLU
+        gates are those fractions: fc1.weight^T (fraction * fc2.weight[target]).
+        """
+        fraction = _open_fraction(self.start, self.end)
+        return self.span * ((fraction * self.w2[self.target]) @ self.w1)
+
+
+def _convergence_delta(attributions: torch.Tensor, change: torch.Tensor) -> list[dict[str, float]]:
+    """Per image, how far integrated gradients are from complete: ``absolute`` = sum(attributions) -
+    (f(x) - f(baseline)) in logits, and ``relative`` = that / |f(x) - f(baseline)|, the denominator
+    floored at DELTA_FLOOR (so an image whose target logit does not move gets a finite number, 0 for
+    attributions that are all 0)."""
+    absolute = attributions.double().sum(1) - change
+    relative = absolute / change.abs().clamp_min(DELTA_FLOOR)
+    return [{"absolute": a, "relative": r} for a, r in zip(absolute.tolist(), relative.tolist())]
+
+
 class Explainer:
     """Explains batches of normalised images for one model; the server builds one per worker.
 
@@ -145,27 +199,39 @@ class Explainer:
         self.model = model
         self.mean = mean
         self.std = std
-        self.baseline = (0.0 - mean) / std  # the black image, normalised: the integrated-gradients start
+        # The integrated-gradients start: the black image, normalised to the float32 value a black pixel
+        # becomes in service.imaging.normalize, so that f(baseline) is the model's answer for a black picture.
+        self.baseline = float((np.float32(0.0) - np.float32(mean)) / np.float32(std))
 
     def explain(
         self, x: torch.Tensor, method: str, targets: list[int | None], steps: int, top_k: int, heatmap: bool,
-        quadrature: str = "midpoint",
+        quadrature: str = DEFAULT_QUADRATURE,
     ) -> list[dict[str, Any]]:
         """x: (N, 784) normalised images on the model's device (several requests may share a batch).
 
         targets[i] is the class to explain for image i, None for its predicted class. Returns one
-        JSON-ready dict per image. Gradients are switched on and inference mode off for this
-        work, so it may be called inside torch.inference_mode() or torch.no_grad(), but the
-        model's parameters must be ordinary tensors (not created under inference mode).
+        JSON-ready dict per image; integrated gradients add ``convergence_delta`` (see
+        ``_convergence_delta``). Gradients are switched on and inference mode off for this work,
+        so it may be called inside torch.inference_mode() or torch.no_grad(), but the model's
+        parameters must be ordinary tensors (not created under inference mode).
         """
         _check_request(method, targets, len(x), self.model.num_classes, steps, top_k, quadrature)
         with torch.inference_mode(False), torch.enable_grad():
             x = x.detach().clone().float()  # an ordinary tensor even if the caller made x under inference mode
             with _hooked(self.model) as recording:
                 probabilities, gradient, target = self._forward_backward(x, targets)
-            attributions = self._attributions(x, gradient, method, target, steps, quadrature)
+            deltas: list[dict[str, float]] | None = None
+            if method != "integrated_gradients":
+                attributions = self._attributions(x, gradient, method)
+            else:
+                path = _Path(self.model, x, self.baseline, target)
+                if quadrature == "exact":
+                    attributions = path.exact_attributions()
+                else:
+                    attributions = (x - self.baseline) * self._mean_path_gradient(x, target, steps)
+                deltas = _convergence_delta(attributions, path.logit_change())
         layers = _layer_summaries(recording, top_k)
-        return self._reports(x, probabilities, attributions, target, method, layers, heatmap)
+        return self._reports(x, probabilities, attributions, target, method, layers, heatmap, deltas)
 
     def _forward_backward(self, x: torch.Tensor,
                           targets: list[int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,35 +246,9 @@ class Explainer:
         assert x.grad is not None
         return probabilities, x.grad, target
 
-    def _attributions(self, x: torch.Tensor, gradient: torch.Tensor, method: str, target: torch.Tensor, steps: int,
-                      quadrature: str) -> torch.Tensor:
-        if method == "saliency":
-            return gradient.abs()
-        if method == "gradient_x_input":
-            return gradient * x
-        if quadrature == "exact":
-            return (x - self.baseline) * self._exact_path_gradient(x, target)
-        return (x - self.baseline) * self._mean_path_gradient(x, target, steps)
-
-    def _exact_path_gradient(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The path-averaged input gradient with no quadrature error, for Linear -> ReLU -> Linear.
-
-        Along the straight path from the baseline, each hidden unit's pre-activation is linear in
-        alpha, so the unit is open on a known fraction of [0, 1] and the gradient is piecewise
-        constant (about 250 pieces per MNIST digit, which is why a uniform grid of a few dozen
-        steps misses by up to a few percent). The average gradient is the gradient of the net
-        whose ReLU gates are replaced by those fractions: a forward hook on the ReLU makes that
-        replacement for one pass, autograd does the rest.
-        """
-        x = x.detach()
-        start = self.model.fc1(torch.full_like(x[:1], self.baseline))
-        end = self.model.fc1(x)
-        fraction = _open_fraction(start.detach(), end.detach())
-        points = x.clone().requires_grad_(True)
-        with self.model.relu.register_forward_hook(lambda module, inputs, output: fraction * inputs[0]):
-            selected = self.model(points).gather(1, target[:, None]).sum()
-        (gradient,) = torch.autograd.grad(selected, points)
-        return gradient
+    @staticmethod
+    def _attributions(x: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
+        return gradient.abs() if method == "saliency" else gradient * x
 
     def _mean_path_gradient(self, x: torch.Tensor, target: torch.Tensor, steps: int) -> torch.Tensor:
         """Mean input gradient at baseline + alpha * (x - baseline), alpha = (k + 0.5) / steps (midpoint rule).
@@ -237,6 +277,7 @@ class Explainer:
         method: str,
         layers: list[list[dict[str, Any]]],
         heatmap: bool,
+        deltas: list[dict[str, float]] | None,
     ) -> list[dict[str, Any]]:
         """One JSON-ready dict per image; tensors leave the device once, as whole-batch lists."""
         side = (len(x), IMAGE_SIDE, IMAGE_SIDE)
@@ -257,6 +298,8 @@ class Explainer:
                 "input": images[i].tolist(),
                 "layers": layers[i],
             }
+            if deltas is not None:
+                report["convergence_delta"] = deltas[i]
             if heatmap:
                 report["heatmap_png"] = base64.b64encode(render_png(maps[i].numpy(), images[i].numpy())).decode("ascii")
             reports.append(report)

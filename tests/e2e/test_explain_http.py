@@ -43,6 +43,25 @@ def test_explain_over_http_equals_in_process(served, default_model, mnist_test, 
         assert [layer["name"] for layer in got["layers"]] == ["fc1", "relu", "fc2"]
 
 
+def test_default_integrated_gradients_say_how_complete_they_are(served, mnist_test):
+    """Asked for nothing but instances, every answer is integrated gradients with a convergence_delta
+    that is tiny (the exact quadrature: within 1e-4 relative); the OpenAPI document describes the
+    field, and exact as the default quadrature."""
+    pixels = mnist_test[0][300:308].numpy()
+    with served.client() as client:
+        response = client.post("/explain", json={"instances": [{"pixels": p.tolist()} for p in pixels]})
+        document = client.get("/openapi.json").json()
+    assert response.status_code == 200, response.text
+    for report in response.json()["predictions"]:
+        assert report["method"] == "integrated_gradients"
+        delta = report["convergence_delta"]
+        assert abs(delta["relative"]) < 1e-4 and abs(delta["absolute"]) < 1e-3, delta
+    schemas = document["components"]["schemas"]
+    assert "convergence_delta" in schemas["Explanation"]["properties"]
+    assert {"absolute", "relative"} <= set(schemas["ConvergenceDelta"]["properties"])
+    assert schemas["ExplainRequest"]["properties"]["quadrature"]["default"] == "exact"
+
+
 def test_multipart_with_options_and_heatmap(served):
     """curl -F file=@7.png -F method=saliency -F target=1 -F heatmap=true works like JSON."""
     with served.client() as client:
