@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System tools that the e2e tests (tests/e2e) drive: promtool/prometheus (rules and config checks),
-# docker-compose (compose file validation; no engine needed) and wrk (load tests).
+# docker-compose (compose file validation; no engine needed), wrk (load tests), haproxy (the
+# rolling update behind a real load balancer) and chromium (the page, in a real browser).
 # Idempotent: installs only the packages whose command is missing, and exits at once when none is.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ declare -A package_for=(
   [docker-compose]=docker-compose
   [wrk]=wrk
   [haproxy]=haproxy
+  [chromium]=chromium
 )
 
 missing=()

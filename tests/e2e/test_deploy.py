@@ -48,14 +48,29 @@ METRICS = {
     "digitserve_prediction_confidence": ("histogram", set()),
     "digitserve_model_info": ("gauge", {"name", "device"}),
 }
+# ... and what carries no `version` label of its own making: the version state itself, admission, the workers and
+# the process tree (service/metrics.py, service/http/routes.py): name -> (type, every label).
+UNVERSIONED_METRICS = {
+    "digitserve_serving_version": ("gauge", set()),
+    "digitserve_canary_share": ("gauge", set()),
+    "digitserve_version_loads_total": ("counter", {"version", "result"}),
+    "digitserve_refusals_total": ("counter", {"endpoint", "reason"}),
+    "digitserve_worker_restarts_total": ("counter", {"pool", "reason"}),
+    "digitserve_workers_ready": ("gauge", {"pool"}),
+    "digitserve_queue_wait_estimate_seconds": ("gauge", {"pool"}),
+    "digitserve_process_resident_memory_bytes": ("gauge", {"process", "pid"}),
+    "digitserve_process_cpu_seconds_total": ("counter", {"process", "pid"}),
+    "digitserve_process_open_fds": ("gauge", {"process", "pid"}),
+}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped series
 
 
 def _series_labels() -> dict[str, set[str]]:
     """Every series name a query may use -> the labels it carries."""
     series = {"up": set(TARGET_LABELS)}
-    for name, (kind, labels) in METRICS.items():
-        labels = labels | {"version"} | TARGET_LABELS
+    every = {**{name: (kind, labels | {"version"}) for name, (kind, labels) in METRICS.items()}, **UNVERSIONED_METRICS}
+    for name, (kind, labels) in every.items():
+        labels = labels | TARGET_LABELS
         if kind == "histogram":
             series[f"{name}_bucket"] = labels | {"le"}
             series[f"{name}_sum"] = series[f"{name}_count"] = labels
@@ -76,8 +91,15 @@ def tool(name: str) -> str:
     return path
 
 
-def run(*argv: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+# What an operator puts in the environment (or .env) before `docker compose up`: the stack refuses to start
+# without them (no API without a key, no Grafana with its default admin password).
+COMPOSE_SECRETS = {"DIGITSERVE_API_KEY": "test-" + os.urandom(8).hex(), "GRAFANA_ADMIN_PASSWORD": "pw-test"}
+
+
+def run(*argv: str, cwd: Path = ROOT, timeout: float = 120, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **COMPOSE_SECRETS} if env is None else env
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def duration_s(text: str) -> float:
@@ -193,14 +215,19 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def published_ports(service: dict) -> set[tuple[int, int]]:
-    pairs = set()
+    return {(published, target) for _, published, target in published_on(service)}
+
+
+def published_on(service: dict) -> set[tuple[str, int, int]]:
+    """(host address, published port, container port) of each port a service publishes ("" = every address)."""
+    triples = set()
     for p in service.get("ports", []):
         if isinstance(p, dict):
-            pairs.add((int(p["published"]), int(p["target"])))
+            triples.add((p.get("host_ip", ""), int(p["published"]), int(p["target"])))
         else:
-            published, target = str(p).rsplit(":", 2)[-2:]
-            pairs.add((int(published), int(target)))
-    return pairs
+            *host, published, target = str(p).split("/")[0].split(":")
+            triples.add((host[0] if host else "", int(published), int(target)))
+    return triples
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +323,15 @@ class TestCompose:
         result = run(tool("docker-compose"), *COMPOSE_VARIANTS[variant], "config", "-q")
         assert result.returncode == 0, result.stderr
 
+    @pytest.mark.parametrize("secret", sorted(COMPOSE_SECRETS))
+    def test_the_stack_refuses_to_start_without_its_secrets(self, secret):
+        env = {k: v for k, v in {**os.environ, **COMPOSE_SECRETS}.items() if k != secret}
+        result = run(tool("docker-compose"), "config", "-q", env=env)
+        assert result.returncode != 0 and secret in result.stderr, result.stderr
+
+    def test_the_api_requires_its_key(self, compose):
+        assert compose["services"]["api"]["environment"]["DIGITSERVE_API_KEY"] == COMPOSE_SECRETS["DIGITSERVE_API_KEY"]
+
     @pytest.mark.parametrize("breakage", ["unknown key", "bad indent"])
     def test_config_rejects_a_broken_copy(self, tmp_path, breakage):
         text = COMPOSE.read_text()
@@ -361,7 +397,9 @@ class TestCompose:
         grafana = services["grafana"]
         env = grafana["environment"]
         assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
-        assert (3000, 3000) in published_ports(grafana)
+        assert env["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_SECRETS["GRAFANA_ADMIN_PASSWORD"]
+        assert published_on(grafana) == {("127.0.0.1", 3000, 3000)}  # dashboards not open to the world
+        assert published_on(services["prometheus"]) == {("127.0.0.1", 9090, 9090)}
         provider = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/dashboards.yml").read_text())
         assert mounts(grafana)[str(GRAFANA_DIR / "dashboards")] == provider["providers"][0]["options"]["path"]
         assert mounts(grafana)[str(GRAFANA_DIR / "provisioning")] == "/etc/grafana/provisioning"
@@ -470,9 +508,18 @@ def promql_problems(expr: str) -> list[str]:
     return problems
 
 
+def dashboard_panels() -> list[dict]:
+    """Every panel of the dashboard, rows and the panels a collapsed row holds included."""
+    def walk(panels):
+        for panel in panels:
+            yield panel
+            yield from walk(panel.get("panels", []))
+
+    return list(walk(json.loads(DASHBOARD.read_text())["panels"]))
+
+
 def dashboard_targets() -> list[tuple[str, dict]]:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(p["title"], t) for p in panels for t in p.get("targets", [])]
+    return [(p["title"], t) for p in dashboard_panels() for t in p.get("targets", [])]
 
 
 class TestMetricNames:
@@ -504,9 +551,12 @@ class TestGrafana:
     def test_dashboard_panels_all_query_prometheus(self):
         dashboard = json.loads(DASHBOARD.read_text())
         assert dashboard["uid"] == "digitserve"
-        panels = dashboard["panels"]
+        panels = dashboard_panels()
         assert len({p["id"] for p in panels}) == len(panels)
         for panel in panels:
+            if panel["type"] == "row":  # a row's header: no query of its own
+                assert not panel.get("targets") and panel["gridPos"]["w"] == 24, panel["title"]
+                continue
             assert panel.get("targets"), f"panel {panel['title']!r} has no target"
             assert panel["datasource"]["uid"] == "prometheus", panel["title"]
             for target in panel["targets"]:
@@ -520,6 +570,31 @@ class TestGrafana:
             assert (f"histogram_quantile({quantile}, sum by (le, endpoint) "
                     "(rate(digitserve_request_duration_seconds") in used
         assert 'status=~"4.."' in used and 'status=~"5.."' in used
+        for name in UNVERSIONED_METRICS:
+            assert name in used, f"no panel shows {name}"
+        # a row each for the versions, overload and workers, and the process tree, over what they need
+        rows = {p["title"] for p in dashboard_panels() if p["type"] == "row"}
+        assert {"Versions", "Overload and workers", "Processes"} <= rows, rows
+        for shown in ("by (version) (rate(digitserve_requests_total",  # what each version computed
+                      "by (version, result) (digitserve_version_loads_total",
+                      "by (endpoint, reason) (rate(digitserve_refusals_total",
+                      "by (pool) (digitserve_queue_wait_estimate_seconds", "by (pool) (digitserve_workers_ready",
+                      "by (pool, reason) (increase(digitserve_worker_restarts_total",
+                      "by (process, pid) (digitserve_process_resident_memory_bytes",
+                      "by (process, pid) (rate(digitserve_process_cpu_seconds_total",  # a counter: its rate
+                      "by (process, pid) (digitserve_process_open_fds"):
+            assert shown in used, f"no panel shows {shown}"
+
+    def test_dashboard_panels_do_not_overlap(self):
+        """Grafana's grid is 24 columns wide; two panels on the same cells hide each other."""
+        taken: dict[tuple[int, int], str] = {}
+        for panel in json.loads(DASHBOARD.read_text())["panels"]:
+            grid = panel["gridPos"]
+            assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+            for cell in ((x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                         for y in range(grid["y"], grid["y"] + grid["h"])):
+                assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+                taken[cell] = panel["title"]
 
 
 # ---- the image's command, run as a local process ------------------------------------------------
@@ -574,7 +649,8 @@ class TestImageCommand:
     def test_live_metrics_cover_the_alerts_and_dashboard(self, image_server):
         url = f"http://127.0.0.1:{image_server['port']}"
         one = [[255 if 4 <= row <= 23 and 13 <= col <= 15 else 0 for col in range(28)] for row in range(28)]
-        response = httpx.post(f"{url}/predict", json={"instances": [{"pixels": one}, {"pixels": one}]}, timeout=60)
+        response = httpx.post(f"{url}/predict", json={"instances": [{"pixels": one}, {"pixels": one}]}, timeout=60,
+                              headers={"X-API-Key": COMPOSE_SECRETS["DIGITSERVE_API_KEY"]})
         assert response.status_code == 200, response.text
         exposed = set()
         for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
