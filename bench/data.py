@@ -1,13 +1,27 @@
-"""Request bodies made from real MNIST test digits, PNG-encoded the way a client would send them."""
+"""Request bodies made from real MNIST test digits, PNG-encoded the way a client would send them.
+
+Two formats. JSON bodies (``<kind>.jsonl``, bench/wrk/post.lua): one body per line. Open Inference Protocol
+(V2) bodies with binary tensors (``<kind>.bin``, bench/wrk/binary.lua): records of an ASCII line
+``<body bytes> <JSON header bytes>\\n`` followed by the body, as tritonclient builds it (JSON header, then
+the raw tensor; no ``outputs``, so ``"binary_data_output": true``, tritonclient's default).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from harness.server import ROOT, b64, encode
 from service.model.data import load_mnist
+
+V2_KINDS = ("v2-fp32-single", "v2-fp32-batch", "v2-png-single", "v2-png-batch")
+V2_HEADERS = {"Content-Type": "application/octet-stream"}  # plus Inference-Header-Content-Length per body
 
 
 def data_dir() -> Path:
@@ -21,19 +35,63 @@ def mnist_pngs(n: int) -> tuple[list[bytes], list[int]]:
     return [encode(image.numpy()) for image in images[:n]], labels[:n].tolist()
 
 
+def digits_of(kind: str, n_images: int, batch: int = 32) -> list[list[int]]:
+    """Which digits (indices into the PNGs) each body of ``kind`` holds: one each for single-image kinds,
+    ``batch`` consecutive ones, wrapping round, for ``*batch`` kinds."""
+    if kind.endswith("batch"):
+        return [[(b * batch + k) % n_images for k in range(batch)] for b in range(n_images // batch or 1)]
+    return [[i] for i in range(n_images)]
+
+
 def write_bodies(folder: Path, pngs: list[bytes], batch: int = 32, **explain: dict) -> dict[str, Path]:
-    """One JSON body per line, per kind: ``single`` (one image), ``batch`` (``batch`` consecutive images,
-    wrapping round) and one file per ``explain`` entry (name -> extra fields beside the single image)."""
+    """The bodies files, per kind: ``single`` (one image), ``batch`` (``batch`` consecutive images, wrapping
+    round) and one file per ``explain`` entry (name -> extra fields beside the single image), as JSON lines;
+    and the V2 kinds (``V2_KINDS``: FP32 ``pixels`` or BYTES ``image``, single or batch) as binary records."""
     instances = [{"image_b64": b64(png)} for png in pngs]
-    n_batches = len(pngs) // batch or 1
     kinds = {
-        "single": [{"instances": [i]} for i in instances],
-        "batch": [{"instances": [instances[(b * batch + k) % len(instances)] for k in range(batch)]}
-                  for b in range(n_batches)],
+        "single": [{"instances": [instances[i] for i in d]} for d in digits_of("single", len(pngs))],
+        "batch": [{"instances": [instances[i] for i in d]} for d in digits_of("batch", len(pngs), batch)],
         **{name: [{"instances": [i], **fields} for i in instances] for name, fields in explain.items()},
     }
     files = {}
     for kind, bodies in kinds.items():
         files[kind] = folder / f"{kind}.jsonl"
         files[kind].write_text("".join(json.dumps(body, separators=(",", ":")) + "\n" for body in bodies))
+    for kind in V2_KINDS:
+        files[kind] = folder / f"{kind}.bin"
+        with files[kind].open("wb") as out:
+            for digits in digits_of(kind, len(pngs), batch):
+                body, header_length = v2_body(kind, [pngs[i] for i in digits])
+                out.write(b"%d %d\n" % (len(body), header_length) + body)
     return files
+
+
+def v2_body(kind: str, pngs: list[bytes]) -> tuple[bytes, int]:
+    """One V2 infer body for these pictures, built by tritonclient: FP32 ``pixels`` [N,784] in 0..1 (the PNG's
+    own pixels, which are MNIST's: the PNG is lossless) or BYTES ``image`` [N] (the PNGs), both as binary data.
+    Returns the body and the length of its JSON header."""
+    import tritonclient.http as triton  # a test dependency, like httpx
+
+    if kind.startswith("v2-fp32"):
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("L")) for png in pngs])
+        tensor = triton.InferInput("pixels", [len(pngs), 784], "FP32")
+        tensor.set_data_from_numpy(pixels.reshape(len(pngs), 784).astype(np.float32) / 255, binary_data=True)
+    else:
+        tensor = triton.InferInput("image", [len(pngs)], "BYTES")
+        tensor.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    body, header_length = triton.InferenceServerClient.generate_request_body([tensor])
+    return body, header_length
+
+
+def read_bodies(path: Path) -> Iterator[tuple[bytes, dict[str, str]]]:
+    """Each body of a bodies file with the headers it is sent with (what post.lua and binary.lua send)."""
+    if path.suffix != ".bin":
+        with path.open("rb") as f:
+            yield from ((line.rstrip(b"\n"), {"Content-Type": "application/json"}) for line in f if line.strip())
+        return
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+        end = data.index(b"\n", offset)
+        size, header_length = (int(v) for v in data[offset:end].split())
+        yield data[end + 1:end + 1 + size], {**V2_HEADERS, "Inference-Header-Content-Length": str(header_length)}
+        offset = end + 1 + size

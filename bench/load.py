@@ -1,25 +1,31 @@
-"""Drive a server with wrk (bench/wrk/post.lua) and turn wrk's summary into the numbers we report."""
+"""Drive a server with wrk (bench/wrk/post.lua for JSON bodies, bench/wrk/binary.lua for binary V2 bodies),
+turn wrk's summary into the numbers we report, and check that V2 answers are right before they are timed."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
+from bench.data import digits_of, read_bodies
 from harness.server import Server
 
-LUA = Path(__file__).resolve().parent / "wrk" / "post.lua"
+WRK = Path(__file__).resolve().parent / "wrk"
+LUA = WRK / "post.lua"  # JSON bodies, one a line
+LUA_BINARY = WRK / "binary.lua"  # length-prefixed binary records (bench.data.write_bodies' .bin files)
+MIN_ACCURACY = 0.95  # of the labels against MNIST's; the committed model gets ~99% of the first 1,000 test digits
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    path: str  # /predict or /explain
-    bodies: str  # which bodies file (bench.data.write_bodies kind)
+    path: str  # /predict, /explain or V2's /v2/models/mnist-fnn/infer
+    bodies: str  # which bodies file (bench.data.write_bodies kind; V2 kinds are binary records)
     connections: int
     images_per_request: int = 1
     servers: tuple[str, ...] = ("digitserve", "baseline")
@@ -37,12 +43,17 @@ def wrk(url: str, bodies: Path, connections: int, seconds: float, s: LoadSetting
     """One wrk run; the Lua script's summary line as a dict (latencies in microseconds)."""
     threads = min(s.wrk_threads, connections)
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-               "--timeout", f"{s.wrk_timeout_s:g}s", "--latency", "-s", str(LUA), url, "--", str(bodies)]
+               "--timeout", f"{s.wrk_timeout_s:g}s", "--latency", "-s", str(script(bodies)), url, "--", str(bodies)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + s.wrk_timeout_s + 60)
     line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return json.loads(line.removeprefix("BENCH_JSON "))
+
+
+def script(bodies: Path) -> Path:
+    """The wrk script for a bodies file: binary records (``.bin``) or JSON lines."""
+    return LUA_BINARY if bodies.suffix == ".bin" else LUA
 
 
 def totals(raw: dict) -> tuple[float, int]:
@@ -53,12 +64,11 @@ def totals(raw: dict) -> tuple[float, int]:
 def settle(port: int, path: str, bodies: Path, timeout: float) -> float:
     """POST one body and wait for its answer (seconds taken). wrk leaves requests in flight when a run ends;
     the server still answers them, so without this the warm-up's leftovers would eat into the measured run."""
-    with bodies.open() as f:
-        body = f.readline().strip()
+    body, headers = next(read_bodies(bodies))
     started = time.monotonic()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        connection.request("POST", path, body, headers)
         connection.getresponse().read()
     except (OSError, http.client.HTTPException):
         pass  # the measured run will show what is wrong
@@ -68,15 +78,18 @@ def settle(port: int, path: str, bodies: Path, timeout: float) -> float:
 
 
 def measure(server: Server, name: str, workload: Workload, bodies: Path, s: LoadSettings) -> dict:
-    """Warm up, let the server settle, then a measured run with the tree's PSS sampled meanwhile.
-    Raises ServerDied if the server exited."""
+    """Warm up, let the server settle, then a measured run with the tree's PSS sampled meanwhile and its CPU
+    time (every process of the tree) read before and after. Raises ServerDied if the server exited."""
     url = f"{server.url}{workload.path}"
     if s.warmup_s > 0:
         wrk(url, bodies, workload.connections, s.warmup_s, s)
     settle_s = settle(server.port, workload.path, bodies, s.wrk_timeout_s + 30)
     procs.check_alive(server, name)
+    ticks, started = procs.tree_cpu_ticks(server.process.pid), time.monotonic()
     with procs.PssSampler(server.process.pid, interval=max(0.5, s.duration_s / 4)) as pss:
         raw = wrk(url, bodies, workload.connections, s.duration_s, s)
+    cpu_s = (procs.tree_cpu_ticks(server.process.pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    window_s = time.monotonic() - started
     procs.check_alive(server, name)
     req_s, errors = totals(raw)
     stalled = raw["requests"] == 0  # no answer at all in the window (wrk counts a timeout only after --timeout)
@@ -89,6 +102,60 @@ def measure(server: Server, name: str, workload: Workload, bodies: Path, s: Load
         "stalled": stalled,
         "healthy_after": procs.healthy(server.port) if stalled else True,
         "pss_mb": pss.peak / 1e6,
+        # the whole server tree's CPU (API servers, workers, main...) over the run, per answered request
+        "cpu_ms_per_req": None if stalled else 1000 * cpu_s / raw["requests"],
+        "cpu_cores": cpu_s / window_s,
         "settle_s": settle_s,
         "wrk": raw,
     }
+
+
+def verify_v2(port: int, path: str, bodies: Path, labels: list[int], batch: int = 32, timeout: float = 30) -> dict:
+    """Send every body of a V2 bodies file once and read each answer with tritonclient's own parser: each must be
+    200 with ``label`` INT64 [N] and ``probabilities`` FP32 [N,10] (rows summing to 1, argmax = label), and the
+    labels must match MNIST's for at least ``MIN_ACCURACY`` of the digits. ``{"ok", "bodies", "accuracy",
+    "problems"}``; a benchmark of wrong answers proves nothing, so a workload that fails this is not timed."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    kind = bodies.name.removesuffix(".bin")
+    expected = digits_of(kind, len(labels), batch)
+    problems: list[str] = []
+    right = total = sent = 0
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        for (body, headers), digits in zip(read_bodies(bodies), expected):
+            sent += 1
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                problems.append(f"body {sent - 1}: {response.status} {answer[:200]!r}")
+                continue
+            length = response.getheader("Inference-Header-Content-Length")
+            try:
+                result = triton.InferenceServerClient.parse_response_body(
+                    answer, header_length=int(length) if length else None)
+                label, probabilities = result.as_numpy("label"), result.as_numpy("probabilities")
+            except Exception as e:  # tritonclient raises its own exceptions, or a decoding error
+                problems.append(f"body {sent - 1}: tritonclient cannot read the answer: {e!r}"[:300])
+                continue
+            n = len(digits)
+            if (label is None or probabilities is None or label.dtype != np.int64 or label.shape != (n,)
+                    or probabilities.dtype != np.float32 or probabilities.shape != (n, 10)
+                    or not np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+                    or not (probabilities.argmax(axis=1) == label).all()):
+                problems.append(f"body {sent - 1}: outputs {result.get_response().get('outputs')}"[:300])
+                continue
+            right += int((label == np.array([labels[i] for i in digits])).sum())
+            total += n
+    except (OSError, http.client.HTTPException) as e:
+        problems.append(f"body {sent - 1}: {e!r}")
+    finally:
+        connection.close()
+    accuracy = right / total if total else 0.0
+    if sent != len(expected):
+        problems.append(f"{sent} bodies sent of {len(expected)}")
+    if accuracy < MIN_ACCURACY:
+        problems.append(f"labels right for {accuracy:.1%} of {total} digits (at least {MIN_ACCURACY:.0%} expected)")
+    return {"ok": not problems, "bodies": sent, "digits": total, "accuracy": accuracy, "problems": problems[:10]}

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from harness.server import ROOT, Server, free_port
 
-# server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults
-SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme"}
+# server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults.
+# The ceiling is no model server: the HTTP stack alone, answering a fixed /predict answer (bench/ceiling.py).
+SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme", "ceiling": "bench.ceiling"}
 _live: set[Server] = set()
 
 
@@ -108,6 +109,19 @@ def cpu_ticks(pid: int) -> int:
     """User + system time of ``pid`` in clock ticks (/proc/<pid>/stat fields 14 and 15)."""
     fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     return int(fields[11]) + int(fields[12])
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    """User + system time of ``pid`` and all its descendants, in clock ticks: each live process's own time
+    (/proc/<pid>/stat fields 14, 15) plus that of its children that exited and were reaped (16, 17)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = _stat_fields(Path(f"/proc/{p}/stat"))
+        except OSError:
+            continue  # gone meanwhile
+        total += sum(int(v) for v in fields[11:15])
+    return total
 
 
 def roles(server: Server) -> dict[int, str]:

@@ -1,10 +1,14 @@
 """``make bench``: digitserve (default configuration) against the LitServe-README baseline, under wrk.
 
-Each round starts both servers fresh, one after the other (the order flips every round), timing each
-cold start, then runs every workload on one server and at once on the other (warm-up, then measured,
-PSS of each process tree sampled meanwhile), and stops them. Medians over rounds, the issue's targets
-(PASS/FAIL; the benchmark never fails the build) and a Markdown table go to stdout, progress to stderr,
-everything raw to bench/results/<date>.json and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
+Each round starts the servers fresh, one after the other (the order flips every round), timing each
+cold start, then runs every workload on one server and at once on the others (warm-up, then measured,
+PSS of each process tree sampled and its CPU time read meanwhile), and stops them. Besides the baseline,
+the ceiling (bench/ceiling.py: uvicorn answering a fixed /predict answer, no model) runs predict-1img@64,
+and digitserve alone runs the Open Inference Protocol (V2) workloads, binary FP32 pixels and BYTES PNGs,
+whose every body is sent once first and its answer checked (tritonclient's parser, labels against MNIST's).
+Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never fails the build) and a Markdown
+table go to stdout and bench/results/<date>.md, progress to stderr, everything raw to bench/results/<date>.json
+and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
 
 Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_S (3),
 BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
@@ -32,16 +36,25 @@ import torch
 
 from bench import procs, report
 from bench.data import mnist_pngs, write_bodies
-from bench.load import LoadSettings, Workload, measure
+from bench.load import LoadSettings, Workload, measure, verify_v2
 from harness.server import ROOT, Server
 
 RESULTS = ROOT / "bench" / "results"
 EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
                    (("saliency", {}), ("gradient_x_input", {}), ("integrated_gradients", {"steps": 32}))}
+V2_INFER = "/v2/models/mnist-fnn/infer"
+DS = ("digitserve",)
+# Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
 WORKLOADS = [
-    *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8, 64, 128)),
+    *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8)),
+    Workload("predict-1img@64", "/predict", "single", 64, servers=("digitserve", "baseline", "ceiling")),
+    Workload("v2-fp32-1img@64", V2_INFER, "v2-fp32-single", 64, servers=DS),
+    Workload("v2-png-1img@64", V2_INFER, "v2-png-single", 64, servers=DS),
+    Workload("predict-1img@128", "/predict", "single", 128),
     Workload("predict-32img@8", "/predict", "batch", 8, images_per_request=32),
-    *(Workload(f"explain-{m}@1", "/explain", m, 1, servers=("digitserve",)) for m in EXPLAIN_METHODS),
+    Workload("v2-fp32-32img@8", V2_INFER, "v2-fp32-batch", 8, images_per_request=32, servers=DS),
+    Workload("v2-png-32img@8", V2_INFER, "v2-png-batch", 8, images_per_request=32, servers=DS),
+    *(Workload(f"explain-{m}@1", "/explain", m, 1, servers=DS) for m in EXPLAIN_METHODS),
 ]
 
 
@@ -83,21 +96,21 @@ def machine_info() -> dict:
     }
 
 
-def bench_round(order: list[str], files: dict[str, Path], first_label: int, log_dir: Path, s: LoadSettings) -> dict:
-    """Both servers started fresh (each cold start timed), then every workload on each in turn, back to back.
-    This machine's speed drifts over minutes; a workload's two runs are then seconds apart, not the
-    minutes one server's whole set takes, so the drift moves both alike. A failure is recorded, never raised."""
+def bench_round(order: list[str], files: dict[str, Path], labels: list[int], log_dir: Path, s: LoadSettings) -> dict:
+    """Every server started fresh (each cold start timed), then every workload on each in turn, back to back.
+    This machine's speed drifts over minutes; a workload's runs are then seconds apart, not the
+    minutes one server's whole set takes, so the drift moves them alike. A failure is recorded, never raised."""
     results: dict[str, dict] = {name: {"workloads": {}} for name in order}
     live: dict[str, Server] = {}
     try:
         for name in order:
             with _recorded_failure(name, results[name], live):
-                _start(name, files, first_label, log_dir, results[name], live)
+                _start(name, files, labels[0], log_dir, results[name], live)
         for w in WORKLOADS:
             for name in order:
                 if name in w.servers and name in live:
                     with _recorded_failure(name, results[name], live):
-                        _measure(name, w, files, s, results[name], live)
+                        _measure(name, w, files, labels, s, results[name], live)
     finally:
         for name, server in live.items():
             stopping = time.monotonic()
@@ -131,19 +144,29 @@ def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, r
     answer = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"}, timeout=30)
     result["sanity"] = {"status": answer.status_code, "label_ok": answer.status_code == 200
                         and answer.json()["predictions"][0]["label"] == first_label}
+    if name == "ceiling":
+        result["sanity"]["fixed_answer"] = True  # the same answer whatever it is sent: its label proves nothing
     if not result["sanity"]["label_ok"]:
         log(f"  {name}: WARNING: first digit answered {answer.status_code} {answer.text[:200]}")
 
 
-def _measure(name: str, w: Workload, files: dict[str, Path], s: LoadSettings, result: dict,
+def _measure(name: str, w: Workload, files: dict[str, Path], labels: list[int], s: LoadSettings, result: dict,
              live: dict[str, Server]) -> None:
+    if w.path.startswith("/v2/"):
+        checked = result.setdefault("verified", {})[w.name] = verify_v2(live[name].port, w.path, files[w.bodies],
+                                                                         labels, timeout=s.wrk_timeout_s + 30)
+        if not checked["ok"]:
+            log(f"  {name} {w.name}: NOT MEASURED, wrong answers: {'; '.join(checked['problems'])}")
+            return
+        log(f"  {name} {w.name}: {checked['bodies']} bodies checked, labels right for {checked['accuracy']:.1%}")
     m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
     if m["stalled"]:
         log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
             f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
     else:
         log(f"  {name} {w.name}: {m['req_s']:,.0f} req/s, p50 {m['p50_ms']:.1f} ms, "
-            f"p99 {m['p99_ms']:.1f} ms, {m['errors']} errors, PSS {m['pss_mb']:,.0f} MB")
+            f"p99 {m['p99_ms']:.1f} ms, {m['errors']} errors, CPU {m['cpu_ms_per_req']:.3f} ms/req "
+            f"({m['cpu_cores']:.2f} cores), PSS {m['pss_mb']:,.0f} MB")
 
 
 def main() -> int:
@@ -170,12 +193,12 @@ def main() -> int:
             for r in range(n_rounds):
                 order = list(procs.SERVERS)[:: 1 if r % 2 == 0 else -1]
                 log(f"round {r + 1}/{n_rounds}: {' then '.join(order)}")
-                servers = bench_round(order, files, labels[0], Path(work), s)
+                servers = bench_round(order, files, labels, Path(work), s)
                 results["rounds"].append({"round": r + 1, "servers": servers})
         finally:
             procs.stop_all()
     results["medians"] = med = report.medians(results["rounds"], WORKLOADS)
-    results["targets"] = checks = report.targets(med)
+    results["targets"] = checks = report.targets(med, results["rounds"])
     results["machine"]["load_average_end"] = os.getloadavg()
     results["elapsed_s"] = time.monotonic() - started
 
@@ -185,8 +208,10 @@ def main() -> int:
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, stem.with_suffix(".json"))
     report.plot(med, WORKLOADS, stem.with_suffix(".png"))
-    log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')} ({results['elapsed_s']:.0f} s)")
-    print(report.markdown(med, WORKLOADS, checks, results["micro"], results["machine"]))
+    table = report.markdown(med, WORKLOADS, checks, results["micro"], results["machine"])
+    stem.with_suffix(".md").write_text(table + "\n")
+    log(f"wrote {stem}.{{json,md,png}} ({results['elapsed_s']:.0f} s)")
+    print(table)
     return 0
 
 

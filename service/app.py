@@ -11,6 +11,7 @@ from importlib.metadata import version
 
 from service import metrics
 from service.config import Settings
+from service.http import page
 from service.http.admin import Admin
 from service.http.admission import Admission
 from service.http.auth import ApiKey
@@ -29,7 +30,7 @@ from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
 from service.supervisor import Supervisor
-from service.versions import Board
+from service.versions import Board, SetupFailures
 from service.worker.stages import ExplainAPI, PredictAPI
 
 log = logging.getLogger("digitserve")
@@ -40,8 +41,8 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     ``model``'s version first; ``skipped`` are the higher versions start-up passed over, and why."""
     pools = settings.pools()
     magic = new_magic()
-    admission = Admission(list(pools), settings.api_servers, settings.max_queued_requests)
-    requests = {pool: RequestPipes(size, settings.api_servers, magic, admission.counts[pool])
+    admission = Admission(settings)
+    requests = {pool: RequestPipes(size, settings.api_servers, magic, admission.counts[pool], admission.costs[pool])
                 for pool, size in pools.items()}
     answers = AnswerPipes(pools, settings.api_servers, magic)
     dispatcher = Dispatcher(requests, answers)
@@ -50,13 +51,15 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions)
     routes = Routes(settings, device, admission, versions)
     posts, gets = _routes(plane, routes, versions)
+    failures = SetupFailures(list(pools))
     parts = Parts(
         settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
         listeners=Listeners(settings.host, settings.port), shares=ConnectionShares(settings.api_servers),
-        supervisor=Supervisor(settings, admission, requests, answers), routes=routes, posts=posts, gets=gets,
-        device=device, board=board, watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
+        supervisor=Supervisor(settings, admission, requests, answers, failures), routes=routes, posts=posts,
+        gets=gets, device=device, board=board,
+        watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
     )
-    return Server([PredictAPI(settings, board), ExplainAPI(settings, board)], parts)
+    return Server([PredictAPI(settings, board, failures), ExplainAPI(settings, board, failures)], parts)
 
 
 def _board(settings: Settings, model: LoadedModel, skipped: dict[int, str]) -> Board:
@@ -67,14 +70,13 @@ def _board(settings: Settings, model: LoadedModel, skipped: dict[int, str]) -> B
                    files=files_signature(settings.store, settings.model, version_skipped))
         metrics.labelled(metrics.VERSION_LOADS, str(version_skipped), "skipped").inc()
         log.warning("not serving v%d: %s", version_skipped, reason)
-    metrics.SERVING.set(model.version)
-    metrics.CANARY_SHARE.set(0)
+    metrics.start(list(settings.pools()), model.version)
     return board
 
 
 def _routes(plane: DataPlane, routes: Routes, versions: VersionControl) -> tuple[list[Post], list[Get]]:
     """Every route: the native ones, KServe V1 and the Open Inference Protocol (V2), over one data plane;
-    and the admin API when there is an admin key."""
+    the page; and the admin API when there is an admin key."""
     settings = plane.settings
     predict, explain = Native(plane, "/predict", PredictOptions), Native(plane, "/explain", ExplainOptions)
     served = Served(settings.model, versions, routes.is_ready)
@@ -100,6 +102,8 @@ def _routes(plane: DataPlane, routes: Routes, versions: VersionControl) -> tuple
         Get("/v2/models/{name}/versions/{version}/ready", v2.model_ready, "Open Inference Protocol: model readiness"),
         Get("/v1/models", v1.models, "KServe V1: the models served"),
         Get("/v1/models/{name}", v1.model, "KServe V1: model readiness"),
+        Get("/", page.index, "the page: draw a digit, see the prediction and why", documented=False),
+        Get("/page/{name}", page.asset, "the page's script, style sheet and icon", documented=False),
     ]
     if settings.admin_key is not None:
         gets += Admin(settings.admin_key, versions, settings.model).routes()

@@ -74,6 +74,14 @@ class Settings(Limits):
     max_queued_requests: int = Field(
         512, ge=1, le=100_000, description="requests admitted but not yet answered, all API servers; past it: 503"
     )
+    max_queue_wait_ms: float = Field(
+        200, gt=0, le=600_000, description="refuse a /predict request (503) that would wait longer than this")
+    explain_max_queue_wait_ms: float = Field(
+        2000, gt=0, le=600_000, description="refuse an /explain request (503) that would wait longer than this")
+    read_timeout_s: float = Field(
+        10, gt=0, le=3600, description="a request's headers and body must arrive within this (408 and close)")
+    max_connections: int = Field(
+        1024, ge=1, le=100_000, description="open connections per API server; past it a 503 and close")
     api_key: SecretStr | None = Field(None, description="when set, /predict and /explain require it (never logged)")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600,
                                     description="on SIGTERM, how long in-flight requests may finish")

@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,10 +30,12 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ACCESS_LOG = logging.getLogger("digitserve.access")
+_PAGE, _TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
 _SANE_ID = re.compile(r"[\w.:-]{1,128}")
 ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics",
              "/v2": "v2_server", "/v2/health/live": "v2_health", "/v2/health/ready": "v2_health",
@@ -68,6 +71,12 @@ CANARY_SHARE = Gauge("digitserve_canary_share", "Share of unpinned requests rout
 VERSION_LOADS = Counter("digitserve_version_loads_total",
                         "Version loads by result: loaded (in every worker), failed, skipped (at start-up)",
                         ["version", "result"])
+REFUSALS = Counter("digitserve_refusals_total",
+                   "Requests refused by admission, by reason: queue_full, queue_wait, deadline, draining",
+                   ["endpoint", "reason"])
+WORKER_RESTARTS = Counter("digitserve_worker_restarts_total",
+                          "Model workers replaced, by pool and why: died (after set-up) or failed_start",
+                          ["pool", "reason"])
 MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves", ["name", "version", "device"],
                    multiprocess_mode="livemax")
 
@@ -79,11 +88,53 @@ def labelled(metric: Counter | Gauge | Histogram, *values: str) -> Any:
     return metric.labels(*values)
 
 
-def render() -> Response:
-    """The sum over every process's samples, in Prometheus text format."""
+def render(live: Callable[[], Iterable[Metric]] | None = None) -> Response:
+    """The sum over every process's samples, and what is read live at this moment (``live``), in
+    Prometheus text format."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    if live is not None:
+        registry.register(_Live(live))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Live:
+    def __init__(self, collect: Callable[[], Iterable[Metric]]):
+        self.collect = collect
+
+
+def process_tree(root: int) -> Iterable[Metric]:
+    """Memory, CPU and open files of every process from ``root`` down (read from /proc at each scrape):
+    ``process`` is main, worker (spawned model workers) or forked (API servers, LitServe's manager)."""
+    labels = ["process", "pid"]
+    memory = GaugeMetricFamily("digitserve_process_resident_memory_bytes", "Resident memory", labels=labels)
+    cpu = CounterMetricFamily("digitserve_process_cpu_seconds", "CPU time, user and system", labels=labels)
+    files = GaugeMetricFamily("digitserve_process_open_fds", "Open file descriptors", labels=labels)
+    for pid in _descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            spawned = b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:  # it ended while we looked
+            continue
+        values = ["main" if pid == root else "worker" if spawned else "forked", str(pid)]
+        memory.add_metric(values, int(fields[21]) * _PAGE)
+        cpu.add_metric(values, (int(fields[11]) + int(fields[12])) / _TICKS)
+        files.add_metric(values, fds)
+    return [memory, cpu, files]
+
+
+def _descendants(root: int) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):  # every thread's children (a thread may spawn)
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def observe_forward(endpoint: str, version: str, arrivals: list[float], images: int, started: float) -> None:
@@ -132,13 +183,16 @@ class MetricsMiddleware:
             return
         endpoint = scope.get("state", {}).get("endpoint") or endpoint_of(scope["path"])
         started = time.monotonic()
+        scope.setdefault("state", {})["arrived"] = started  # the queue's clock starts here (service.http.admission)
         status = 500  # if the app fails before sending headers, that is what the client sees
         request_id = _request_id(scope)
 
+        started_response = False
+
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -149,8 +203,30 @@ class MetricsMiddleware:
         finally:
             state = scope.get("state", {})
             version = str(state.get("version", arrived_on))
+            if not started_response:  # nothing was sent (a client gone, a read timed out): what the book says
+                status = state.get("status", status)
             BOOK.answered(Answered(endpoint, version, status, time.monotonic() - started, time.time(), request_id,
-                                   scope["method"], state.get("batch_size"), arrived_on))
+                                   scope["method"], state.get("batch_size"), arrived_on, state.get("detail"),
+                                   state.get("refusal")))
+
+
+def start(pools: list[str], serving: int) -> None:
+    """In the main process, at start: the series that dashboards and alerts read exist from the first
+    scrape, at 0, not only once a refusal or a restart happened."""
+    SERVING.set(serving)
+    CANARY_SHARE.set(0)
+    for pool in pools:
+        for reason in ("died", "failed_start"):
+            labelled(WORKER_RESTARTS, pool.strip("/"), reason)
+        for reason in ("queue_full", "queue_wait", "deadline", "draining"):
+            labelled(REFUSALS, pool.strip("/"), reason)
+    for reason in ("read_timeout", "too_many_connections"):
+        labelled(REFUSALS, "connection", reason)
+
+
+def refused_connection(reason: str) -> None:
+    """A connection closed before any request on it could be answered (read timeout, too many connections)."""
+    labelled(REFUSALS, "connection", reason).inc()
 
 
 def endpoint_of(path: str) -> str:
@@ -172,6 +248,8 @@ class Answered(NamedTuple):
     method: str
     batch_size: int | None
     arrived_on: str  # the version served when it arrived: its in-flight gauge's label
+    detail: str | None = None  # an error's detail, for the access log
+    refusal: str | None = None  # why admission refused it, for digitserve_refusals_total
 
 
 class RequestBook:
@@ -212,6 +290,9 @@ class RequestBook:
             latencies[r.endpoint, r.version].append(r.seconds)
         for key, seconds in latencies.items():
             observe_many(labelled(REQUEST_SECONDS, *key), np.asarray(seconds))
+        refusals = collections.Counter((r.endpoint, r.refusal) for r in done if r.refusal)
+        for (endpoint, reason), count in refusals.items():
+            labelled(REFUSALS, endpoint, reason).inc(count)
         api = [r for r in done if r.endpoint in INFERENCE]
         rest = [r for r in done if r.endpoint not in INFERENCE]
         for level, logged in ((logging.INFO, api), (logging.DEBUG, rest)):
@@ -226,6 +307,8 @@ def _log_line(r: Answered) -> str:
     """``{"ts": "2026-11-28 07:30:00,123", "log": {...}}``: logging's default time format, without a record per line."""
     fields = {"request_id": r.request_id, "method": r.method, "endpoint": r.endpoint, "status": r.status,
               "latency_ms": round(r.seconds * 1000, 2), "model_version": r.version, "batch_size": r.batch_size}
+    if r.detail is not None:  # what was wrong (never image data or headers: details name the instance)
+        fields["detail"] = r.detail[:300]
     return f'{{"ts": "{_second(int(r.at))},{int(r.at % 1 * 1000):03d}", "log": {orjson.dumps(fields).decode()}}}'
 
 

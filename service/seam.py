@@ -25,8 +25,9 @@ Hooks (LitServe 0.2.19): why we override each, and what upstream change would le
 - ``_prepare_app_run``: per API server, just before its fork: its socket and its slot in the
   shared counters. Delete with a public per-server start hook.
 - ``launch_single_inference_worker``: the monitor calls it to replace a dead worker; the dead
-  worker's requests are answered first (``Supervisor.worker_died``). Delete with a
-  worker-died callback.
+  worker's requests are answered first (``Supervisor.worker_died``), and a worker that keeps
+  failing its set-up is not replaced for ever: the service stops with the reason. Delete with a
+  worker-died callback and a restart limit.
 - ``verify_worker_status``: HTTP starts at once, and /health answers 503 while workers load
   (instead of connection refused). Delete with an option not to wait for a ready worker.
 - ``_perform_graceful_shutdown``: lame duck, drain, then stop in order (``Supervisor.stop``).
@@ -195,7 +196,9 @@ class Server(ls.LitServer):
         settings = self.parts.settings
         self.run(host="::" if ":" in settings.host else "0.0.0.0", port=settings.port,
                  num_api_servers=settings.api_servers, log_level=settings.log_level, generate_client_file=False,
-                 access_log=False, http=balanced_protocol(self.parts.shares), server_header=False,
+                 access_log=False, http=balanced_protocol(self.parts.shares, settings.read_timeout_s,
+                                                          settings.max_connections, metrics.refused_connection),
+                 server_header=False,
                  proxy_headers=False)  # nothing uses the client's address or scheme, all X-Forwarded-* changes
 
     def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any) -> None:
@@ -220,8 +223,17 @@ class Server(ls.LitServer):
         self.parts.bind_api_server(app.response_queue_id)  # type: ignore[attr-defined]
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
-        self.parts.supervisor.worker_died(lit_api.api_path, worker_id)
-        return super().launch_single_inference_worker(lit_api, worker_id)
+        name = f"{lit_api.api_path.split('/')[-1]}_{worker_id}"  # LitServe's key for the worker's state
+        failed_setup = self.workers_setup_status.get(name) != WorkerSetupStatus.READY  # died before it was ready
+        if self.parts.supervisor.worker_died(lit_api.api_path, worker_id, failed_setup):
+            return super().launch_single_inference_worker(lit_api, worker_id)
+        self._shutdown_event.set()  # the main thread stops the service; the monitor loop ends
+        return self.inference_workers[self._slot(lit_api, worker_id)]  # the dead one: no replacement
+
+    def _slot(self, lit_api: ls.LitAPI, worker_id: int) -> int:
+        """The worker's index in ``inference_workers``: the pools' workers in order."""
+        pools = list(self.parts.settings.pools().items())
+        return sum(size for pool, size in pools[:[p for p, _ in pools].index(lit_api.api_path)]) + worker_id
 
     def verify_worker_status(self) -> None:
         """Do not wait for a ready worker before starting HTTP (see the table above)."""

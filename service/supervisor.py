@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from service import metrics
 from service.config import Settings
 from service.http.admission import Admission
 from service.pipes import AnswerPipes, RequestPipes
+from service.versions import SetupFailures
 
 log = logging.getLogger("digitserve")
+START_ATTEMPTS = 3  # a worker that fails its set-up this many times in a row stops the service
 
 
 class Process(Protocol):
@@ -32,19 +35,34 @@ class Process(Protocol):
 
 class Supervisor:
     def __init__(self, settings: Settings, admission: Admission, requests: dict[str, RequestPipes],
-                 answers: AnswerPipes):
+                 answers: AnswerPipes, setup_failures: SetupFailures):
         self.settings, self.admission, self.requests, self.answers = settings, admission, requests, answers
+        self.setup_failures = setup_failures
         self.signal: str | None = None  # "SIGTERM" or "SIGINT", set by the signal handler (service.__main__)
         self.failure: str | None = None  # why the service stopped on its own, if it did
         self._stopped = False
+        self._failed_starts: dict[tuple[str, int], int] = {}
 
-    def worker_died(self, pool: str, worker_id: int) -> None:
+    def worker_died(self, pool: str, worker_id: int, failed_setup: bool) -> bool:
         """Before a dead worker's replacement starts (so the main process is its pipes' only writer): new
         requests go to the pool's other workers, and the API servers answer every request they sent
-        the dead one (503 + Retry-After, at once, rather than after the replacement's start-up)."""
+        the dead one (503 + Retry-After, at once, rather than after the replacement's start-up).
+
+        A worker that died in its set-up is replaced at most ``START_ATTEMPTS - 1`` times in a row; then
+        the service stops with one line naming the cause (False: start no replacement)."""
         self.requests[pool].down(worker_id)
         self.answers.worker_died(pool, worker_id)
-        log.warning("%s worker %d died; starting a replacement", pool, worker_id)
+        key = (pool, worker_id)
+        self._failed_starts[key] = self._failed_starts.get(key, 0) + 1 if failed_setup else 0
+        metrics.labelled(metrics.WORKER_RESTARTS, pool.strip("/"), "failed_start" if failed_setup else "died").inc()
+        if self._failed_starts[key] >= START_ATTEMPTS:
+            self.fail(f"{pool} worker {worker_id} failed to start {START_ATTEMPTS} times: "
+                      f"{self.setup_failures.reason(pool)}")
+            log.error("%s", self.failure)
+            return False
+        log.warning("%s worker %d %s; starting a replacement", pool, worker_id,
+                    "failed to start" if failed_setup else "died")
+        return True
 
     def fail(self, reason: str) -> None:
         """The service cannot go on (called from a monitoring thread): the main thread will stop it."""
@@ -76,8 +94,8 @@ class Supervisor:
             log.warning("grace period over with %d requests unanswered", self.admission.in_flight())
         stop_all(list(processes), deadline)
         shut_manager()
-        why = self.failure or (f"after {self.signal}" if self.signal else "")
-        log.info("stopped %sin %.1f s", f"{why} " if why else "", time.monotonic() - started)
+        why = "a worker could not start" if self.failure else f"after {self.signal}" if self.signal else "on request"
+        log.info("stopped %s in %.1f s", why, time.monotonic() - started)
 
 
 def stop_all(processes: list[mp.process.BaseProcess | Process], deadline: float) -> None:

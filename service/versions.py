@@ -92,3 +92,18 @@ class Board:
             notes.pop(next(iter(notes)))
             data = json.dumps(notes).encode()
         self._notes.raw = data.ljust(_NOTES_BYTES, b"\0")
+
+
+class SetupFailures:
+    """Why a pool's worker failed to start, written by the worker as it fails, read by the main process:
+    the one line the service exits with when the restarts run out."""
+
+    def __init__(self, pools: list[str]):
+        context = mp.get_context("spawn")
+        self._reasons = {pool: context.RawArray("c", 1024) for pool in pools}
+
+    def record(self, pool: str, reason: str) -> None:
+        self._reasons[pool].raw = reason.encode("utf-8", "replace")[:1023].ljust(1024, b"\0")
+
+    def reason(self, pool: str) -> str:
+        return bytes(self._reasons[pool].raw).rstrip(b"\0").decode("utf-8", "replace") or "no reason recorded"

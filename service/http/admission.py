@@ -1,35 +1,77 @@
-"""Which requests an API server lets in: none while draining, and at most ``max_queued_requests``
-admitted and unanswered across all API servers together.
+"""Which requests an API server lets in, decided once a request's body is read and parsed.
+
+Refused at once (503 with ``Retry-After``): while draining; past ``--max-queued-requests`` admitted
+and unanswered across all API servers; and when the request would wait longer than its pool's
+``--max-queue-wait-ms`` (``--explain-max-queue-wait-ms``) or than its own deadline
+(``--request-timeout-s``, or a client's ``X-Request-Timeout-Ms``). The wait is estimated from the
+work the pool already holds, in work units (an image through the model; an image x steps for
+integrated gradients by the midpoint rule), over the rate its workers measured recently (units per
+busy second, ``service.worker.batching``). A burst of heavy explanations is then told to come back
+instead of queueing for many seconds, and a load balancer sees a fast refusal, not a slow replica.
+
+That estimate sees the workers. When the API servers themselves are the bottleneck (thousands of
+small requests decoding pictures), requests queue in their event loops instead: each API server
+also watches the time its own answered requests took, from arrival to answer, and while the
+shortest of the last interval's (CoDel's signal of a standing queue) was over the limit, it
+refuses new ones the same way.
 
 The counts live in shared memory, one slot per API server (each writes only its own: no lock).
-A request is counted first and the total checked after, so two servers admitting at the same
-moment each see the other's request and together never pass the limit (at worst both refuse).
-The workers read the same counts to decide whether more requests are on their way
-(``service.pipes.RequestPipes.coming``).
+A request is counted first and the totals checked after, so two servers admitting at the same
+moment each see the other's request (at worst both refuse). The workers read the same counts to
+decide whether more requests are on their way (``service.pipes.RequestPipes.coming``).
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
-from service.errors import retry_later
+from service.config import Settings
+from service.costs import Costs
+from service.errors import HttpError
 
 SERVING, LAME_DUCK, DRAINING = 0, 1, 2
+INTERVAL_S = 0.1  # the sojourn check judges each interval of this length ...
+MIN_SAMPLES = 5  # ... when at least this many requests were answered in it
+PRIOR_ERROR = 1.5
+
+
+class Refused(HttpError):
+    """A 503 of admission, with why (``reason`` is the metrics' label) and when to come back."""
+
+    def __init__(self, reason: str, detail: str, after_s: float = 1.0):
+        super().__init__(503, detail, {"Retry-After": str(max(1, math.ceil(after_s)))})
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.reason, self.detail, float(self.headers["Retry-After"]) if self.headers else 1.0)
 
 
 class Admission:
-    def __init__(self, pools: list[str], api_servers: int, limit: int):
+    def __init__(self, settings: Settings):
         context = mp.get_context("spawn")
-        self.limit = limit
-        # per pool, per API server: requests admitted and not yet answered
-        self.counts: dict[str, Any] = {pool: context.RawArray("i", api_servers) for pool in pools}
+        pools, servers = settings.pools(), settings.api_servers
+        self.limit = settings.max_queued_requests
+        self.max_wait_s = {"/predict": settings.max_queue_wait_ms / 1000,
+                           "/explain": settings.explain_max_queue_wait_ms / 1000}
+        # per pool, per API server: requests, images and work units admitted and not yet answered
+        self.counts: dict[str, Any] = {pool: context.RawArray("i", servers) for pool in pools}
+        self.images: dict[str, Any] = {pool: context.RawArray("d", servers) for pool in pools}
+        self.units: dict[str, Any] = {pool: context.RawArray("d", servers) for pool in pools}
+        # per pool: what its workers fitted their work to cost (``service.costs``)
+        self.costs = {pool: Costs(size) for pool, size in pools.items()}
         # read on every request, so a lock-free shared byte rather than an Event
         self._stage: Synchronized[int] = context.RawValue("b", SERVING)
         self.slot = 0  # which API server this process is: set just before each one is forked
+        self._sojourn = {pool: Sojourn() for pool in pools}  # this API server's own (not shared)
+        # taken / predicted of its recent answers; until answers say otherwise, the estimates are taken to be
+        # optimistic (a rate measured on idle cores, a burst that competes for them)
+        self._error = dict.fromkeys(pools, PRIOR_ERROR)
 
     @property
     def stopping(self) -> bool:
@@ -44,20 +86,92 @@ class Admission:
         """From now on every API server refuses new work (503); what is admitted is still answered."""
         self._stage.value = DRAINING
 
-    @contextmanager
-    def admit(self, pool: str) -> Iterator[None]:
-        """Count one request of ``pool`` for as long as the block runs, or refuse it with a 503."""
+    def precheck(self, pool: str) -> None:
+        """Before a body is read: refuse at once while draining, or while what the pool already holds (or
+        this API server's standing queue) is past the limit whatever the request is: reading and parsing
+        its body would only add to the wait."""
         if self._stage.value == DRAINING:
-            raise retry_later(503, "shutting down: not taking new work")
-        counts = self.counts[pool]
+            raise Refused("draining", "shutting down: not taking new work")
+        wait = max(self.wait_estimate(pool), self._sojourn[pool].standing(time.monotonic()))
+        limit = self.max_wait_s[pool]
+        if wait > limit:
+            raise Refused("queue_wait", f"overloaded: requests for {pool} wait about {wait * 1000:.0f} ms (the "
+                                        f"limit is {limit * 1000:.0f} ms); retry later", wait - limit)
+
+    @contextmanager
+    def admit(self, pool: str, images: int, units: float, deadline_s: float, arrived: float) -> Iterator[None]:
+        """Count one request of ``pool`` (``images`` and ``units`` of work, arrived at ``arrived``) for as
+        long as the block runs, or refuse it. A block that ends without error was answered: its time
+        teaches the estimate."""
+        if self._stage.value == DRAINING:
+            raise Refused("draining", "shutting down: not taking new work")
+        counts, queued_images, queued = self.counts[pool], self.images[pool], self.units[pool]
         counts[self.slot] += 1
+        queued_images[self.slot] += images
+        queued[self.slot] += units
         try:
-            if self.in_flight() > self.limit:
-                raise retry_later(503, f"overloaded: {self.limit} requests already waiting; retry shortly")
+            predicted = self._check(pool, deadline_s)
             yield
+            now = time.monotonic()
+            self._sojourn[pool].add(now - arrived, now)
+            self._learn(pool, now - arrived, predicted)
         finally:
             counts[self.slot] -= 1
+            queued_images[self.slot] -= images
+            queued[self.slot] -= units
+
+    def _learn(self, pool: str, took: float, predicted: float) -> None:
+        """How far off the estimate was (the workers' rate is measured, but contention for the cores
+        changes it): a decayed ratio of taken to predicted times, applied to the next estimates."""
+        if predicted < 0.05:  # too short to say anything of the queue
+            return
+        ratio = min(max(took / predicted, 0.5), 4.0)
+        self._error[pool] += 0.3 * (ratio - self._error[pool])
+
+    def _check(self, pool: str, deadline_s: float) -> float:
+        if self.in_flight() > self.limit:
+            raise Refused("queue_full", f"overloaded: {self.limit} requests already waiting; retry shortly")
+        predicted = self.wait_estimate(pool)
+        wait = max(predicted, self._sojourn[pool].standing(time.monotonic()))
+        limit = self.max_wait_s[pool]
+        if wait > limit:
+            raise Refused("queue_wait", f"overloaded: this request would wait about {wait * 1000:.0f} ms for "
+                                        f"{pool} (the limit is {limit * 1000:.0f} ms); retry later", wait - limit)
+        if wait > deadline_s:
+            raise Refused("deadline", f"this request would wait about {wait * 1000:.0f} ms, past its deadline "
+                                      f"of {deadline_s * 1000:.0f} ms; not computed", wait - deadline_s)
+        return predicted
+
+    def wait_estimate(self, pool: str) -> float:
+        """Seconds a request admitted now would wait: what the pool holds, at its workers' fitted costs (0
+        until they fitted any), corrected by how far off this API server's recent estimates were."""
+        held = self.costs[pool].seconds(sum(self.counts[pool]), sum(self.images[pool]), sum(self.units[pool]))
+        return held * self._error[pool]
 
     def in_flight(self) -> int:
         """Requests admitted and not yet answered, every pool and API server together."""
         return sum(sum(counts) for counts in self.counts.values())
+
+
+class Sojourn:
+    """The shortest time from arrival to answer of the requests answered in each interval: above the
+    limit for a whole interval, the queue is standing, not a passing burst."""
+
+    def __init__(self) -> None:
+        self._start, self._shortest, self._count, self._last = 0.0, math.inf, 0, 0.0
+
+    def add(self, seconds: float, now: float) -> None:
+        self._roll(now)
+        self._shortest, self._count = min(self._shortest, seconds), self._count + 1
+
+    def standing(self, now: float) -> float:
+        """The last whole interval's shortest sojourn (0 when too few were answered in it to judge)."""
+        self._roll(now)
+        return self._last
+
+    def _roll(self, now: float) -> None:
+        if now - self._start < INTERVAL_S:
+            return
+        recent = now - self._start < 2 * INTERVAL_S  # the interval that just ended, not an old one
+        self._last = self._shortest if recent and self._count >= MIN_SAMPLES else 0.0
+        self._start, self._shortest, self._count = now, math.inf, 0

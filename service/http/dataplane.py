@@ -1,18 +1,18 @@
-"""The one path every protocol's inference takes: key, body, admission, preprocessing, a worker, the answer.
+"""The one path every protocol's inference takes: key, body, schema, admission, preprocessing, a worker.
 
 Native /predict and /explain, KServe V1 and the Open Inference Protocol (V2) are thin endpoint
 classes over this (``service.http.endpoints``), so they share the admission limits, the batcher,
 the worker pools and the metrics. A request flows one way: body (``inputs.read_body``) ->
 admission -> ``inputs.parse`` (schema) -> ``Preparer`` (imaging, into a ``Work``) ->
-``Dispatcher.submit`` -> the worker's answer.
+``Dispatcher.submit`` -> the worker's answer. Admission comes once the body is read and parsed, so a
+slow client never holds a place in the queue and the request's cost (``work_units``) is known.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pydantic import BaseModel
@@ -38,32 +38,51 @@ class DataPlane:
         self.settings, self.api_key, self.admission = settings, api_key, admission
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
 
-    async def read(self, request: Request) -> bytes:
-        """The API key, then the whole body (413 past the limit)."""
+    async def read(self, request: Request, pool: str) -> bytes:
+        """The API key, a refusal at once if ``pool``'s queue stands too long, then the whole body (413 past
+        the limit)."""
         self.api_key.check(request.headers)
+        self.admission.precheck(pool)
         return await inputs.read_body(request, self.settings)
 
-    @contextmanager
-    def admit(self, pool: str) -> Iterator[None]:
-        with self.admission.admit(pool):
-            yield
+    def deadline(self, request: Request) -> float:
+        """Seconds this request may take: ``--request-timeout-s``, or less if the client says so."""
+        timeout = self.settings.request_timeout_s
+        asked = request.headers.get("x-request-timeout-ms")
+        if asked is None:
+            return timeout
+        try:
+            wanted = float(asked) / 1000
+        except ValueError:
+            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds, got {asked!r}") from None
+        if not wanted > 0:
+            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {asked!r}")
+        return min(timeout, wanted)
 
-    async def prepare(self, request: Request, body: bytes, options_model: type[BaseModel]) -> Work:
-        """Schema and preprocessing: the request's ``Work``, or an ``InputError``."""
-        arrived = time.monotonic()
-        if len(body) > OFFLOAD_BYTES:  # big images take long to decode: keep the event loop answering
-            prepare = self.preparer.prepare_now
-            return await asyncio.to_thread(prepare, request.headers, body, options_model, arrived)
-        parsed = inputs.parse(request.headers, body, options_model, self.settings)
+    async def parse(self, request: Request, body: bytes, options_model: type[BaseModel]) -> inputs.Parsed:
+        """The schema stage (a big body in a thread, to keep the event loop answering)."""
+        if len(body) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(inputs.parse, request.headers, body, options_model, self.settings)
+        return inputs.parse(request.headers, body, options_model, self.settings)
+
+    def admit(self, request: Request, pool: str, images: int, units: float, deadline_s: float
+              ) -> AbstractContextManager[None]:
+        return self.admission.admit(pool, images, units, deadline_s, arrival(request))
+
+    async def prepare(self, parsed: inputs.Parsed, big: bool, arrived: float) -> Work:
+        """Preprocessing: the request's ``Work``, or an ``InputError`` naming the bad instance."""
+        if big:  # big images take long to decode: keep the event loop answering
+            return await asyncio.to_thread(self.preparer.prepare_now, parsed, arrived)
         # prepared at the end of this event-loop iteration, together with the other requests read in it
         return await self.preparer.prepare(parsed, arrived)
 
-    async def compute(self, pool: str, work: Work, pinned: int | None = None) -> tuple[Any, int, int]:
+    async def compute(self, pool: str, work: Work, deadline_s: float, pinned: int | None = None
+                      ) -> tuple[Any, int, int]:
         """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
         its answer, the size of the batch it was part of, and the version that computed it."""
         work.version = self.versions.route(pinned)
         uid, pending = self.dispatcher.submit(pool, work)
-        timeout = self.settings.request_timeout_s
+        timeout = deadline_s
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
         timer = asyncio.get_running_loop().call_later(timeout, pending.event.set)
         try:
@@ -75,6 +94,11 @@ class DataPlane:
         if not pending.answered:
             raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         return result(pending)
+
+
+def arrival(request: Request) -> float:
+    """When the request arrived (the metrics middleware's clock; now, for a request that came another way)."""
+    return float(request.scope.get("state", {}).get("arrived") or time.monotonic())
 
 
 def result(pending: Pending) -> Any:

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -20,13 +18,13 @@ from starlette.responses import JSONResponse, Response
 
 from service.errors import HttpError
 from service.http import v2
-from service.http.dataplane import DataPlane
-from service.http.fastpath import Endpoint, error_response
+from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
+from service.http.fastpath import Endpoint, failed
 from service.http.inputs import Parsed
 from service.http.schemas import PredictOptions
 from service.http.versioning import VersionControl
 from service.model.fnn import INPUT_SIZE, NUM_CLASSES
-from service.work import Work
+from service.work import Work, work_units
 
 
 class Native:
@@ -39,10 +37,13 @@ class Native:
     async def __call__(self, request: Request) -> Response:
         plane = self.plane
         pinned = pinned_version(request.query_params.get("version"), "version")
-        body = await plane.read(request)
-        with plane.admit(self.pool):
-            work = await plane.prepare(request, body, self.options_model)
-            answer, batch_size, version = await plane.compute(self.pool, work, pinned)
+        deadline = plane.deadline(request)
+        body = await plane.read(request, self.pool)
+        parsed = await plane.parse(request, body, self.options_model)
+        images = len(parsed.instances)
+        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()), deadline):
+            work = await plane.prepare(parsed, len(body) > OFFLOAD_BYTES, arrival(request))
+            answer, batch_size, version = await plane.compute(self.pool, work, deadline, pinned)
         computed(request, batch_size, version)
         return Response(content=answer, media_type="application/json")
 
@@ -89,7 +90,7 @@ def kserve_errors(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except HttpError as e:
-            return error_response(e.status, e.detail, e.headers, key="error")
+            return failed(request.scope, e, key="error")
 
     return answer
 
@@ -146,23 +147,46 @@ class OpenInferenceV2:
     async def _infer(self, request: Request) -> Response:
         pinned = self.served.check(request)
         plane = self.plane
-        body = await plane.read(request)
-        with plane.admit("/predict"):
-            tensors = v2.parse_infer(body, request.headers.get("inference-header-content-length"), plane.settings)
-            work = await self._work(tensors)
+        deadline = plane.deadline(request)
+        body = await plane.read(request, "/predict")
+        tensors = v2.parse_infer(body, request.headers.get("inference-header-content-length"), plane.settings)
+        with plane.admit(request, "/predict", tensors.count, 0.0, deadline):
+            arrived = arrival(request)
+            if tensors.pixels is not None:
+                work = self._pixels(tensors, arrived)
+            else:
+                work = await self._images(tensors, arrived)
             work.options["output"] = "tensor"
-            answer, batch_size, version = await plane.compute("/predict", work, pinned)
+            answer, batch_size, version = await plane.compute("/predict", work, deadline, pinned)
         computed(request, batch_size, version)
         probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES)
-        content, headers = v2.encode_infer(tensors, self.served.name, str(version), probabilities)
-        return Response(content=content, headers=headers)
+        return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), probabilities))
 
-    async def _work(self, tensors: v2.InferRequest) -> Work:
-        """``pixels`` are already in MNIST's frame: no decoding at all. ``image`` goes through /predict's
-        preprocessing."""
-        arrived = time.monotonic()
-        if tensors.pixels is not None:
-            options: dict[str, Any] = {}
-            return Work(tensors.pixels.reshape(tensors.count, INPUT_SIZE).astype(np.float32, copy=False), options,
-                        arrived)
-        return await self.plane.preparer.prepare(Parsed(list(tensors.images or []), PredictOptions()), arrived)
+    @staticmethod
+    def _pixels(tensors: v2.InferRequest, arrived: float) -> Work:
+        """``pixels`` are already in MNIST's frame: no decoding at all."""
+        assert tensors.pixels is not None
+        return Work(tensors.pixels.reshape(tensors.count, INPUT_SIZE), {}, arrived)
+
+    async def _images(self, tensors: v2.InferRequest, arrived: float) -> Work:
+        """``image`` goes through /predict's preprocessing, with /predict's default options."""
+        return await self.plane.preparer.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), arrived)
+
+
+_PREDICT_DEFAULTS = PredictOptions()  # read, never changed: the preparer dumps each request's options afresh
+
+
+class TensorResponse(Response):
+    """A V2 answer from :func:`v2.encode_answer`: ``application/json``, or ``application/octet-stream`` with
+    ``Inference-Header-Content-Length`` when binary outputs follow the JSON header. The same headers as
+    ``Response(content, headers=...)`` writes, in the same order, without re-encoding a header dict per
+    request."""
+
+    def __init__(self, body: bytes, header_length: int | None):
+        self.status_code, self.background, self.body = 200, None, body
+        if header_length is None:
+            self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        else:
+            self.raw_headers = [(b"content-type", b"application/octet-stream"),
+                                (b"inference-header-content-length", b"%d" % header_length),
+                                (b"content-length", b"%d" % len(body))]

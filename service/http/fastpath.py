@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -94,8 +94,18 @@ class FastPath:
         try:
             response = await scope["state"]["route"].endpoint(Request(scope, receive))
         except HttpError as e:
-            response = error_response(e.status, e.detail, e.headers)
+            response = failed(scope, e)
+        except ClientDisconnect:  # gone before its body arrived (or timed out reading it): nobody to answer
+            scope["state"].setdefault("status", 499)
+            return
         except Exception:  # a bug of ours: log it and answer, as FastAPI's stack would
             log.exception("unexpected error while handling %s", scope["path"])
             response = error_response(500, "internal server error")
         await response(scope, receive, send)
+
+
+def failed(scope: Scope, error: HttpError, key: str = "detail") -> JSONResponse:
+    """The error's answer; its detail (for the access log) and, for a refusal, why (for the metrics)."""
+    state = scope.setdefault("state", {})
+    state["detail"], state["refusal"] = error.detail, getattr(error, "reason", None)
+    return error_response(error.status, error.detail, error.headers, key)

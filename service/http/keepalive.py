@@ -16,17 +16,23 @@ API server's profile under load. ``OneWrite`` sends them together.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class ConnectionShares:
-    """The connections each API server keeps open. Each server writes only its own slot: no lock."""
+    """The connections each API server keeps open (for the balance) and has open (for the cap). Each
+    server writes only its own slot: no lock."""
 
     def __init__(self, servers: int):
-        self.kept = mp.get_context("spawn").RawArray("i", servers)
+        context = mp.get_context("spawn")
+        self.kept = context.RawArray("i", servers)
+        self.open = context.RawArray("i", servers)
         self.slot = 0  # which API server this process is: set in the parent just before each one is forked
 
     def opened(self) -> None:
@@ -40,20 +46,71 @@ class ConnectionShares:
         return kept[self.slot] > sum(kept) / len(kept) + 1
 
 
-def balanced_protocol(shares: ConnectionShares) -> type[HttpToolsProtocol]:
+def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_connections: int,
+                      refused: Callable[[str], None]) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol writing through ``OneWrite``, counting its connections in ``shares``
-    and ending keep-alive on those over this server's share. Pass it as uvicorn's ``http`` setting."""
+    and ending keep-alive on those over this server's share; with a deadline for each request's
+    headers and body, and a cap on open connections. Pass it as uvicorn's ``http`` setting.
+
+    Slow clients: a request whose headers and body have not all arrived ``read_timeout_s`` after it
+    began (or after the connection opened, for its first) gets 408 and the connection is closed, so
+    a client that dribbles bytes, or sends none, cannot hold a connection; idle keep-alive
+    connections close after uvicorn's ``timeout_keep_alive``. Past ``max_connections`` open on this
+    API server, a new connection gets a 503 and is closed at once. ``refused(reason)`` counts both."""
 
     class BalancedHttpProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
             self.kept = True
             shares.opened()
+            shares.open[shares.slot] += 1
+            self.read_timer: asyncio.TimerHandle | None = None
+            if shares.open[shares.slot] > max_connections:
+                refused("too_many_connections")
+                self._close_with(503, f"too many connections: this server holds {max_connections}; retry")
+                return
+            self._start_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
+            shares.open[shares.slot] -= 1
+            self._stop_reading()
             if self.kept:
                 shares.released()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.read_timer is None:
+                self._start_reading()
+
+        def on_message_complete(self) -> None:
+            self._stop_reading()
+            super().on_message_complete()
+
+        def _start_reading(self) -> None:
+            self.read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+        def _stop_reading(self) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+                self.read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self.read_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and self.cycle.response_started):
+                return
+            refused("read_timeout")
+            if self.cycle is not None:  # the request's own log line and metrics say 408
+                self.cycle.scope["state"].update(status=408, detail="request headers or body too slow")
+            self._close_with(408, f"the request did not arrive within {read_timeout_s:g} s; closing")
+
+        def _close_with(self, status: int, detail: str) -> None:
+            body = json.dumps({"detail": detail}).encode()
+            head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n")
+            retry = "retry-after: 1\r\n" if status == 503 else ""
+            self.transport.write((head + retry + "\r\n").encode() + body)
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             self.transport.flush()  # type: ignore[attr-defined]  # OneWrite's: the response is whole: send it now, not at the iteration's end

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from pydantic import BaseModel
-from starlette.datastructures import Headers
 
 from service import imaging
 from service.config import Limits
 from service.http import inputs
 from service.model.fnn import INPUT_SIZE
-from service.work import Work
+from service.work import Work, work_units
 
 
 class Preparer:
@@ -34,9 +32,8 @@ class Preparer:
             future.get_loop().call_soon(self._prepare_waiting)
         return future
 
-    def prepare_now(self, headers: Headers, body: bytes, options_model: type[BaseModel], arrived: float) -> Work:
-        """One request alone, parsed and prepared here (called in a thread for big bodies)."""
-        parsed = inputs.parse(headers, body, options_model, self.limits)
+    def prepare_now(self, parsed: inputs.Parsed, arrived: float) -> Work:
+        """One request alone, prepared here (called in a thread for big bodies)."""
         return _work(parsed, imaging.prepare(parsed.instances, self.limits), arrived)
 
     def _prepare_waiting(self) -> None:
@@ -56,4 +53,5 @@ class Preparer:
 
 
 def _work(parsed: inputs.Parsed, frames: np.ndarray, arrived: float) -> Work:
-    return Work(frames.reshape(len(frames), INPUT_SIZE), parsed.options.model_dump(), arrived)
+    options = parsed.options.model_dump()
+    return Work(frames.reshape(len(frames), INPUT_SIZE), options, arrived, units=work_units(len(frames), options))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -43,7 +45,20 @@ class Routes:
         return JSONResponse(info_payload(self.settings, self.device, self.versions))
 
     async def metrics(self, request: Request) -> Response:
-        return metrics.render()
+        return metrics.render(self._live)
+
+    def _live(self) -> list[Metric]:
+        """Read at each scrape: ready workers per pool, the admission's wait estimate, every process."""
+        ready = GaugeMetricFamily("digitserve_workers_ready", "Workers of the pool ready to compute", labels=["pool"])
+        states = self.workers.states()
+        for pool, size in self.settings.pools().items():
+            name = pool.strip("/")
+            ready.add_metric([name], sum(1 for w in range(size) if states.get(f"{name}_{w}") == "ready"))
+        wait = GaugeMetricFamily("digitserve_queue_wait_estimate_seconds",
+                                 "How long a request admitted now would wait, by pool", labels=["pool"])
+        for pool in self.settings.pools():
+            wait.add_metric([pool.strip("/")], self.admission.wait_estimate(pool))
+        return [ready, wait, *metrics.process_tree(os.getppid())]
 
 
 def info_payload(settings: Settings, device: str, versions: VersionControl) -> dict[str, Any]:

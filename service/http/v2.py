@@ -50,8 +50,24 @@ _TOP_LEVEL: Final = frozenset({"id", "parameters", "inputs", "outputs", "model_n
 _INPUT_KEYS: Final = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS: Final = frozenset({"name", "parameters"})
 _SHARED_MEMORY: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_SHARED_MEMORY_KEYS: Final = frozenset(_SHARED_MEMORY)
 _ELEMENT_SIZE: Final = {"FP32": 4, "UINT8": 1}
 _MAX_HEADER_DIGITS: Final = 20
+_ELEMENT_LENGTH: Final = struct.Struct("<I")  # before each binary BYTES element
+_FLAG, _SIZE = "binary_data_output", "binary_data_size"
+_OUTPUT_FLAG: Final = frozenset({_FLAG})
+_BINARY_SIZE: Final = frozenset({_SIZE})
+_PLAIN_INPUT_KEYS: Final = frozenset({"name", "shape", "datatype", "parameters"})
+_ACCEPTED: Final = {"pixels": PIXEL_DATATYPES, "image": ("BYTES",)}
+_SCALARS: Final = (str, int, float, bool)
+_FP32: Final = np.dtype("<f4")
+_INT64: Final = np.dtype("<i8")
+_UINT32: Final = np.dtype("<u4")
+# IEEE-754 float32 bit patterns of +0.0 ... 1.0 are the unsigned integers 0 ... 0x3F800000, in order; every other
+# value (negative, -0.0, above 1, infinite, NaN) has a larger one. So one integer max checks a binary FP32 tensor.
+_ONE_FP32_BITS: Final = 0x3F800000
+# UINT8 pixel v -> float32(float64(v) / 255), as /predict scales them: one lookup instead of two casts and a divide
+_UINT8_SCALE: Final = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
 
 
 class V2Error(HttpError):
@@ -78,7 +94,8 @@ class Limits(Protocol):
 
 @dataclass
 class InferRequest:
-    """A checked infer request: either ``pixels`` (float32 (N,28,28) in 0..1) or ``images`` (N encoded pictures).
+    """A checked infer request: either ``pixels`` (float32 (N,28,28) in 0..1; binary FP32 pixels are a read-only
+    view of the request's body, not a copy) or ``images`` (N encoded pictures).
 
     ``outputs`` are the requested outputs in the order they were asked for (all three when none were);
     ``binary[name]`` says whether that output goes back as binary data rather than JSON.
@@ -92,9 +109,10 @@ class InferRequest:
     binary: dict[str, bool] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Input:
-    """One entry of ``inputs`` after its structure was checked; its bytes or JSON data not yet."""
+    """One entry of ``inputs`` after its structure was checked; its bytes or JSON data not yet.
+    ``blob`` is its binary data, which starts ``start`` bytes into the body."""
 
     name: str
     datatype: str
@@ -102,6 +120,7 @@ class _Input:
     data: object = None
     binary_size: int | None = None
     blob: memoryview | None = None
+    start: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- parse
@@ -122,8 +141,10 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
         raise V2Error(413, f"payload is {len(body)} bytes; the limit is {limits.max_payload_bytes}")
     size = _header_size(header_length, len(body))
     header = _load_json(bytes(body[:size]))
-    unknown = sorted(set(header) - _TOP_LEVEL)
-    if unknown:
+    if header_length is not None and (plain := _plain_binary(header, body, size, limits)) is not None:
+        return plain
+    if not _TOP_LEVEL.issuperset(header):
+        unknown = sorted(set(header) - _TOP_LEVEL)
         raise _bad(f"unknown field(s) {unknown} in the infer request (allowed: {', '.join(sorted(_TOP_LEVEL))})")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -133,16 +154,57 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
     if not isinstance(default_binary, bool):
         raise _bad("parameter 'binary_data_output' must be a boolean")
     inputs = _inputs(header.get("inputs"))
-    _attach_blobs(inputs, memoryview(body)[size:], binary=header_length is not None)
+    _attach_blobs(inputs, body, size, binary=header_length is not None)
     chosen = _only_input(inputs)
     count = _batch_size(chosen, limits)
     outputs, binary = _outputs(header.get("outputs"), default_binary)
-    request = InferRequest(id=request_id, count=count, outputs=outputs, binary=binary)
     if chosen.name == "pixels":
-        request.pixels = _pixels(chosen, count)
+        return InferRequest(request_id, count, _pixels(chosen, count), None, outputs, binary)
+    return InferRequest(request_id, count, None, _images(chosen, count, body), outputs, binary)
+
+
+def _plain_binary(header: dict[str, object], body: bytes, start: int, limits: Limits) -> InferRequest | None:
+    """The request tritonclient sends most: one input as binary data filling the rest of the body, no
+    ``outputs``, at most ``binary_data_output`` as a parameter, values in range. Its answer, in one pass over
+    the header; None for anything else, or anything doubtful, which the full checks of :func:`parse_infer`
+    then accept or refuse (so this path changes no outcome, only its cost)."""
+    inputs, outputs, parameters, request_id = (header.get(key) for key in ("inputs", "outputs", "parameters", "id"))
+    if type(inputs) is not list or len(inputs) != 1 or (outputs is not None and outputs != []):
+        return None
+    if (request_id is not None and type(request_id) is not str) or not _TOP_LEVEL.issuperset(header):
+        return None
+    if parameters is None:
+        default_binary = False
+    elif type(parameters) is dict and parameters.keys() == _OUTPUT_FLAG and type(flag := parameters[_FLAG]) is bool:
+        default_binary = flag
     else:
-        request.images = _images(chosen, count)
-    return request
+        return None
+    entry = inputs[0]
+    if type(entry) is not dict or entry.keys() != _PLAIN_INPUT_KEYS:
+        return None
+    name, datatype, shape, sizes = entry["name"], entry["datatype"], entry["shape"], entry["parameters"]
+    if type(sizes) is not dict or sizes.keys() != _BINARY_SIZE or type(size := sizes[_SIZE]) is not int:
+        return None
+    if type(shape) is not list or not shape or any(type(dim) is not int for dim in shape):
+        return None
+    count = shape[0]
+    if size != len(body) - start or not 1 <= count <= limits.max_instances:
+        return None
+    if name == "pixels" and datatype in PIXEL_DATATYPES and tuple(shape[1:]) in PIXEL_SHAPES:
+        if size != count * 784 * _ELEMENT_SIZE[datatype]:
+            return None
+        if datatype == "UINT8":
+            pixels = _UINT8_SCALE[np.frombuffer(body, np.uint8, offset=start)]
+        else:
+            pixels = np.frombuffer(body, _FP32, offset=start)
+            if np.maximum.reduce(pixels.view(_UINT32)) > _ONE_FP32_BITS:
+                return None
+        return InferRequest(request_id, count, pixels.reshape(count, 28, 28), None, list(OUTPUTS),
+                            dict.fromkeys(OUTPUTS, default_binary))
+    if name == "image" and datatype == "BYTES" and len(shape) == 1:
+        images = _byte_elements(body, start, len(body), count)  # its errors are the full checks' too
+        return InferRequest(request_id, count, None, images, list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary))
+    return None
 
 
 def _header_size(header_length: str | None, body_size: int) -> int:
@@ -182,10 +244,10 @@ def _parameters(raw: object, where: str) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise _bad(f"'parameters' of {where} must be an object")
     for key, value in raw.items():
-        if not isinstance(value, (str, int, float, bool)):
+        if not isinstance(value, _SCALARS):
             raise _bad(f"parameter '{key}' of {where} must be a string, number or boolean")
-    shared = [key for key in _SHARED_MEMORY if key in raw]
-    if shared:
+    if not _SHARED_MEMORY_KEYS.isdisjoint(raw):
+        shared = [key for key in _SHARED_MEMORY if key in raw]
         raise _bad(f"{where} asks for shared memory ({shared[0]}); this server does not offer that extension")
     return raw
 
@@ -211,12 +273,14 @@ def _input(entry: object, index: int) -> _Input:
         raise _bad(f"inputs[{index}] has no 'name' string")
     if name not in INPUTS:
         raise _bad(f"unexpected inference input '{name[:64]}' (this model takes 'pixels' or 'image')")
-    unknown = sorted(set(entry) - _INPUT_KEYS)
-    if unknown:
-        raise _bad(f"input '{name}': unknown field(s) {unknown}")
-    datatype = _datatype(entry.get("datatype"), name)
+    if not _INPUT_KEYS.issuperset(entry):
+        raise _bad(f"input '{name}': unknown field(s) {sorted(set(entry) - _INPUT_KEYS)}")
+    datatype = entry.get("datatype")
+    if not (isinstance(datatype, str) and datatype in _ACCEPTED[name]):
+        datatype = _datatype(datatype, name)  # says which rule it breaks
     shape = _shape(entry.get("shape"), name)
-    parameters = _parameters(entry.get("parameters"), f"input '{name}'")
+    raw_parameters = entry.get("parameters")
+    parameters = {} if raw_parameters is None else _parameters(raw_parameters, f"input '{name}'")
     size = parameters.get("binary_data_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -253,24 +317,30 @@ def _text(shape: Sequence[object]) -> str:
     return "[" + ",".join(str(dim)[:24] for dim in list(shape)[:8]) + (",...]" if len(shape) > 8 else "]")
 
 
-def _attach_blobs(inputs: list[_Input], rest: memoryview, binary: bool) -> None:
-    """Hand each input that declared ``binary_data_size`` its bytes, in order; every byte must be claimed."""
+def _attach_blobs(inputs: list[_Input], body: bytes, start: int, binary: bool) -> None:
+    """Hand each input that declared ``binary_data_size`` its bytes (those after the JSON header, which ends at
+    ``start``), in order; every byte must be claimed."""
     declared = [tensor for tensor in inputs if tensor.binary_size is not None]
     if declared and not binary:
         raise _bad(
             f"input '{declared[0].name}' declares binary_data_size but the request has no "
             "Inference-Header-Content-Length header to say where the binary data starts"
         )
-    offset = 0
-    for tensor in declared:
-        size = tensor.binary_size or 0
-        if offset + size > len(rest):
-            short = offset + size - len(rest)
-            raise _bad(f"input '{tensor.name}' declares {size} bytes of binary data, {short} more than the body holds")
-        tensor.blob = rest[offset : offset + size]
-        offset += size
-    if offset != len(rest):
-        raise _bad(f"{len(rest) - offset} bytes after the binary tensors belong to no input's binary_data_size")
+    rest, offset = len(body) - start, 0
+    if declared:
+        view = memoryview(body)
+        for tensor in declared:
+            size = tensor.binary_size or 0
+            if offset + size > rest:
+                short = offset + size - rest
+                raise _bad(
+                    f"input '{tensor.name}' declares {size} bytes of binary data, {short} more than the body holds"
+                )
+            tensor.start = start + offset
+            tensor.blob = view[tensor.start : tensor.start + size]
+            offset += size
+    if offset != rest:
+        raise _bad(f"{rest - offset} bytes after the binary tensors belong to no input's binary_data_size")
 
 
 def _only_input(inputs: list[_Input]) -> _Input:
@@ -300,7 +370,9 @@ def _batch_size(tensor: _Input, limits: Limits) -> int:
 
 
 def _pixels(tensor: _Input, count: int) -> np.ndarray:
-    """Checked pixels -> float32 (N,28,28) in 0..1: FP32 as sent, UINT8 divided by 255 as /predict does."""
+    """Checked pixels -> float32 (N,28,28) in 0..1: FP32 as sent, UINT8 divided by 255 as /predict does.
+
+    Binary FP32 pixels in range come back as a read-only view of the request's body: no copy."""
     elements = count * 784
     if tensor.blob is not None:
         expected = elements * _ELEMENT_SIZE[tensor.datatype]
@@ -309,13 +381,17 @@ def _pixels(tensor: _Input, count: int) -> np.ndarray:
                 f"input 'pixels': binary_data_size is {len(tensor.blob)} bytes; shape {_text(tensor.shape)} of "
                 f"{tensor.datatype} needs {expected}"
             )
-        values = np.frombuffer(tensor.blob, dtype="<f4" if tensor.datatype == "FP32" else np.uint8)
+        if tensor.datatype == "UINT8":  # every byte is a UINT8 in range
+            return _UINT8_SCALE[np.frombuffer(tensor.blob, np.uint8)].reshape(count, 28, 28)
+        values = np.frombuffer(tensor.blob, _FP32)
+        if np.maximum.reduce(values.view(_UINT32)) <= _ONE_FP32_BITS:  # all in +0..1: the checks below would pass
+            return values.reshape(count, 28, 28)
     else:
         values = _json_numbers(tensor, elements)
     if tensor.datatype == "UINT8":
         if values.min() < 0 or values.max() > 255:
             raise _bad(f"input 'pixels': UINT8 values must lie in 0..255 (found {values.min()}..{values.max()})")
-        return (values.astype(np.float64) / 255.0).astype(np.float32).reshape(count, 28, 28)
+        return _UINT8_SCALE[values].reshape(count, 28, 28)
     # Checked before the cast to float32, so that a huge JSON number is out of range rather than a cast overflow.
     if not np.isfinite(values).all():
         raise _bad("input 'pixels': FP32 values must be finite numbers (found NaN or infinity)")
@@ -344,10 +420,10 @@ def _json_numbers(tensor: _Input, elements: int) -> np.ndarray:
     return values.reshape(-1)
 
 
-def _images(tensor: _Input, count: int) -> list[bytes]:
+def _images(tensor: _Input, count: int, body: bytes) -> list[bytes]:
     """BYTES elements: length-prefixed in binary, base64 strings in JSON (see :func:`parse_infer`)."""
     if tensor.blob is not None:
-        return _byte_elements(tensor.blob, count)
+        return _byte_elements(body, tensor.start, tensor.start + len(tensor.blob), count)
     data = tensor.data
     if not isinstance(data, list) or len(data) != count:
         found = f"{len(data)} elements" if isinstance(data, list) else "not a list"
@@ -363,20 +439,21 @@ def _images(tensor: _Input, count: int) -> list[bytes]:
     return images
 
 
-def _byte_elements(blob: memoryview, count: int) -> list[bytes]:
-    """Binary BYTES: ``count`` times (uint32 little-endian length, bytes), ending exactly at the blob's end."""
-    images, offset = [], 0
+def _byte_elements(body: bytes, start: int, end: int, count: int) -> list[bytes]:
+    """Binary BYTES, ``body[start:end]``: ``count`` times (uint32 little-endian length, bytes), ending exactly
+    at ``end``. Each element is sliced from the body: one copy, no memoryview in between."""
+    images, offset, unpack = [], start, _ELEMENT_LENGTH.unpack_from
     for index in range(count):
-        if offset + 4 > len(blob):
+        if offset + 4 > end:
             raise _bad(f"input 'image': binary data ends before element {index}'s 4-byte length ({count} expected)")
-        (length,) = struct.unpack_from("<I", blob, offset)
+        (length,) = unpack(body, offset)
         offset += 4
-        if offset + length > len(blob):
-            raise _bad(f"input 'image': element {index} says {length} bytes but only {len(blob) - offset} remain")
-        images.append(bytes(blob[offset : offset + length]))
+        if offset + length > end:
+            raise _bad(f"input 'image': element {index} says {length} bytes but only {end - offset} remain")
+        images.append(bytes(body[offset : offset + length]))  # a no-op on the bytes a body is
         offset += length
-    if offset != len(blob):
-        raise _bad(f"input 'image': {len(blob) - offset} bytes after the {count} elements of shape [{count}]")
+    if offset != end:
+        raise _bad(f"input 'image': {end - offset} bytes after the {count} elements of shape [{count}]")
     return images
 
 
@@ -424,21 +501,28 @@ def encode_infer(
     Binary outputs follow the JSON header in the order of ``outputs``; then ``Inference-Header-Content-Length``
     says where they start and the body is ``application/octet-stream``, else it is plain ``application/json``.
     """
-    probs = np.ascontiguousarray(probabilities, dtype="<f4")
+    body, header_length = encode_answer(request, model_name, model_version, probabilities)
+    if header_length is None:
+        return body, {"Content-Type": "application/json"}
+    return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
+
+
+def encode_answer(
+    request: InferRequest, model_name: str, model_version: str, probabilities: np.ndarray
+) -> tuple[bytes, int | None]:
+    """:func:`encode_infer`'s body, and the length of its JSON header when binary outputs follow it (None when
+    the body is all JSON), for an HTTP layer that writes its headers itself. Only the requested outputs are
+    computed."""
+    probs = np.ascontiguousarray(probabilities, dtype=_FP32)
     if probs.shape != (request.count, 10):
         raise ValueError(f"probabilities have shape {probs.shape}; the request needs ({request.count}, 10)")
-    tensors = {
-        "probabilities": probs,
-        "label": probs.argmax(axis=1).astype("<i8"),
-        "confidence": probs.max(axis=1).astype("<f4"),
-    }
     outputs: list[dict[str, object]] = []
     blobs: list[bytes] = []
     for name in request.outputs:
-        array = tensors[name]
+        array = _output(name, probs)
         entry: dict[str, object] = {"name": name, "datatype": OUTPUT_DATATYPES[name], "shape": list(array.shape)}
         if request.binary.get(name, False):
-            blob = array.tobytes()  # every tensor above is little-endian, as the extension requires
+            blob = array.tobytes()  # every output is little-endian, as the extension requires
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -450,9 +534,20 @@ def encode_infer(
     answer["outputs"] = outputs
     header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
-        return header, {"Content-Type": "application/json"}
-    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
-    return header + b"".join(blobs), headers
+        return header, None
+    blobs.insert(0, header)
+    return b"".join(blobs), len(header)
+
+
+def _output(name: str, probs: np.ndarray) -> np.ndarray:
+    """One output tensor from the (N,10) little-endian float32 probabilities."""
+    if name == "probabilities":
+        return probs
+    if name == "label":
+        return probs.argmax(axis=1).astype(_INT64, copy=False)
+    if name == "confidence":
+        return np.maximum.reduce(probs, axis=1)  # probs.max(axis=1) without its Python wrapper; float32 as probs
+    raise KeyError(name)
 
 
 # ------------------------------------------------------------------------------------------- metadata

@@ -34,6 +34,10 @@ from service.work import Control
 # One forward on the CPU reaches the model's full images/s at 32 images (see docs/performance.md): past
 # it, waiting for more requests would only idle the worker.
 FULL_SPEED_IMAGES = 32
+# A batch holds at most this many work units (images x integrated-gradients steps): past it a batch of
+# heavy explanations would make every request in it wait for all of them; under it, the first ones are
+# answered while the rest are computed, and the admission's wait estimate holds for each.
+FULL_BATCH_UNITS = 8192
 EXPIRED = HttpError(504, "waited in the queue past the request timeout; not computed")
 log = logging.getLogger("digitserve")
 
@@ -63,7 +67,11 @@ def serve(stages: Stages, requests: RequestPipes, answers: AnswerPipes) -> None:
         work, timed_out, controls = collect(stages, requests)
         replies: list[Reply] = [(server, uid, EXPIRED, False) for server, uid in timed_out]
         if work:
+            started = time.monotonic()
             replies += run_stages(stages, work)
+            items = [item for _, _, item in work]
+            requests.measured(len(items), sum(len(item.images) for item in items), sum(item.units for item in items),
+                              time.monotonic() - started)
         replies += [run_control(stages, *control) for control in controls]
         answers.answer(replies)
 
@@ -112,7 +120,7 @@ def collect(stages: Stages, requests: RequestPipes) -> Collected:
     payloads: list[tuple[int, int, Any]] = []
     timed_out: list[tuple[int, int]] = []
     controls: list[tuple[int, int, Control]] = []
-    images = 0
+    images, units = 0, 0.0
     timeout = stages.request_timeout if stages.request_timeout not in (None, False, -1) else None
     item = requests.get()  # an idle worker sleeps here until a request comes (or it is terminated)
     deadline = time.monotonic() + stages.batch_timeout
@@ -126,7 +134,8 @@ def collect(stages: Stages, requests: RequestPipes) -> Collected:
         else:
             payloads.append((server, uid, work))
             images += len(work.images)
-        if len(payloads) >= stages.max_batch_size:
+            units += work.units
+        if len(payloads) >= stages.max_batch_size or units >= FULL_BATCH_UNITS:
             return payloads, timed_out, controls
         try:
             item = requests.get_nowait()

@@ -339,8 +339,13 @@ class TestLabels:
         assert direct <= ENDPOINTS, direct
 
     def test_every_series_carries_the_model_version(self, prometheus, traffic):
-        """Every metric says which model version produced it (a canary and the old version side by side)."""
-        assert prometheus.query('{__name__=~"digitserve_.+", version!="1"}', traffic.at) == []
+        """Every metric of a request or a model's work says which model version produced it (a canary and the
+        old version side by side). The served version and the canary share are the version state itself, as
+        values; processes, workers, refusals and the wait estimate are the service's, not a version's."""
+        state = ("digitserve_(serving_version|canary_share|worker_restarts_total|refusals_total|workers_ready|"
+                 "queue_wait_estimate_seconds|process_.+)")
+        assert prometheus.query(f'{{__name__=~"digitserve_.+", __name__!~"{state}", version!="1"}}', traffic.at) == []
+        assert prometheus.query("digitserve_serving_version", traffic.at)[0]["value"][1] == "1"
 
 
 # ---------------------------------------------------------------- the exposition itself

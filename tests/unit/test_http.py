@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import httpx
 import numpy as np
@@ -18,7 +19,7 @@ from service.__main__ import describe
 from service.app import build
 from service.config import Settings
 from service.errors import HttpError
-from service.http.admission import Admission
+from service.http.admission import PRIOR_ERROR, Admission, Refused
 from service.http.dataplane import result
 from service.http.routes import info_payload
 from service.http.schemas import ExplainOptions, PredictResponse
@@ -103,27 +104,58 @@ def test_openapi_names_the_service_and_describes_the_inference_routes(server):
 
 
 def test_admission_counts_across_api_servers_and_refuses_past_the_limit():
-    admission = Admission(["/predict", "/explain"], api_servers=2, limit=2)
-    with admission.admit("/predict"):
+    admission = Admission(settings("--api-servers", "2", "--max-queued-requests", "2"))
+    with admission.admit("/predict", 1, 0, 30, time.monotonic()):
         admission.slot = 1
-        with admission.admit("/explain"):
+        with admission.admit("/explain", 1, 0, 30, time.monotonic()):
             assert admission.in_flight() == 2
-            with pytest.raises(HttpError) as refused, admission.admit("/predict"):
+            with pytest.raises(Refused) as refused, admission.admit("/predict", 1, 0, 30, time.monotonic()):
                 pass
             assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+            assert refused.value.reason == "queue_full"
             assert admission.in_flight() == 2  # the refused one is not left counted
         admission.slot = 0
     assert admission.in_flight() == 0
 
 
+def test_admission_refuses_what_would_wait_past_its_pool_limit_or_deadline():
+    admission = Admission(settings("--explain-max-queue-wait-ms", "2000"))
+    # the worker fitted 1 ms per unit (after the prior's doubt), nothing per request or image
+    admission.costs["/explain"].publish(0, np.array([0.0, 0.0, 0.001 / PRIOR_ERROR]))
+    with admission.admit("/explain", 1, 1500, 30, time.monotonic()):  # 1.5 s of work queued: under 2 s
+        assert admission.wait_estimate("/explain") == pytest.approx(1.5)
+        with pytest.raises(Refused) as waited, admission.admit("/explain", 1, 1000, 30, time.monotonic()):
+            pass
+        assert waited.value.reason == "queue_wait" and "2500 ms" in waited.value.detail
+        assert waited.value.headers == {"Retry-After": "1"}  # the 0.5 s over the limit, rounded up
+        with pytest.raises(Refused) as late, admission.admit("/explain", 1, 100, 1.0, time.monotonic()):
+            pass
+        assert late.value.reason == "deadline"
+    assert admission.wait_estimate("/explain") == 0
+    with admission.admit("/predict", 64, 10_000, 30, time.monotonic()):  # no costs fitted for /predict yet
+        pass
+
+
+def test_a_standing_queue_is_refused_before_the_body_is_read():
+    admission = Admission(settings())
+    now = time.monotonic()
+    for i in range(10):  # a whole interval in which even the fastest answer took 300 ms
+        admission._sojourn["/predict"].add(0.3 + i / 100, now)
+    admission._sojourn["/predict"]._start = now - 0.15  # the interval is over
+    with pytest.raises(Refused) as refused:
+        admission.precheck("/predict")
+    assert refused.value.reason == "queue_wait"
+    admission.precheck("/explain")  # the other pool is not affected
+
+
 def test_admission_in_lame_duck_then_draining():
-    admission = Admission(["/predict"], api_servers=1, limit=10)
+    admission = Admission(settings())
     admission.lame_duck()
     assert admission.stopping
-    with admission.admit("/predict"):  # still served
+    with admission.admit("/predict", 1, 0, 30, time.monotonic()):  # still served
         pass
     admission.drain()
-    with pytest.raises(HttpError, match="shutting down"), admission.admit("/predict"):
+    with pytest.raises(HttpError, match="shutting down"), admission.admit("/predict", 1, 0, 30, time.monotonic()):
         pass
 
 

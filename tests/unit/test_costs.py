@@ -1,0 +1,60 @@
+"""The workers' cost model, in process: fitted on mixed batches, it tells light and heavy work apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.costs import Costs, Fit
+
+TRUE = np.array([0.001, 0.003, 0.00005])  # seconds per request, per image, per unit (an IG step)
+
+
+def seconds(requests: int, images: int, units: float) -> float:
+    return float(TRUE @ [requests, images, units])
+
+
+def test_a_fit_on_light_and_heavy_explanations_predicts_both():
+    rng = np.random.default_rng(0)
+    fit, fitted = Fit(), None
+    for _ in range(60):
+        requests = int(rng.integers(1, 6))
+        images = requests * int(rng.integers(1, 9))
+        units = images * 256 if rng.random() < 0.3 else 0.0  # some integrated gradients, most saliency
+        fitted = fit.add(requests, images, units, seconds(requests, images, units) * rng.uniform(0.95, 1.05))
+    assert fitted is not None
+    costs = Costs(1)
+    costs.publish(0, fitted)
+    for work in ((1, 8, 8 * 256), (1, 1, 0.0), (4, 32, 0.0)):
+        assert costs.seconds(*work) == pytest.approx(seconds(*work), rel=0.1), work
+
+
+def test_when_the_terms_move_together_the_fit_still_predicts_that_mix():
+    fit, fitted = Fit(), None
+    for _ in range(30):  # single-image requests only: requests == images, no units
+        fitted = fit.add(8, 8, 0.0, seconds(8, 8, 0.0))
+    costs = Costs(1)
+    assert fitted is not None and (fitted >= 0).all()
+    costs.publish(0, fitted)
+    assert costs.seconds(64, 64, 0.0) == pytest.approx(seconds(64, 64, 0.0), rel=0.01)
+
+
+def test_a_pool_of_workers_shares_the_work_and_an_unfitted_pool_costs_nothing():
+    costs = Costs(2)
+    assert costs.seconds(10, 10, 0) == 0.0
+    costs.publish(0, TRUE)
+    costs.publish(1, TRUE)
+    assert costs.seconds(10, 80, 1000) == pytest.approx(seconds(10, 80, 1000) / 2)
+
+
+def test_the_fit_forgets_old_batches_so_it_follows_contention():
+    fit = Fit()
+    for _ in range(20):
+        fit.add(1, 8, 2048, seconds(1, 8, 2048))
+    slowed = None
+    for _ in range(40):  # the cores are now shared: the same work takes three times as long
+        slowed = fit.add(1, 8, 2048, 3 * seconds(1, 8, 2048))
+    costs = Costs(1)
+    assert slowed is not None
+    costs.publish(0, slowed)
+    assert costs.seconds(1, 8, 2048) == pytest.approx(3 * seconds(1, 8, 2048), rel=0.1)
