@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service import imaging
 from service.errors import HttpError
 from service.http import v2
 from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
@@ -23,7 +24,7 @@ from service.http.fastpath import Endpoint, failed
 from service.http.inputs import Parsed
 from service.http.schemas import PredictOptions
 from service.http.versioning import VersionControl
-from service.model.fnn import INPUT_SIZE, NUM_CLASSES
+from service.model.fnn import IMAGE_SIDE, INPUT_SIZE, NUM_CLASSES
 from service.work import Work, work_units
 
 
@@ -164,9 +165,11 @@ class OpenInferenceV2:
 
     @staticmethod
     def _pixels(tensors: v2.InferRequest, arrived: float) -> Work:
-        """``pixels`` are already in MNIST's frame: no decoding at all."""
+        """``pixels`` are already in MNIST's frame: no decoding at all, only the checks /predict's pixels get."""
         assert tensors.pixels is not None
-        return Work(tensors.pixels.reshape(tensors.count, INPUT_SIZE), {}, arrived)
+        frames = tensors.pixels.reshape(tensors.count, IMAGE_SIDE, IMAGE_SIDE)
+        imaging.check_frames(frames)
+        return Work(frames.reshape(tensors.count, INPUT_SIZE), {}, arrived)
 
     async def _images(self, tensors: v2.InferRequest, arrived: float) -> Work:
         """``image`` goes through /predict's preprocessing, with /predict's default options."""

@@ -9,6 +9,7 @@ picture still fails only its own request.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class Preparer:
 
     def _prepare_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
-        outcomes: list[np.ndarray | Exception]
+        outcomes: list[imaging.Prepared | Exception]
         try:
             outcomes = list(imaging.prepare_many([parsed.instances for parsed, _, _ in waiting], self.limits))
         except Exception as e:  # a bug of ours: every request of the iteration answers it
@@ -52,6 +53,8 @@ class Preparer:
                 future.set_result(_work(parsed, outcome, arrived))
 
 
-def _work(parsed: inputs.Parsed, frames: np.ndarray, arrived: float) -> Work:
+def _work(parsed: inputs.Parsed, frames: imaging.Prepared, arrived: float) -> Work:
     options = parsed.options.model_dump()
-    return Work(frames.reshape(len(frames), INPUT_SIZE), options, arrived, units=work_units(len(frames), options))
+    notes: list[dict[str, Any]] = [dict(note) for note in frames.notes]
+    return Work(np.asarray(frames).reshape(len(frames), INPUT_SIZE), options, arrived,
+                units=work_units(len(frames), options), notes=notes or None)

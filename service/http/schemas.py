@@ -14,7 +14,7 @@ class Instance(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     image_b64: str | None = None
-    pixels: list[list[float]] | None = None
+    pixels: list[list[float]] | list[float] | None = None  # a flat list is refused by imaging, saying why
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Instance:

@@ -114,7 +114,7 @@ class DigitAPI(ls.LitAPI):
             rows = self.compute(group, [batch.inputs[i] for i in group.requests])
             bounds = np.cumsum([0, *(len(batch.inputs[i].images) for i in group.requests)]).tolist()
             for i, (a, b) in zip(group.requests, itertools.pairwise(bounds)):
-                answers[i] = Answer(rows[a:b], version, size, batch.inputs[i].options)
+                answers[i] = Answer(_noted(rows[a:b], batch.inputs[i].notes), version, size, batch.inputs[i].options)
             arrivals = [batch.inputs[i].arrived for i in group.requests]
             metrics.observe_forward(self.endpoint, str(version), arrivals, len(group.x), started)
         return [answer for answer in answers if answer is not None]
@@ -193,6 +193,15 @@ class ExplainAPI(DigitAPI):
             for row, report in zip(rows, explained):
                 reports[row] = report
         return reports
+
+
+def _noted(rows: list[Any], notes: list[dict[str, Any]] | None) -> list[Any]:
+    """Each image's answer with what the framing found (its ``box`` in the client's picture, ``flags``)."""
+    for row, note in zip(rows, notes or ()):
+        answer = row[0] if isinstance(row, tuple) else row
+        if isinstance(answer, dict):
+            answer.update(note)
+    return rows
 
 
 def predictions(probs: np.ndarray) -> list[dict[str, Any]]:

@@ -180,7 +180,7 @@ def test_a_canary_gets_its_share_and_promote_and_rollback_take_effect_at_once(se
 
 
 def test_pinned_versions(server, digits):
-    pngs, _ = digits
+    pngs, frames = digits
     body = {"instances": [{"image_b64": b64(pngs[2])}]}
     with server.client() as client:
         admin(client, "/admin/versions/2/load")
@@ -193,7 +193,7 @@ def test_pinned_versions(server, digits):
         assert client.post("/predict?version=x", json=body).status_code == 422
     v2 = triton.InferenceServerClient(server.url.removeprefix("http://"))
     pixels = triton.InferInput("pixels", [1, 784], "FP32")
-    pixels.set_data_from_numpy(np.zeros((1, 784), np.float32) + 0.5)
+    pixels.set_data_from_numpy(np.asarray(frames[2:3], np.float32).reshape(1, 784))
     assert v2.infer(MODEL, [pixels], model_version="1").get_response()["model_version"] == "1"
     assert v2.infer(MODEL, [pixels], model_version="2").get_response()["model_version"] == "2"
 

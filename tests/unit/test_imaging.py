@@ -1,23 +1,29 @@
 """In-process preprocessing: the two PNG decoders agree, and framing images together (a request's,
 or all requests' of one event-loop iteration) gives each the frame it would get alone, placed as
-MNIST places digits."""
+MNIST places digits; pictures on a paper of one grey keep the frames MNIST's recipe gave them; each
+instance's note (box, flags); ``pixels`` checked like pictures. Photos: tests/e2e/test_photos.py."""
 
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
+import orjson
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
 from harness.server import encode
+from service import imaging
 from service.config import Limits
 from service.errors import InputError
 from service.http.inputs import Parsed
 from service.http.prepare import Preparer
 from service.http.schemas import PredictOptions
-from service.imaging import BlankImage, decode_image, to_mnist
+from service.imaging import BlankImage, check_frames, decode_image, ink, photo, prepare, to_mnist, validate_pixels
+from service.imaging import frame as framing
+from service.imaging.decode import decode_picture
 
 
 def digits(mnist_test, count: int) -> list[np.ndarray]:
@@ -128,3 +134,252 @@ def test_requests_of_one_iteration_are_framed_together_and_apart(mnist_test):
             else:
                 assert result.images.shape == (len(grays), 28 * 28)
                 np.testing.assert_array_equal(result.images.reshape(-1, 28, 28), to_mnist(grays))
+
+
+# ---------------------------------------------------------------- what works stays as it was
+
+
+def mnist_recipe(gray: np.ndarray) -> np.ndarray:
+    """The frame MNIST's recipe gives a picture on a paper of one grey, as this service computed it
+    before photos were handled: the border's median is the paper, the strokes are whatever stands a
+    tenth of the strongest contrast from it (light ink if the paper is dark), cropped, fit in 20x20
+    and centred by mass. The oracle for what must not change."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    paper = np.partition(border, len(border) // 2)[len(border) // 2]
+    contrast = (paper - gray) if paper >= 128 else (gray - paper)
+    peak = contrast.max()
+    contrast = np.where(contrast >= 0.1 * peak, contrast, 0).astype(np.float32) * np.float32(1 / peak)
+    rows, cols = np.flatnonzero(contrast.any(1)), np.flatnonzero(contrast.any(0))
+    box = contrast[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    h, w = box.shape
+    if max(h, w) != 20:
+        size = (max(1, round(w * 20 / max(h, w))), max(1, round(h * 20 / max(h, w))))
+        box = np.array(Image.fromarray(box, "F").resize(size, Image.Resampling.BILINEAR), np.float32)
+        box *= np.float32(1 / max(float(box.max()), 1e-6))
+        h, w = box.shape
+    cy, cx = (box.sum(1) * np.arange(h)).sum() / box.sum(), (box.sum(0) * np.arange(w)).sum() / box.sum()
+    frame = np.zeros((28, 28), np.float32)
+    y, x = (min(max(round(14 - c - 0.5), 0), 28 - e) for c, e in ((cy, h), (cx, w)))
+    frame[y: y + h, x: x + w] = box
+    return frame
+
+
+def predictions(model, frames: np.ndarray) -> np.ndarray:
+    norm = model.metadata.normalization
+    x = torch.from_numpy(imaging.normalize(np.asarray(frames), norm.mean, norm.std)).reshape(len(frames), -1)
+    with torch.inference_mode():
+        return model.model(x).argmax(1).numpy()
+
+
+def assert_same_frames(new: np.ndarray, old: np.ndarray) -> None:
+    worst = np.abs(np.asarray(new) - old).reshape(len(old), -1).max(1)
+    assert worst.max() <= 1 / 255 + 1e-6, f"{int((worst > 1 / 255 + 1e-6).sum())} frames changed, at {worst.argmax()}"
+
+
+def test_mnist_test_digits_keep_their_frames_and_accuracy(mnist_test, default_model):
+    """The 1,000 first MNIST test digits as PNGs: the frames of MNIST's recipe (to one grey level),
+    so the committed model's accuracy on them is what it was."""
+    images, labels = mnist_test[0][:1000].numpy(), mnist_test[1][:1000].numpy()
+    framed = prepare([encode(image) for image in images], Limits())
+    expected = np.stack([mnist_recipe(image.astype(np.float32)) for image in images])
+    assert_same_frames(framed, expected)
+    accuracy = (predictions(default_model, framed) == labels).mean()
+    assert accuracy >= (predictions(default_model, expected) == labels).mean() and accuracy >= 0.99
+
+
+def clean_canvases(mnist_test, count: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """Digits as canvases and screenshots send them: light on dark, dark on white, on grey, in colour,
+    enlarged 1-7x, anywhere on a canvas of any size, one paper grey each; their PNGs, grey pictures, labels."""
+    rng = np.random.default_rng(5)
+    images, labels = mnist_test[0][1000: 1000 + count].numpy(), mnist_test[1][1000: 1000 + count].numpy()
+    pngs, grays = [], []
+    for i, digit in enumerate(images):
+        scale = int(rng.integers(1, 8))
+        size = (int(rng.integers(28 * scale, 28 * scale + 300)), int(rng.integers(28 * scale, 28 * scale + 300)))
+        at = (int(rng.integers(0, size[0] - 28 * scale + 1)), int(rng.integers(0, size[1] - 28 * scale + 1)))
+        canvas = on_canvas(digit, size, at, scale)
+        canvas = [canvas, 255 - canvas, (canvas * 0.6 + 40).astype(np.uint8),
+                  np.stack([canvas, canvas // 2, 255 - canvas], -1)][i % 4]
+        pngs.append(encode(canvas))
+        grays.append(decode_image(pngs[-1], Limits()))
+    return pngs, grays, labels
+
+
+def test_clean_canvases_keep_their_frames(mnist_test):
+    pngs, grays, _ = clean_canvases(mnist_test, 120)
+    framed = np.concatenate([prepare([png], Limits()) for png in pngs])
+    assert_same_frames(framed, np.stack([mnist_recipe(gray) for gray in grays]))
+
+
+def test_one_grey_paper_is_the_photo_steps_special_case(mnist_test, default_model):
+    """Run through the steps for photos (local background, noise, components) instead of their special
+    case, MNIST's digits come out as they do through it: the special case is a shortcut, not another
+    preprocessing."""
+    images, labels = mnist_test[0][:300].numpy(), mnist_test[1][:300].numpy()
+    general = np.zeros((len(images), 28, 28), np.float32)
+    for out, image in zip(general, images):
+        framing._place(out, photo.photo_ink(image.astype(np.float32)))
+    special = to_mnist([image.astype(np.float32) for image in images])
+    same = (np.abs(general - special).reshape(len(images), -1).max(1) <= 1 / 255 + 1e-6).mean()
+    assert same >= 0.98, same
+    accuracy = {name: (predictions(default_model, frames) == labels).mean()
+                for name, frames in (("general", general), ("special", special))}
+    assert accuracy["general"] >= accuracy["special"] - 0.005, accuracy
+
+
+# ---------------------------------------------------------------- notes: the box and the flags
+
+
+def test_the_box_is_the_digit_in_the_clients_picture(mnist_test):
+    """On a canvas, the box is the ink's; a phone-size JPEG is decoded at a quarter of its size and its
+    box is given in its own pixels all the same."""
+    seven = digits(mnist_test, 1)[0]
+    canvas = on_canvas(seven, (90, 120), (30, 50), scale=2)
+    rows, cols = np.flatnonzero(canvas.max(1) >= 25.5), np.flatnonzero(canvas.max(0) >= 25.5)  # a tenth of 255
+    assert prepare([encode(canvas)], Limits()).notes == [
+        {"box": [int(cols[0]), int(rows[0]), int(np.ptp(cols)) + 1, int(np.ptp(rows)) + 1], "flags": []}]
+    big = np.full((3000, 2400), 235, np.uint8)
+    big[1200:1200 + 280, 900:900 + 280] = 255 - np.asarray(Image.fromarray(seven).resize((280, 280)))
+    jpeg = encode(big, "JPEG", quality=90)
+    picture = decode_picture(jpeg, Limits())
+    assert picture.size == (2400, 3000) and picture.gray.shape == (750, 600)  # decoded at 1/4 scale
+    (note,) = prepare([jpeg], Limits()).notes
+    truth = np.argwhere(big < 235 - 0.1 * 235)
+    (top, left), (bottom, right) = truth.min(0), truth.max(0)
+    assert np.allclose(note["box"], [left, top, right - left + 1, bottom - top + 1], atol=8), note
+
+
+def side_by_side(first: np.ndarray, second: np.ndarray, gap: float) -> np.ndarray:
+    """Two digits' ink boxes next to each other, ``gap`` of the taller one's height apart, on a canvas."""
+    def ink_box(d):
+        rows, cols = np.flatnonzero(d.max(1) > 25), np.flatnonzero(d.max(0) > 25)
+        return d[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    a, b = ink_box(first), ink_box(second)
+    height = max(len(a), len(b))
+    space = round(gap * height)
+    canvas = np.zeros((height + 16, a.shape[1] + b.shape[1] + space + 16), np.uint8)
+    canvas[8: 8 + len(a), 8: 8 + a.shape[1]] = a
+    canvas[8: 8 + len(b), 8 + a.shape[1] + space: 8 + a.shape[1] + space + b.shape[1]] = b
+    return canvas
+
+
+def broken(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A digit with one stroke broken: a gap two pixels wide cut across it where a row crosses it."""
+    digit = digit.copy()
+    rows = np.flatnonzero(digit.max(1) > 25)
+    row = int(rng.integers(rows[0] + 3, rows[-1] - 3))
+    strokes = np.flatnonzero(digit[row] > 25)
+    runs = np.split(strokes, np.flatnonzero(np.diff(strokes) > 1) + 1)
+    run = runs[int(rng.integers(len(runs)))]
+    digit[row - 1: row + 1, run[0]: run[-1] + 1] = 0
+    return digit
+
+
+def test_multiple_digits_are_flagged_side_by_side_and_only_there(mnist_test):
+    images = mnist_test[0][:400].numpy()
+    gaps = [0.3, 0.6] * 100
+    pairs = [encode(255 - side_by_side(images[i], images[i + 1], gap)) for i, gap in zip(range(0, 400, 2), gaps)]
+    flagged = [imaging.ink.MULTIPLE in note["flags"] for png in pairs for note in prepare([png], Limits()).notes]
+    assert sum(flagged) >= 0.97 * len(pairs), sum(flagged)
+    rng = np.random.default_rng(2)
+    singles = [encode(broken(image, rng)) for image in images] + [encode(image) for image in images]
+    flagged = [imaging.ink.MULTIPLE in note["flags"] for png in singles for note in prepare([png], Limits()).notes]
+    assert sum(flagged) <= 0.005 * len(singles), sum(flagged)
+
+
+def test_multiple_digits_are_flagged_in_photos_too(mnist_test):
+    """The same pairs enlarged 6x, dark on paper under a lamp to one side, with sensor noise: the photo
+    steps find the two digits as well."""
+    images = mnist_test[0][:200].numpy()
+    rng = np.random.default_rng(4)
+    flagged = 0
+    for i in range(0, 200, 2):
+        pair = side_by_side(images[i], images[i + 1], 0.4)
+        ink_cover = np.asarray(Image.fromarray(pair).resize((pair.shape[1] * 6, pair.shape[0] * 6),
+                                                            Image.Resampling.BICUBIC), np.float32) / 255
+        light = 0.55 + 0.45 * np.arange(ink_cover.shape[1]) / ink_cover.shape[1]
+        photo = 255 * ((0.9 - 0.8 * ink_cover) * light) ** (1 / 2.2) + rng.normal(0, 4, ink_cover.shape)
+        (note,) = prepare([encode(np.clip(photo, 0, 255).astype(np.uint8))], Limits()).notes
+        flagged += ink.MULTIPLE in note["flags"]
+    assert flagged >= 95, flagged
+
+
+def test_low_contrast_is_flagged(mnist_test):
+    """Ink a tenth of the way from the paper to black is barely told from it; MNIST's is not."""
+    images = mnist_test[0][:50].numpy().astype(np.float32)
+    faint = [encode((235 - image * 0.1).astype(np.uint8)) for image in images]
+    assert all(note["flags"] == [ink.FAINT] for png in faint for note in prepare([png], Limits()).notes)
+    clear = prepare([encode(image.astype(np.uint8)) for image in images], Limits())
+    assert not any(note["flags"] for note in clear.notes)
+
+
+def test_notes_are_plain_json_for_every_path(mnist_test):
+    """Canvas, photo (paper under a lamp), phone-size JPEG decoded small, pixels: each note is the
+    answer's JSON as it is (the worker adds it with orjson, which takes no numpy integers)."""
+    seven = digits(mnist_test, 1)[0]
+    lamp = (235 - 0.8 * seven.astype(np.float32)) * np.linspace(0.6, 1, 28)
+    photo = np.asarray(Image.fromarray(lamp.astype(np.uint8)).resize((280, 280), Image.Resampling.BICUBIC))
+    phone = np.full((3000, 2400), 235, np.uint8)
+    phone[1200:1480, 900:1180] = 255 - np.asarray(Image.fromarray(seven).resize((280, 280)))
+    sent = [encode(on_canvas(seven, (60, 80), (10, 20))), encode(photo, "JPEG"), encode(phone, "JPEG"), seven.tolist()]
+    notes = prepare(sent, Limits()).notes
+    assert [orjson.loads(orjson.dumps(note)) for note in notes] == notes
+    assert all(type(v) is int for note in notes for v in note["box"]), notes
+
+
+def test_a_request_mixes_pictures_and_pixels_and_notes_follow_instances(mnist_test):
+    seven, two = digits(mnist_test, 2)
+    prepared = prepare([encode(seven), two.tolist(), encode(on_canvas(two, (60, 60), (20, 25)))], Limits())
+    assert prepared.shape == (3, 28, 28) and len(prepared.notes) == 3
+    rows, cols = np.flatnonzero(two.max(1) >= 0.1 * two.max()), np.flatnonzero(two.max(0) >= 0.1 * two.max())
+    assert prepared.notes[1] == {"box": [int(cols[0]), int(rows[0]), int(np.ptp(cols)) + 1, int(np.ptp(rows)) + 1],
+                                 "flags": []}
+    assert prepared.notes[2]["box"][:2] == [25 + int(cols[0]), 20 + int(rows[0])]
+    assert prepared.reshape(3, 784).notes == prepared.notes  # the worker's shape keeps them
+    np.testing.assert_array_equal(prepared[1], two / np.float32(255))
+
+
+# ---------------------------------------------------------------- pixels, checked like pictures
+
+
+def test_pixels_with_a_digit_are_taken_as_they_are(mnist_test):
+    seven = digits(mnist_test, 1)[0]
+    np.testing.assert_array_equal(validate_pixels(seven.tolist()), (seven / 255.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("pixels,words", [
+    ([[0] * 28] * 28, "no digit found: the image is blank"),
+    ([[200] * 28] * 28, "no digit found: the image is blank"),
+    ("mnist / 255", "on the 0..255 scale"),
+    ("255 - mnist", "look inverted"),
+    ("flat", "28 rows of 28 numbers; got a flat list of 784"),
+    ([[0] * 28] * 27, "28x28 (28 rows of 28 numbers), got shape 27x28"),
+], ids=["zeros", "one grey", "0..1", "inverted", "flat 784", "27 rows"])
+def test_pixels_that_are_no_mnist_frame_are_refused(mnist_test, pixels, words):
+    seven = digits(mnist_test, 1)[0].astype(np.float64)
+    pixels = {"mnist / 255": (seven / 255).tolist(), "255 - mnist": (255 - seven).tolist(),
+              "flat": seven.ravel().tolist()}.get(pixels, pixels) if isinstance(pixels, str) else pixels
+    with pytest.raises(InputError) as refused:
+        validate_pixels(pixels)
+    assert refused.value.status == 422 and words in refused.value.detail, refused.value.detail
+
+
+def test_frames_from_tensors_are_checked_and_the_bad_instance_named(mnist_test):
+    frames = (mnist_test[0][:4].numpy() / 255).astype(np.float32)
+    check_frames(frames)
+    for wrong, words in ((np.nan, "finite"), (0.0, "blank")):
+        bad = frames.copy()
+        bad[2] = wrong if np.isnan(wrong) else 0.0
+        if np.isnan(wrong):
+            bad[2, 3, 3] = np.nan
+        with pytest.raises(InputError) as refused:
+            check_frames(bad)
+        detail = refused.value.detail
+        assert refused.value.status == 422 and detail.startswith("instance 2: ") and words in detail, detail
+
+
+def test_a_blank_pixels_frame_is_refused_through_prepare_naming_its_instance(mnist_test):
+    seven = digits(mnist_test, 1)[0]
+    with pytest.raises(InputError) as refused:
+        prepare([encode(seven), [[0] * 28] * 28], Limits())
+    assert refused.value.status == 422 and refused.value.detail.startswith("instance 1: no digit found")

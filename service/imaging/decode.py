@@ -1,0 +1,170 @@
+"""Encoded bytes -> a grey picture (float32 0..255), checked against the limits before any pixel is decoded.
+
+8-bit PNGs (MNIST files, canvases, screenshots) go through libspng, everything else through Pillow.
+A JPEG far bigger than framing needs (a phone photo) is decoded at 1/2, 1/4 or 1/8 scale by the
+JPEG decoder itself (``Image.draft``), which costs a fraction of a full decode; ``Picture.size``
+keeps the client's size so that boxes found in the smaller copy can be given in the client's pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyspng
+from PIL import Image, ImageOps
+
+from service.config import Limits
+from service.errors import InputError
+
+# A JPEG whose longer side is at least twice this is decoded smaller, down to no less than this: a digit
+# a tenth of the picture's side still spans 64 pixels, three times the 20 of MNIST's box.
+DRAFT_SIDE = 640
+
+_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+_PNG = b"\x89PNG\r\n\x1a\n"
+_SPNG_FORMATS = {0: "L", 2: "RGB", 4: "RGBA", 6: "RGBA"}  # by PNG colour type; libspng has no gray+alpha output
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's convert("L")
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, from the header, with our own limits
+# Pillow warns about oddities in client files (corrupt EXIF, malformed MPO...): what matters is
+# whether the pixels decode, and a warning per request would only fill the log.
+warnings.filterwarnings("ignore", module=r"PIL\.|service\.imaging")
+
+
+@dataclass(slots=True)
+class Picture:
+    """A decoded picture: its grey pixels, and its size as the client sees it (width, height), which is
+    ``gray``'s unless the decoder shrank it."""
+
+    gray: np.ndarray
+    size: tuple[int, int]
+
+
+def decode_image(data: bytes, limits: Limits) -> np.ndarray:
+    """Encoded bytes -> float32 (H, W) grayscale in 0..255. Rejects from the header before decoding pixels."""
+    return decode_picture(data, limits).gray
+
+
+def decode_picture(data: bytes, limits: Limits) -> Picture:
+    """``decode_image``, with the client's size kept beside pixels that may be a JPEG's reduced decode."""
+    if not data:
+        raise InputError(400, "image is empty (0 bytes)")
+    if (pixels := _plain_png(data, limits)) is not None:
+        return Picture(pixels, (pixels.shape[1], pixels.shape[0]))
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+    except Exception:
+        kind = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+        if kind:
+            raise InputError(400, f"image data is truncated or corrupt (it starts like a {kind} file)") from None
+        raise InputError(400, "bytes are not an image in a format we can read "
+                              "(PNG, JPEG, GIF, BMP, WebP, TIFF...)") from None
+    _check_size(*image.size, limits)
+    size = image.size
+    try:
+        _draft(image)
+        if "exif" in image.info:  # a phone photo's orientation flag: turn the pixels the way it was shot
+            if image.getexif().get(0x0112) in _TURNED:
+                size = size[::-1]
+            image = ImageOps.exif_transpose(image)
+        return Picture(_to_gray(image), size)
+    except InputError:
+        raise
+    except Exception as e:  # truncated or corrupt data surfaces as many exception types in Pillow
+        raise InputError(400, f"image data is truncated or corrupt ({type(e).__name__})") from None
+
+
+def _draft(image: Image.Image) -> None:
+    """A big JPEG decoded at the smallest of 1/2, 1/4, 1/8 scale that keeps DRAFT_SIDE on its longer side,
+    in gray: libjpeg then skips most of the inverse DCT and all of the colour conversion."""
+    longest = max(image.size)
+    if image.format != "JPEG" or longest < 2 * DRAFT_SIDE or image.mode not in ("RGB", "L"):
+        return
+    width, height = image.size
+    image.draft("L", (math.ceil(width * DRAFT_SIDE / longest), math.ceil(height * DRAFT_SIDE / longest)))
+
+
+def _check_size(width: int, height: int, limits: Limits) -> None:
+    """The size limits, applied to what the header claims, before a single pixel is decoded."""
+    if width < 1 or height < 1:
+        raise InputError(400, f"image has zero size ({width}x{height})")
+    if max(width, height) > limits.max_image_side or width * height > limits.max_image_pixels:
+        raise InputError(
+            413,
+            f"image is {width}x{height} = {width * height} pixels; the limits are {limits.max_image_side} pixels "
+            f"per side and {limits.max_image_pixels} pixels in all",
+        )
+
+
+def _plain_png(data: bytes, limits: Limits) -> np.ndarray | None:
+    """An 8-bit gray, gray+alpha, RGB or RGBA PNG with no transparency key and no EXIF, decoded by libspng.
+
+    That is what MNIST files, canvases and screenshots are, and libspng decodes them 5x faster than
+    Pillow's Python-level chunk reader. The result is Pillow's (``_to_gray``) to within one grey level,
+    and corrupt files are refused as Pillow refuses them; every other PNG (palette, 1-16 bit, tRNS,
+    eXIf) returns None and goes to Pillow.
+    """
+    if not data.startswith(_PNG) or data[12:16] != b"IHDR" or len(data) < 26:
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if depth != 8 or colour not in _SPNG_FORMATS:
+        return None
+    if {b"tRNS", b"eXIf"} & _checked_chunks(data):
+        return None
+    _check_size(width, height, limits)
+    try:
+        pixels = pyspng.load(data, _SPNG_FORMATS[colour])
+    except RuntimeError:  # truncated data, a broken zlib stream or filter byte...
+        raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)") from None
+    if pixels.ndim == 2:
+        return pixels.astype(np.float32)
+    # Channel by channel and in place: a 16-megapixel canvas needs a few float planes, not float RGBA copies.
+    gray = pixels[..., 0] * _LUMA[0] + pixels[..., 1] * _LUMA[1] + pixels[..., 2] * _LUMA[2]
+    if pixels.shape[2] == 4:  # transparency on white, as _to_gray does
+        gray -= 255
+        gray *= pixels[..., 3] * np.float32(1 / 255)
+        gray += 255
+    return gray
+
+
+def _checked_chunks(png: bytes) -> set[bytes]:
+    """The kinds of chunk in a PNG, each checked against its CRC as Pillow does (pyspng has libspng
+    skip that check, and half of all one-bit errors in pixel data would then decode as noise)."""
+    kinds, at, view = set(), len(_PNG), memoryview(png)
+    while at + 12 <= len(png):
+        length, kind = struct.unpack_from(">I4s", png, at)
+        end = at + 8 + length
+        if end + 4 > len(png):
+            break
+        if zlib.crc32(view[at + 4: end]) != int.from_bytes(png[end: end + 4], "big"):
+            chunk = kind.decode("latin-1")
+            raise InputError(400, f"image data is corrupt (the PNG's {chunk!r} chunk fails its checksum)")
+        kinds.add(kind)
+        if kind == b"IEND":
+            return kinds
+        at = end + 4
+    raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)")
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    """Any mode (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK...) -> float32 luminance 0..255, transparency on white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError(400, "image has non-finite pixel values (NaN or infinity)")
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        return np.clip(arr * (255.0 / top), 0, 255)
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.float32)

@@ -1,0 +1,106 @@
+"""MNIST's own recipe, applied to the ink found (``ink.py``): crop to the strokes, fit them in a 20x20 box
+keeping their aspect ratio, and place that box in 28x28 so that the centre of mass is at the centre."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from service.errors import InputError
+from service.imaging import ink, photo
+from service.model.fnn import IMAGE_SIDE
+
+BOX = 20  # MNIST fits each digit in a 20x20 box
+
+
+class BlankImage(InputError):
+    """An image in which no stroke stands out; ``position`` is its place in the list given to ``to_mnist``."""
+
+    def __init__(self, position: int):
+        super().__init__(422, "no digit found: the image is blank (no stroke stands out from the background)")
+        self.position = position
+
+
+def to_mnist(grays: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 (H, W) images in 0..255, any background -> float32 (N, 28, 28) in 0..1, white digits on black,
+    MNIST-centred. Raises ``BlankImage`` for the first image without a stroke."""
+    return to_mnist_with_ink(grays)[0]
+
+
+def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink.Ink]]:
+    """``to_mnist``, and each image's ink (its box in the image and its flags).
+
+    Images of one size go through the whole-image steps together: numpy's per-call overhead, not
+    arithmetic, is what a small image costs, so a request's 32 digits cost little more than one.
+    """
+    sizes: dict[tuple[int, ...], list[int]] = {}
+    for position, gray in enumerate(grays):
+        sizes.setdefault(gray.shape, []).append(position)
+    frames = np.zeros((len(grays), IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
+    found: list[ink.Ink] = []
+    for positions in sizes.values():
+        # np.array stacks same-size arrays in C, 2-4x faster than np.stack
+        stack = np.array(grays) if len(sizes) == 1 else np.array([grays[p] for p in positions])
+        try:
+            digits = _inks(stack)
+        except ink.Blank as blank:
+            raise BlankImage(positions[blank.position]) from None
+        for position, digit in zip(positions, digits):
+            _place(frames[position], digit)
+        found += digits
+    if len(sizes) > 1:  # back in the order given
+        order = [position for positions in sizes.values() for position in positions]
+        found = [digit for _, digit in sorted(zip(order, found), key=lambda pair: pair[0])]
+    return frames, found
+
+
+def _inks(stack: np.ndarray) -> list[ink.Ink]:
+    """The ink of each image of one size: pictures on one exact paper grey together, the others alone."""
+    paper, flat = ink.paper_grey(stack)
+    if flat.all():
+        return ink.flat_inks(stack, paper)
+    found: list[ink.Ink] = []
+    flats = iter(ink.flat_inks(stack[flat], paper[flat]) if flat.any() else [])
+    for position, is_flat in enumerate(flat.tolist()):
+        try:
+            found.append(next(flats) if is_flat else photo.photo_ink(stack[position]))
+        except ink.Blank:
+            raise ink.Blank(position) from None
+    return found
+
+
+def _place(out: np.ndarray, digit: ink.Ink) -> None:
+    """The strokes resized to fit 20x20 unless they already do (every MNIST-sized input), and placed in
+    ``out`` (28x28) by their centre of mass."""
+    box = digit.strokes
+    h, w = box.shape
+    if max(h, w) != BOX:
+        box, cy, cx = _fit(box)
+        h, w = box.shape
+    elif digit.centre is not None:
+        cy, cx = digit.centre
+    else:
+        (cy,), (cx,) = _centres(box.sum(1)[None]).tolist(), _centres(box.sum(0)[None]).tolist()
+    y, x = _corner(cy, h), _corner(cx, w)
+    out[y: y + h, x: x + w] = box
+
+
+def _fit(box: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A digit's box resized so that its longer side fits the 20x20 box, brightest at 1; and its centre of mass."""
+    h, w = box.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    box = np.array(Image.fromarray(box, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    box *= np.float32(1 / max(float(box.max()), 1e-6))
+    (cy,), (cx,) = _centres(box.sum(1)[None]).tolist(), _centres(box.sum(0)[None]).tolist()
+    return box, cy, cx
+
+
+_centres = ink.centres
+
+
+def _corner(centre: float, extent: int) -> int:
+    """Where a box of ``extent`` pixels starts so that its centre of mass lands on the frame's centre."""
+    return min(max(round(IMAGE_SIDE / 2 - centre - 0.5), 0), IMAGE_SIDE - extent)

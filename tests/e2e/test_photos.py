@@ -1,0 +1,148 @@
+"""Photo-like pictures and checked ``pixels`` through the real server: what a client sends and gets.
+
+One server for the module. 500 photo-like pictures (tests/photos.py: MNIST digits the committed model
+held out, written on paper and photographed under uneven light, shadows, grain, noise, blur, rotation,
+JPEG, one in ten at phone resolution), one per ``/predict`` request as ``curl -F file=@photo.jpg``
+sends them: the accuracy the issue asks for, by kind of variation, and the notes that say where the
+digit is. Other seeds and a differently parameterised style: ``python -m tests.photos --seed 1
+[--variant]``. Then JSON base64 with phone-size pictures in one request, and each ``pixels`` case with
+its status and message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.server import b64, encode, running
+from service import imaging
+from tests import photos
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("photos")) as server:
+        yield server
+
+
+COUNT, SEED = 500, 0
+ALONE = [kind for kind in photos.KINDS if kind != "combined"]
+
+
+@pytest.fixture(scope="module")
+def pictures(data_dir) -> list[photos.Photo]:
+    digits, labels = photos.validation_digits(data_dir)
+    return list(photos.photos(digits, labels, COUNT, SEED))
+
+
+@pytest.fixture(scope="module")
+def answers(server, pictures) -> list[tuple[photos.Photo, dict | None]]:
+    """Each picture and the server's answer for it (None when refused with 422), one request each."""
+    found = []
+    with server.client() as client:
+        for photo in pictures:
+            response = client.post("/predict", files=[("file", ("photo", photo.data, "application/octet-stream"))])
+            assert response.status_code in (200, 422), response.text
+            found.append((photo, response.json()["predictions"][0] if response.status_code == 200 else None))
+    return found
+
+
+def accuracy(answers, kinds) -> float:
+    right = [answer is not None and answer["label"] == photo.label for photo, answer in answers if photo.kind in kinds]
+    return sum(right) / len(right)
+
+
+def test_the_generator_makes_every_kind_and_phone_sizes(pictures):
+    kinds = [photo.kind for photo in pictures]
+    assert {kind: kinds.count(kind) for kind in photos.KINDS} == dict.fromkeys(photos.KINDS, COUNT // 10)
+    phones = [photo for photo in pictures if min(photo.size) >= 2000]
+    assert len(phones) >= COUNT // 10 and all(photo.data[:2] == b"\xff\xd8" for photo in phones)
+
+
+def test_accuracy_on_photos(answers):
+    assert accuracy(answers, photos.KINDS) >= 0.97
+
+
+@pytest.mark.parametrize("kind", ALONE)
+def test_accuracy_by_kind_of_variation(answers, kind):
+    assert accuracy(answers, {kind}) >= 0.95
+
+
+def test_accuracy_with_every_variation_at_once(answers):
+    """All the variations on one picture, each at a random strength (the hardest: a faint pencil in a
+    deep shadow on grainy paper, blurred and JPEG'd). Below the 95% asked for single variations; see
+    docs/pictures.md for the figures on other seeds."""
+    assert accuracy(answers, {"combined"}) >= 0.85
+
+
+def test_boxes_cover_the_digit(answers):
+    """The answer's box, in the picture's own pixels, overlaps the digit's true box by half or more on
+    nine pictures in ten of every single variation (as the accuracy, a little less with all at once)."""
+    def overlap(a, b) -> float:
+        across = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+        down = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+        return across * down / (a[2] * a[3] + b[2] * b[3] - across * down)
+    for kind in photos.KINDS:
+        found = [answer is not None and overlap(answer["box"], photo.box) >= 0.5
+                 for photo, answer in answers if photo.kind == kind]
+        assert sum(found) >= (0.85 if kind == "combined" else 0.9) * len(found), kind
+
+
+def test_single_digits_are_seldom_taken_for_several(answers):
+    flagged = [imaging.ink.MULTIPLE in answer["flags"] for _, answer in answers if answer is not None]
+    assert sum(flagged) <= 0.02 * len(flagged)
+
+
+def mnist_seven(mnist_test) -> np.ndarray:
+    images, labels = mnist_test
+    return images[int(np.flatnonzero(labels.numpy() == 7)[0])].numpy().astype(np.float64)
+
+
+PIXEL_CASES = {
+    "an MNIST 7": (lambda seven: seven, 200, None),
+    "all zeros": (lambda seven: np.zeros((28, 28)), 422, "instance 0: no digit found: the image is blank"),
+    "0..1, as ToTensor gives": (lambda seven: seven / 255, 422, "on the 0..255 scale"),
+    "inverted": (lambda seven: 255 - seven, 422, "look inverted"),
+    "27 rows": (lambda seven: seven[:27], 422, "28x28"),
+}
+
+
+@pytest.mark.parametrize("case", PIXEL_CASES, ids=list(PIXEL_CASES))
+def test_pixels_are_checked_like_pictures(server, mnist_test, case):
+    make, status, words = PIXEL_CASES[case]
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": [{"pixels": make(mnist_seven(mnist_test)).tolist()}]})
+    assert response.status_code == status, response.text
+    if words:
+        assert words in response.json()["detail"], response.json()
+    else:
+        assert response.json()["predictions"][0]["label"] == 7
+
+
+def test_a_flat_list_of_784_pixels_is_told_to_send_rows(server, mnist_test):
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": [{"pixels": mnist_seven(mnist_test).ravel().tolist()}]})
+    assert response.status_code == 422 and "28 rows of 28" in response.json()["detail"], response.text
+
+
+def test_photos_in_one_json_request_answer_in_order(server, pictures):
+    """Ordinary and phone-size pictures in one request: framed apart, answered in request order."""
+    chosen = [photo for kind, count in {"shadow": 2, "phone": 1, "gradient": 2, "noise": 2}.items()
+              for photo in [photo for photo in pictures if photo.kind == kind][:count]]
+    assert any(min(photo.size) >= 2000 for photo in chosen)
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": [{"image_b64": b64(photo.data)} for photo in chosen]})
+    assert response.status_code == 200, response.text
+    labels = [p["label"] for p in response.json()["predictions"]]
+    assert sum(label == photo.label for label, photo in zip(labels, chosen)) >= len(chosen) - 1, labels
+
+
+def test_a_photo_of_blank_paper_is_refused(server):
+    """Paper under a lamp, with grain and noise, and no digit: 422, as for any blank picture."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:300, 0:400]
+    paper = 200 - 60 * xx / 400 - 20 * yy / 300 + rng.normal(0, 3, (300, 400))
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": [{"image_b64": b64(encode(paper.astype(np.uint8),
+                                                                                          "JPEG"))}]})
+    assert response.status_code == 422 and "no digit found" in response.json()["detail"], response.text
