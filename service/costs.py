@@ -6,7 +6,11 @@ and a part per work unit beyond that (integrated gradients' steps). Each worker 
 its own recent batches (least squares over sums that decay with busy time, so the fit follows
 contention for the cores) and publishes them in shared memory; the API servers read them.
 One rate per second would not do: a light explanation costs its report, a heavy one its steps, and
-a rate learnt on the light ones would call a heavy one dozens of seconds long.
+a rate learnt on the light ones would call a heavy one dozens of seconds long. For the same reason
+the per-unit cost is fitted only while batches of ``FIT_UNITS`` units or so are remembered: a few
+units' time is lost in the noise of a busy core, and a cost per unit read off it would be
+multiplied by thousands of units. Otherwise the last cost per unit fitted is kept (0 at first), so
+light traffic in between does not make the next heavy request look free.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 MEMORY_S = 3.0  # batches older than about this much busy time are forgotten
 _TERMS = 3  # per request, per image, per unit
 _RIDGE = 1e-9  # keeps the fit defined when the terms move together (single-image requests only)
+FIT_UNITS = 256.0  # the root of the remembered batches' summed squared units needed to fit a cost per unit
 
 
 class Costs:
@@ -48,6 +53,7 @@ class Fit:
     def __init__(self) -> None:
         self._xx = np.zeros((_TERMS, _TERMS))
         self._xt = np.zeros(_TERMS)
+        self._per_unit = 0.0  # the last cost per unit the remembered batches could tell
 
     def add(self, requests: int, images: int, units: float, seconds: float) -> np.ndarray | None:
         """Fold in one batch; the fitted costs, or None while there is nothing to fit."""
@@ -58,12 +64,22 @@ class Fit:
         self._xx = self._xx * keep + np.outer(x, x)
         self._xt = self._xt * keep + x * seconds
         ridge = _RIDGE * (np.trace(self._xx) + 1.0)
-        fitted = np.linalg.solve(self._xx + ridge * np.eye(_TERMS), self._xt)
-        if (fitted < 0).any():  # a negative cost fits noise: drop those terms and fit the rest
-            keep_terms = fitted >= 0
-            fitted = np.zeros(_TERMS)
-            sub = np.ix_(keep_terms, keep_terms)
-            fitted[keep_terms] = np.linalg.solve(self._xx[sub] + ridge * np.eye(int(keep_terms.sum())),
-                                                 self._xt[keep_terms])
-            fitted = np.maximum(fitted, 0.0)
+        if self._xx[2, 2] >= FIT_UNITS ** 2:
+            fitted = self._solve(np.ones(_TERMS, bool), ridge, 0.0)
+            self._per_unit = fitted[2] = max(fitted[2], 0.0)
+        else:  # too few units remembered to tell their cost: keep the last one told (0 at first)
+            fitted = self._solve(np.array([True, True, False]), ridge, self._per_unit)
+        if (fitted[:2] < 0).any():  # a negative cost fits noise: drop that term and fit the other
+            fitted = self._solve(np.array([*(fitted[:2] >= 0), False]), ridge, fitted[2])
+        return np.maximum(fitted, 0.0)
+
+    def _solve(self, terms: np.ndarray, ridge: float, per_unit: float) -> np.ndarray:
+        """Least squares on the chosen terms, given the cost per unit where it is not one of them; the
+        other terms cost 0."""
+        fitted = np.zeros(_TERMS)
+        if not terms[2]:
+            fitted[2] = per_unit
+        xt = self._xt - self._xx[:, 2] * fitted[2]
+        sub = np.ix_(terms, terms)
+        fitted[terms] = np.linalg.solve(self._xx[sub] + ridge * np.eye(int(terms.sum())), xt[terms])
         return fitted

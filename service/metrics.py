@@ -39,10 +39,10 @@ _PAGE, _TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
 _SANE_ID = re.compile(r"[\w.:-]{1,128}")
 ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics",
              "/v2": "v2_server", "/v2/health/live": "v2_health", "/v2/health/ready": "v2_health",
-             "/v1/models": "v1_model"}
+             "/v1/models": "v1_model", "/": "page"}
 # the inference endpoints (one access-log line each); the fast path labels them as it routes them
 INFERENCE = frozenset({"predict", "explain", "v1_predict", "v1_explain", "v2_infer"})
-_MODEL_ROUTES = (("/v2/models/", "v2_model"), ("/v1/models/", "v1_model"))
+_MODEL_ROUTES = (("/v2/models/", "v2_model"), ("/v1/models/", "v1_model"), ("/page/", "page"))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -222,6 +222,7 @@ def start(pools: list[str], serving: int) -> None:
             labelled(REFUSALS, pool.strip("/"), reason)
     for reason in ("read_timeout", "too_many_connections"):
         labelled(REFUSALS, "connection", reason)
+    labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 
 
 def refused_connection(reason: str) -> None:

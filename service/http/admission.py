@@ -110,7 +110,7 @@ class Admission:
         queued_images[self.slot] += images
         queued[self.slot] += units
         try:
-            predicted = self._check(pool, deadline_s)
+            predicted = self._check(pool, deadline_s, (1, images, units))
             yield
             now = time.monotonic()
             self._sojourn[pool].add(now - arrived, now)
@@ -128,10 +128,10 @@ class Admission:
         ratio = min(max(took / predicted, 0.5), 4.0)
         self._error[pool] += 0.3 * (ratio - self._error[pool])
 
-    def _check(self, pool: str, deadline_s: float) -> float:
+    def _check(self, pool: str, deadline_s: float, own: tuple[int, int, float]) -> float:
         if self.in_flight() > self.limit:
             raise Refused("queue_full", f"overloaded: {self.limit} requests already waiting; retry shortly")
-        predicted = self.wait_estimate(pool)
+        predicted = self.wait_estimate(pool, own)
         wait = max(predicted, self._sojourn[pool].standing(time.monotonic()))
         limit = self.max_wait_s[pool]
         if wait > limit:
@@ -142,11 +142,13 @@ class Admission:
                                       f"of {deadline_s * 1000:.0f} ms; not computed", wait - deadline_s)
         return predicted
 
-    def wait_estimate(self, pool: str) -> float:
-        """Seconds a request admitted now would wait: what the pool holds, at its workers' fitted costs (0
-        until they fitted any), corrected by how far off this API server's recent estimates were."""
-        held = self.costs[pool].seconds(sum(self.counts[pool]), sum(self.images[pool]), sum(self.units[pool]))
-        return held * self._error[pool]
+    def wait_estimate(self, pool: str, own: tuple[int, int, float] = (0, 0, 0.0)) -> float:
+        """Seconds a request would wait before its own computation starts: what the pool holds (less
+        ``own``, the request's own work, already counted) at its workers' fitted costs (0 until they
+        fitted any), corrected by how far off this API server's recent estimates were."""
+        requests, images, units = sum(self.counts[pool]), sum(self.images[pool]), sum(self.units[pool])
+        held = self.costs[pool].seconds(requests - own[0], images - own[1], units - own[2])
+        return max(held, 0.0) * self._error[pool]
 
     def in_flight(self) -> int:
         """Requests admitted and not yet answered, every pool and API server together."""

@@ -450,7 +450,8 @@ class TestPrometheus:
         assert result.returncode == 0, result.stdout + result.stderr
         names = {r["alert"] for r in alert_rules()}
         assert names == {"DigitserveDown", "HighServerErrorRatio", "HighClientErrorRatio", "HighLatencyP99",
-                         "BatchingSaturated", "LowConfidenceShare", "LabelDistributionShift"}
+                         "BatchingSaturated", "LowConfidenceShare", "LabelDistributionShift", "WorkerRestarts",
+                         "Overloaded"}
         for rule in alert_rules():
             assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
             assert rule["annotations"]["summary"], rule["alert"]

