@@ -29,6 +29,7 @@ class Workload:
     connections: int
     images_per_request: int = 1
     servers: tuple[str, ...] = ("digitserve", "baseline")
+    switch_every_s: float = 0.0  # digitserve: serve the other of versions 1 and 2 this often while measured
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,23 @@ from harness.server import ROOT, Server, free_port
 # server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults.
 # The ceiling is no model server: the HTTP stack alone, answering a fixed /predict answer (bench/ceiling.py).
 SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme", "ceiling": "bench.ceiling"}
+# server name -> the source tree it runs from, where not this one (``BENCH_BEFORE``: an earlier commit)
+TREES: dict[str, Path] = {}
 _live: set[Server] = set()
+
+
+# digitserve's store and admin key in the benchmark (``use_store``): two versions, so that a workload can
+# switch between them; the store is the committed one plus a second version, the key a random one
+_digitserve: dict[str, str] = {}
+
+
+def use_store(store: Path, admin_key: str) -> None:
+    _digitserve.update(DIGITSERVE_STORE=str(store), DIGITSERVE_ADMIN_KEY=admin_key)
+
+
+def add_tree(name: str, tree: Path) -> None:
+    """One more digitserve, run from ``tree`` (a checkout of another commit) with this venv."""
+    SERVERS[name], TREES[name] = "service", tree
 
 
 class ServerDied(RuntimeError):
@@ -28,13 +44,19 @@ class ServerDied(RuntimeError):
 
 def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
-    The environment carries no ``DIGITSERVE_*`` setting, so digitserve runs its default configuration."""
+    The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), so
+    digitserve runs its default configuration."""
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
+    if SERVERS[name] == "service":
+        env.update(_digitserve)
+    tree = TREES.get(name, ROOT)
+    if name in TREES:  # its ``service`` package, ahead of the venv's editable install of this tree
+        env["PYTHONPATH"] = str(tree)
     started = time.monotonic()
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", SERVERS[name], "--port", str(port)], cwd=ROOT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", SERVERS[name], "--port", str(port)], cwd=tree, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, port, log)
     _live.add(server)

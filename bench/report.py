@@ -9,7 +9,9 @@ from pathlib import Path
 from bench.load import Workload
 from bench.procs import SERVERS
 
-METRICS = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb", "cpu_ms_per_req", "cpu_cores")
+METRICS = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb", "cpu_ms_per_req", "cpu_cores",
+           "switches", "failed")  # the last two: version switches made and refused (the switching workload)
+SWITCHING = "predict-1img@64-switching"
 SINGLE_64 = "predict-1img@64"
 BATCH_8 = "predict-32img@8"
 V2_WORKLOADS = ("v2-fp32-1img@64", "v2-png-1img@64", "v2-fp32-32img@8", "v2-png-32img@8")
@@ -75,6 +77,8 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str], str, Callable[[float],
      ("ceiling", SINGLE_64), "req_s", _at_least(0.4)),
     ("V2 binary FP32, 32 images @8: images/s >= 3x /predict's (predict-32img@8)", ("digitserve", "v2-fp32-32img@8"),
      ("digitserve", BATCH_8), "images_s", _at_least(3)),
+    ("switching versions every 2 s, 1 image @64: p99 <= 1.5x without switches", ("digitserve", SWITCHING),
+     ("digitserve", SINGLE_64), "p99_ms", lambda v: v <= 1.5),
     ("V2 BYTES PNG, 1 image @64: req/s >= /predict's (1x)", ("digitserve", "v2-png-1img@64"),
      ("digitserve", SINGLE_64), "req_s", _at_least(1)),
     ("V2 BYTES PNG, 32 images @8: images/s >= /predict's (1x)", ("digitserve", "v2-png-32img@8"),
@@ -121,6 +125,9 @@ def targets(med: dict[str, dict], rounds: list[dict] | None = None) -> list[dict
         *ratio_checks[1:],
         ("V2: answers checked right, zero errors (every round, every V2 workload; a stall counts)", v2_bad, "",
          lambda v: v == 0),
+        ("switching versions every 2 s: zero errors, every switch made (every round)",
+         None if SWITCHING not in ds else ds[SWITCHING]["errors_max"] + ds[SWITCHING]["stalls"]
+         + (ds[SWITCHING].get("failed") or 0), "", lambda v: v == 0),
     ]
     out = []
     for target, value, unit, check in checks:
@@ -163,6 +170,12 @@ def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict]
                      f"rounds without failure {m['rounds_ok']}/{len(m['exit_codes'])}")
     ratio = checks[0]["value"]
     lines.append("single image @64, digitserve/baseline req/s: " + (f"{ratio:.1f}x" if ratio else "n/a"))
+    if "before" in med:  # BENCH_BEFORE: today's tree against an earlier commit's, workload by workload
+        against = [(w.name, _ratio(med["digitserve"]["workloads"].get(w.name, {}),
+                                   med["before"]["workloads"].get(w.name, {}), "req_s"))
+                   for w in workloads if "before" in w.servers]
+        lines.append(f"digitserve/before ({machine.get('before_commit', '')[:7]}) req/s: " + ", ".join(
+            f"{name} {value:.2f}x" if value else f"{name} n/a" for name, value in against))
     if micro:
         lines.append("ceilings on 1 core: " + ", ".join(f"{k.removesuffix('_images_s')} {v:,.0f} images/s"
                                                          for k, v in micro.items()))

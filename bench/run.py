@@ -4,7 +4,9 @@ Each round starts the servers fresh, one after the other (the order flips every 
 cold start, then runs every workload on one server and at once on the others (warm-up, then measured,
 PSS of each process tree sampled and its CPU time read meanwhile), and stops them. Besides the baseline,
 the ceiling (bench/ceiling.py: uvicorn answering a fixed /predict answer, no model) runs predict-1img@64,
-and digitserve alone runs the Open Inference Protocol (V2) workloads, binary FP32 pixels and BYTES PNGs,
+and digitserve alone runs predict-1img@64 while it switches between two versions every 2 s (the
+admin API; version 2 is version 1's weights written again through the store) and the Open Inference
+Protocol (V2) workloads, binary FP32 pixels and BYTES PNGs,
 whose every body is sent once first and its answer checked (tritonclient's parser, labels against MNIST's).
 Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never fails the build) and a Markdown
 table go to stdout and bench/results/<date>.md, progress to stderr, everything raw to bench/results/<date>.json
@@ -12,20 +14,25 @@ and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
 
 Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_S (3),
 BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
-BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets).
+BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets), BENCH_BEFORE (a commit:
+digitserve as it was there runs every digitserve workload too, seconds apart from today's, from a
+temporary git worktree with this venv; the report gives today/before by workload).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,16 +45,20 @@ from bench import procs, report
 from bench.data import mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure, verify_v2
 from harness.server import ROOT, Server
+from service.model import store
 
 RESULTS = ROOT / "bench" / "results"
 EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
                    (("saliency", {}), ("gradient_x_input", {}), ("integrated_gradients", {"steps": 32}))}
 V2_INFER = "/v2/models/mnist-fnn/infer"
+MODEL = "mnist-fnn"
+ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
 # Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
 WORKLOADS = [
     *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8)),
     Workload("predict-1img@64", "/predict", "single", 64, servers=("digitserve", "baseline", "ceiling")),
+    Workload("predict-1img@64-switching", "/predict", "single", 64, servers=DS, switch_every_s=2.0),
     Workload("v2-fp32-1img@64", V2_INFER, "v2-fp32-single", 64, servers=DS),
     Workload("v2-png-1img@64", V2_INFER, "v2-png-single", 64, servers=DS),
     Workload("predict-1img@128", "/predict", "single", 128),
@@ -96,7 +107,60 @@ def machine_info() -> dict:
     }
 
 
-def bench_round(order: list[str], files: dict[str, Path], labels: list[int], log_dir: Path, s: LoadSettings) -> dict:
+def two_versions(root: Path) -> Path:
+    """The committed store's version 1, and its weights again as version 2 (through the store's own write)."""
+    shutil.copytree(ROOT / "model_store" / MODEL / "1", root / MODEL / "1")
+    base = store.load(root, MODEL, 1)
+    metadata = {k: v for k, v in base.metadata.model_dump().items() if k not in ("name", "version", "sha256")}
+    store.write_version(root, MODEL, base.model.state_dict(), metadata)
+    return root
+
+
+@contextlib.contextmanager
+def switching(server: Server, every_s: float) -> Iterator[dict]:
+    """Version 2 loaded, then versions 2 and 1 served in turn every ``every_s`` while the block runs;
+    yields the count of switches made and of admin calls that failed."""
+    done, counts = threading.Event(), {"switches": 0, "failed": 0}
+    with httpx.Client(base_url=server.url, headers={"X-Admin-Key": ADMIN_KEY}, timeout=30) as admin:
+        if admin.post("/admin/versions/2/load").status_code != 200:
+            raise RuntimeError("version 2 did not load")
+
+        def switch() -> None:
+            version = 2
+            while not done.wait(every_s):
+                ok = admin.post("/admin/serve", json={"version": version}).status_code == 200
+                counts["switches" if ok else "failed"] += 1
+                version = 3 - version
+
+        thread = threading.Thread(target=switch, daemon=True)
+        thread.start()
+        try:
+            yield counts
+        finally:
+            done.set()
+            thread.join()
+            admin.post("/admin/serve", json={"version": 1})
+
+
+@contextlib.contextmanager
+def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
+    """The workloads to run: with ``commit``, every digitserve one on "before" (that commit) as well."""
+    if not commit:
+        yield WORKLOADS
+        return
+    tree = work / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
+    try:
+        procs.add_tree("before", tree)
+        # not the switching workload: an older commit may have no admin API
+        yield [dataclasses.replace(w, servers=(*w.servers, "before"))
+               if "digitserve" in w.servers and not w.switch_every_s else w for w in WORKLOADS]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def bench_round(order: list[str], workloads: list[Workload], files: dict[str, Path], labels: list[int],
+                log_dir: Path, s: LoadSettings) -> dict:
     """Every server started fresh (each cold start timed), then every workload on each in turn, back to back.
     This machine's speed drifts over minutes; a workload's runs are then seconds apart, not the
     minutes one server's whole set takes, so the drift moves them alike. A failure is recorded, never raised."""
@@ -106,7 +170,7 @@ def bench_round(order: list[str], files: dict[str, Path], labels: list[int], log
         for name in order:
             with _recorded_failure(name, results[name], live):
                 _start(name, files, labels[0], log_dir, results[name], live)
-        for w in WORKLOADS:
+        for w in workloads:
             for name in order:
                 if name in w.servers and name in live:
                     with _recorded_failure(name, results[name], live):
@@ -159,7 +223,9 @@ def _measure(name: str, w: Workload, files: dict[str, Path], labels: list[int], 
             log(f"  {name} {w.name}: NOT MEASURED, wrong answers: {'; '.join(checked['problems'])}")
             return
         log(f"  {name} {w.name}: {checked['bodies']} bodies checked, labels right for {checked['accuracy']:.1%}")
-    m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
+    with switching(live[name], w.switch_every_s) if w.switch_every_s else contextlib.nullcontext({}) as switched:
+        m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
+    m.update(switched)
     if m["stalled"]:
         log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
             f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
@@ -179,7 +245,12 @@ def main() -> int:
     started = time.monotonic()
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,
                      "settings": {**s.__dict__, "rounds": n_rounds, "images": n_images}, "machine": machine_info()}
-    with tempfile.TemporaryDirectory(prefix="digitserve-bench-") as work:
+    before = os.environ.get("BENCH_BEFORE")
+    with tempfile.TemporaryDirectory(prefix="digitserve-bench-") as work, before_tree(before, Path(work)) as workloads:
+        if before:
+            results["machine"]["before_commit"] = subprocess.run(["git", "rev-parse", before], cwd=ROOT, text=True,
+                                                                 capture_output=True).stdout.strip()
+        procs.use_store(two_versions(Path(work) / "store"), ADMIN_KEY)
         pngs, labels = mnist_pngs(n_images)
         files = write_bodies(Path(work), pngs, **EXPLAIN_METHODS)
         log(f"micro-benchmarks (1 core) over {n_images} MNIST test PNGs ...")
@@ -193,11 +264,11 @@ def main() -> int:
             for r in range(n_rounds):
                 order = list(procs.SERVERS)[:: 1 if r % 2 == 0 else -1]
                 log(f"round {r + 1}/{n_rounds}: {' then '.join(order)}")
-                servers = bench_round(order, files, labels, Path(work), s)
+                servers = bench_round(order, workloads, files, labels, Path(work), s)
                 results["rounds"].append({"round": r + 1, "servers": servers})
         finally:
             procs.stop_all()
-    results["medians"] = med = report.medians(results["rounds"], WORKLOADS)
+    results["medians"] = med = report.medians(results["rounds"], workloads)
     results["targets"] = checks = report.targets(med, results["rounds"])
     results["machine"]["load_average_end"] = os.getloadavg()
     results["elapsed_s"] = time.monotonic() - started
@@ -207,8 +278,8 @@ def main() -> int:
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, stem.with_suffix(".json"))
-    report.plot(med, WORKLOADS, stem.with_suffix(".png"))
-    table = report.markdown(med, WORKLOADS, checks, results["micro"], results["machine"])
+    report.plot(med, workloads, stem.with_suffix(".png"))
+    table = report.markdown(med, workloads, checks, results["micro"], results["machine"])
     stem.with_suffix(".md").write_text(table + "\n")
     log(f"wrote {stem}.{{json,md,png}} ({results['elapsed_s']:.0f} s)")
     print(table)

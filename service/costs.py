@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-MEMORY_S = 3.0  # batches older than about this much busy time are forgotten
+MEMORY_S = 3.0  # batches older than about this much busy time are forgotten ...
+MEMORY_BATCHES = 200  # ... or than about this many batches, whichever comes first
+OUTLIER = 4.0  # a batch counts as taking at most this many times what the fit predicted for it ...
+SETTLED_BATCHES = 8  # ... once this many were fitted (a rougher fit cannot tell an outlier)
 _TERMS = 3  # per request, per image, per unit
 _RIDGE = 1e-9  # keeps the fit defined when the terms move together (single-image requests only)
 FIT_UNITS = 256.0  # the root of the remembered batches' summed squared units needed to fit a cost per unit
@@ -54,15 +57,29 @@ class Fit:
         self._xx = np.zeros((_TERMS, _TERMS))
         self._xt = np.zeros(_TERMS)
         self._per_unit = 0.0  # the last cost per unit the remembered batches could tell
+        self._batches = 0  # batches fitted
+        self._fitted: np.ndarray | None = None
 
     def add(self, requests: int, images: int, units: float, seconds: float) -> np.ndarray | None:
-        """Fold in one batch; the fitted costs, or None while there is nothing to fit."""
+        """Fold in one batch; the fitted costs, or None while there is nothing to fit. A batch that took
+        far longer than predicted (the worker was preempted, swapped, paused) counts as ``OUTLIER``
+        times the prediction: contention that lasts raises the fit by that much a batch."""
         if seconds <= 0 or requests <= 0:
             return None
-        keep = math.exp(-seconds / MEMORY_S)
         x = np.array([requests, images, units], dtype=np.float64)
+        # not while the first heavy batches teach what a unit costs
+        known = self._batches >= SETTLED_BATCHES and (units == 0 or self._per_unit > 0)
+        if known and self._fitted is not None and (predicted := float(self._fitted @ x)) > 0:
+            seconds = min(seconds, OUTLIER * predicted)
+        keep = min(math.exp(-seconds / MEMORY_S), 1 - 1 / MEMORY_BATCHES)
         self._xx = self._xx * keep + np.outer(x, x)
         self._xt = self._xt * keep + x * seconds
+        self._batches += 1
+        self._fitted = self._fit()
+        return self._fitted
+
+    def _fit(self) -> np.ndarray:
+        """The three costs from the remembered sums: per unit only where units tell it, none negative."""
         ridge = _RIDGE * (np.trace(self._xx) + 1.0)
         if self._xx[2, 2] >= FIT_UNITS ** 2:
             fitted = self._solve(np.ones(_TERMS, bool), ridge, 0.0)

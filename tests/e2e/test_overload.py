@@ -155,22 +155,30 @@ def test_a_lone_heavy_explanation_after_light_ones_is_served(server, pictures):
         assert answer.status_code == 200, answer.text
 
 
+def explain_wait_estimate(metrics: str) -> float:
+    return metric_samples(metrics, "digitserve_queue_wait_estimate_seconds").get((("pool", "explain"),), 0.0)
+
+
 def test_a_client_deadline_it_cannot_meet_is_refused_at_once(server, pictures):
-    """A heavy explanation queued (a second or so of work, under the pool's 2 s limit), then a light
-    one whose client gives it 100 ms: refused at once, for its deadline. One heavy explanation first
-    teaches the worker what a step costs."""
-    heavy = {"instances": [{"image_b64": b64(p)} for p in pictures[:32]], "method": "integrated_gradients",
+    """A heavy explanation admitted (under the pool's 2 s limit: /metrics' wait estimate says so), then a
+    light one whose client gives it 10 ms: refused at once, for its deadline. Explanations first teach
+    the worker what they cost (``service.costs``)."""
+    heavy = {"instances": [{"image_b64": b64(p)} for p in pictures[:16]], "method": "integrated_gradients",
              "steps": 256, "quadrature": "midpoint"}
     light = {"instances": [{"image_b64": b64(pictures[0])}], "method": "saliency"}
     with server.client() as client:
-        assert client.post("/explain", json=heavy).status_code == 200
+        for body in (light, heavy):
+            assert client.post("/explain", json=body).status_code == 200
 
     async def crowd() -> tuple[list[int], httpx.Response, float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             queued = [asyncio.create_task(client.post("/explain", json=heavy))]
-            await asyncio.sleep(0.2)
+            seen = []
+            while not seen or seen[-1] < 0.05:
+                assert not queued[0].done(), f"the heavy explanation was answered before it was seen admitted: {seen}"
+                seen.append(explain_wait_estimate((await client.get("/metrics")).text))
             sent = time.monotonic()
-            hurried = await client.post("/explain", json=light, headers={"X-Request-Timeout-Ms": "100"})
+            hurried = await client.post("/explain", json=light, headers={"X-Request-Timeout-Ms": "10"})
             waited = time.monotonic() - sent
             return [r.status_code for r in await asyncio.gather(*queued)], hurried, waited
 

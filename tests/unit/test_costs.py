@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.costs import Costs, Fit
+from service.costs import SETTLED_BATCHES, Costs, Fit
 
 TRUE = np.array([0.001, 0.003, 0.00005])  # seconds per request, per image, per unit (an IG step)
 
@@ -93,3 +93,18 @@ def test_light_traffic_after_heavy_keeps_what_a_unit_costs():
     assert fitted is not None
     costs.publish(0, fitted)
     assert costs.seconds(1, 8, 2048) == pytest.approx(seconds(1, 8, 2048), rel=0.1)
+
+
+def test_a_batch_the_worker_was_preempted_in_does_not_make_it_look_slow():
+    """A batch that took 100 times its work (the worker preempted, paused) raises the estimate little;
+    the first batch is fitted at once (a fresh worker's first burst is bounded too)."""
+    fit = Fit()
+    assert fit.add(2, 4, 0.0, seconds(2, 4, 0.0)) is not None
+    for _ in range(SETTLED_BATCHES + 2):
+        fit.add(2, 4, 0.0, seconds(2, 4, 0.0))
+    fit.add(2, 4, 0.0, 100 * seconds(2, 4, 0.0))  # preempted
+    fitted = fit.add(2, 4, 0.0, seconds(2, 4, 0.0))
+    costs = Costs(1)
+    assert fitted is not None
+    costs.publish(0, fitted)
+    assert costs.seconds(16, 40, 0.0) < 1.5 * seconds(16, 40, 0.0)
