@@ -16,7 +16,8 @@ Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_
 BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
 BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets), BENCH_BEFORE (a commit:
 digitserve as it was there runs every digitserve workload too, seconds apart from today's, from a
-temporary git worktree with this venv; the report gives today/before by workload).
+temporary git worktree with this venv; the report gives today/before by workload), BENCH_WORKLOADS
+(comma-separated names: only those; results then go to <date>-some.*).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
                    (("saliency", {}), ("gradient_x_input", {}), ("integrated_gradients", {"steps": 32}))}
 V2_INFER = "/v2/models/mnist-fnn/infer"
 MODEL = "mnist-fnn"
+ONLY = set(filter(None, os.environ.get("BENCH_WORKLOADS", "").split(",")))  # empty: every workload
 ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
 # Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
@@ -118,18 +120,24 @@ def two_versions(root: Path) -> Path:
 
 @contextlib.contextmanager
 def switching(server: Server, every_s: float) -> Iterator[dict]:
-    """Version 2 loaded, then versions 2 and 1 served in turn every ``every_s`` while the block runs;
-    yields the count of switches made and of admin calls that failed."""
+    """Versions 1 and 2 loaded and 1 served, then 2 and 1 in turn every ``every_s`` while the block runs;
+    yields the count of switches made and of admin calls that failed (the last failure's answer too)."""
     done, counts = threading.Event(), {"switches": 0, "failed": 0}
     with httpx.Client(base_url=server.url, headers={"X-Admin-Key": ADMIN_KEY}, timeout=30) as admin:
-        if admin.post("/admin/versions/2/load").status_code != 200:
-            raise RuntimeError("version 2 did not load")
+        for path, body in (("/admin/versions/1/load", None), ("/admin/versions/2/load", None),
+                           ("/admin/serve", {"version": 1})):
+            if (answer := admin.post(path, json=body)).status_code != 200:
+                raise RuntimeError(f"{path}: {answer.status_code} {answer.text[:300]}")
 
         def switch() -> None:
             version = 2
             while not done.wait(every_s):
-                ok = admin.post("/admin/serve", json={"version": version}).status_code == 200
-                counts["switches" if ok else "failed"] += 1
+                answer = admin.post("/admin/serve", json={"version": version})
+                if answer.status_code == 200 and answer.json().get("serving") == version:
+                    counts["switches"] += 1
+                else:
+                    counts["failed"] += 1
+                    counts["last_failure"] = f"{answer.status_code} {answer.text[:300]}"
                 version = 3 - version
 
         thread = threading.Thread(target=switch, daemon=True)
@@ -145,8 +153,9 @@ def switching(server: Server, every_s: float) -> Iterator[dict]:
 @contextlib.contextmanager
 def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
     """The workloads to run: with ``commit``, every digitserve one on "before" (that commit) as well."""
+    chosen = [w for w in WORKLOADS if not ONLY or w.name in ONLY]
     if not commit:
-        yield WORKLOADS
+        yield chosen
         return
     tree = work / "before"
     subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
@@ -154,7 +163,7 @@ def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
         procs.add_tree("before", tree)
         # not the switching workload: an older commit may have no admin API
         yield [dataclasses.replace(w, servers=(*w.servers, "before"))
-               if "digitserve" in w.servers and not w.switch_every_s else w for w in WORKLOADS]
+               if "digitserve" in w.servers and not w.switch_every_s else w for w in chosen]
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
@@ -274,7 +283,7 @@ def main() -> int:
     results["elapsed_s"] = time.monotonic() - started
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / (datetime.date.today().isoformat() + ("-quick" if quick else ""))
+    stem = RESULTS / (datetime.date.today().isoformat() + ("-quick" if quick else "") + ("-some" if ONLY else ""))
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, stem.with_suffix(".json"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,8 @@ MEMORY_S = 3.0  # batches older than about this much busy time are forgotten ...
 MEMORY_BATCHES = 200  # ... or than about this many batches, whichever comes first
 OUTLIER = 4.0  # a batch counts as taking at most this many times what the fit predicted for it ...
 SETTLED_BATCHES = 8  # ... once this many were fitted (a rougher fit cannot tell an outlier)
+REFIT_S = 0.02  # light batches are folded in at once but solved for at most this often: a solve costs
+#                 more than a small batch's forward, and admission needs no fresher estimate
 _TERMS = 3  # per request, per image, per unit
 _RIDGE = 1e-9  # keeps the fit defined when the terms move together (single-image requests only)
 FIT_UNITS = 256.0  # the root of the remembered batches' summed squared units needed to fit a cost per unit
@@ -53,28 +57,38 @@ class Costs:
 class Fit:
     """A worker's own least-squares fit of its batches' times (local to the worker process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._xx = np.zeros((_TERMS, _TERMS))
         self._xt = np.zeros(_TERMS)
         self._per_unit = 0.0  # the last cost per unit the remembered batches could tell
         self._batches = 0  # batches fitted
         self._fitted: np.ndarray | None = None
+        self._clock, self._due = clock, 0.0
 
     def add(self, requests: int, images: int, units: float, seconds: float) -> np.ndarray | None:
-        """Fold in one batch; the fitted costs, or None while there is nothing to fit. A batch that took
-        far longer than predicted (the worker was preempted, swapped, paused) counts as ``OUTLIER``
-        times the prediction: contention that lasts raises the fit by that much a batch."""
+        """Fold in one batch; newly fitted costs, or None when there is nothing new to publish (nothing to
+        fit, or the last solve is recent and the batch light). A batch that took far longer than
+        predicted (the worker was preempted, swapped, paused) counts as ``OUTLIER`` times the
+        prediction: contention that lasts raises the fit by that much a batch."""
         if seconds <= 0 or requests <= 0:
             return None
-        x = np.array([requests, images, units], dtype=np.float64)
+        fitted = self._fitted
         # not while the first heavy batches teach what a unit costs
-        known = self._batches >= SETTLED_BATCHES and (units == 0 or self._per_unit > 0)
-        if known and self._fitted is not None and (predicted := float(self._fitted @ x)) > 0:
-            seconds = min(seconds, OUTLIER * predicted)
+        if self._batches >= SETTLED_BATCHES and (units == 0 or self._per_unit > 0) and fitted is not None:
+            predicted = fitted[0] * requests + fitted[1] * images + fitted[2] * units
+            if predicted > 0:
+                seconds = min(seconds, OUTLIER * predicted)
         keep = min(math.exp(-seconds / MEMORY_S), 1 - 1 / MEMORY_BATCHES)
-        self._xx = self._xx * keep + np.outer(x, x)
-        self._xt = self._xt * keep + x * seconds
+        x = np.array([requests, images, units], dtype=np.float64)
+        self._xx *= keep
+        self._xx += np.outer(x, x)
+        self._xt *= keep
+        self._xt += x * seconds
         self._batches += 1
+        now = self._clock()
+        if units == 0 and self._batches > SETTLED_BATCHES and now < self._due:
+            return None
+        self._due = now + REFIT_S
         self._fitted = self._fit()
         return self._fitted
 

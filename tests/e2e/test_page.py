@@ -23,6 +23,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from harness.server import Server, encode, running
+from service.model import store
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -406,35 +407,56 @@ def test_blank_canvas_shows_the_api_detail_and_the_page_recovers(browser, server
         assert page.is_hidden("#error") and page.text_content("#label") != "–"
 
 
-def test_version_picker_pins_predict_and_explain(browser, server, mnist_png):
-    """With /info listing more than one loaded version (mocked here: the live-versions work adds the key),
-    the picker appears, starts unpinned, and pins both calls with ?version=N."""
-    with server.client() as client:
-        info = client.get("/info").json()
-    served = info["model"]["version"]
-    several = {**info, "versions": {"serving": served, "canary": None, "loaded": [served, served + 1]}}
+ADMIN = {"X-Admin-Key": "page-admin-key-" + os.urandom(6).hex()}
+
+
+@pytest.fixture(scope="module")
+def versioned_server(tmp_path_factory: pytest.TempPathFactory, default_model) -> Iterator[Server]:
+    """A store of two versions, both loaded through the admin API, version 1 served: the committed one,
+    and its weights with class 3's output bias raised so far that version 2 answers 3 to everything."""
+    root = tmp_path_factory.mktemp("page-store")
+    shutil.copytree(default_model.path, root / store.DEFAULT_NAME / "1")
+    state = {k: v.clone() for k, v in default_model.model.state_dict().items()}
+    state["fc2.bias"][3] += 100.0
+    metadata = {k: v for k, v in default_model.metadata.model_dump().items() if k not in ("name", "version", "sha256")}
+    store.write_version(root, store.DEFAULT_NAME, state, metadata)
+    with running(tmp_path_factory.mktemp("page-versions"), *SERVER_ARGS, "--store", str(root),
+                 env={"DIGITSERVE_ADMIN_KEY": ADMIN["X-Admin-Key"]}) as s:
+        with s.client() as client:
+            for path, body in (("/admin/versions/1/load", None), ("/admin/versions/2/load", None),
+                               ("/admin/serve", {"version": 1})):
+                response = client.post(path, headers=ADMIN, json=body)
+                assert response.status_code == 200, response.text
+        yield s
+
+
+def test_version_picker_pins_predict_and_explain(browser, versioned_server, mnist_png):
+    """Two versions loaded: the picker lists them, starts unpinned (the served one answers), and pinning
+    one makes both calls ?version=N, answered by that version (the answer's model says so, and the
+    label is that version's: 3 from version 2)."""
+    server = versioned_server
     with tab(browser, server) as t:
-        t.page.route("**/info", lambda route: route.fulfill(json=several))
         t.open()
         page = t.page
         expect(page.locator("#pin-row")).to_be_visible()
         assert page.input_value("#pin") == ""
-        assert page.eval_on_selector_all("#pin option", "os => os.map(o => o.value)") == ["", str(served),
-                                                                                        str(served + 1)]
+        assert page.eval_on_selector_all("#pin option", "os => os.map(o => o.value)") == ["", "1", "2"]
         page.set_input_files("#file", str(mnist_png[7]))
         t.settled()
         page.wait_for_selector("#heatmap[data-method]", timeout=45_000)
         assert all("?" not in s["url"] for s in t.sent("/predict") + t.sent("/explain")), "unpinned by default"
-
-        page.select_option("#pin", str(served))
-        t.settled()
-        page.wait_for_selector("#why[aria-busy=false]", timeout=45_000)
-        expect(page.locator("#label")).to_have_text("7")
-        assert t.sent("/predict")[-1]["url"].endswith(f"/predict?version={served}")
-        assert t.sent("/explain")[-1]["url"].endswith(f"/explain?version={served}")
-    with tab(browser, server) as t:  # one loaded version: no picker
-        t.page.route("**/info", lambda route: route.fulfill(json={**info, "versions": {
-            "serving": served, "canary": None, "loaded": [served]}}))
+        assert page.get_attribute("#result", "data-version") == "1"
+        for version in ("2", "1"):
+            page.select_option("#pin", version)
+            t.settled()
+            page.wait_for_selector("#why[aria-busy=false]", timeout=45_000)
+            expect(page.locator("#result")).to_have_attribute("data-version", version)
+            assert t.sent("/predict")[-1]["url"].endswith(f"/predict?version={version}")
+            assert t.sent("/explain")[-1]["url"].endswith(f"/explain?version={version}")
+            expect(page.locator("#label")).to_have_text({"1": "7", "2": "3"}[version])
+    with server.client() as client:  # one loaded version: no picker
+        assert client.post("/admin/versions/2/unload", headers=ADMIN).status_code == 200
+    with tab(browser, server) as t:
         t.open()
         assert t.page.is_hidden("#pin-row")
 

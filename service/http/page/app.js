@@ -516,7 +516,8 @@
   }
 
   function showVersions(versions, served) {
-    const loaded = versions && Array.isArray(versions.loaded) ? versions.loaded.map(String) : [];
+    const loaded = versions && Array.isArray(versions.loaded)
+      ? versions.loaded.map(Number).sort((a, b) => a - b).map(String) : [];  // in version order, as a picker reads
     const row = $('pin-row');
     const select = $('pin');
     if (loaded.length < 2) {
