@@ -51,14 +51,20 @@ class Ink:
 def border_median(grays: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N,): each picture's border median, its paper if the paper is one grey (robust to a
     digit touching an edge)."""
-    return paper_grey(grays)[0]
+    border = _border(grays)
+    middle = border.shape[1] // 2
+    return np.partition(border, middle, axis=1)[:, middle]
+
+
+def _border(grays: np.ndarray) -> np.ndarray:
+    return np.concatenate([grays[:, 0], grays[:, -1], grays[:, :, 0], grays[:, :, -1]], axis=1)
 
 
 def paper_grey(grays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) -> each picture's border median (N,), and whether the paper is that one exact grey (N,
     bool): four fifths of the border are exactly that grey (its 10th and 90th percentiles are), which no
     gradient, shadow, grain or noise leaves; what differs inside is the digit."""
-    border = np.concatenate([grays[:, 0], grays[:, -1], grays[:, :, 0], grays[:, :, -1]], axis=1)
+    border = _border(grays)
     size = border.shape[1]
     low, middle, high = size // 10, size // 2, size - 1 - size // 10
     ranked = np.partition(border, (low, middle, high), axis=1)
