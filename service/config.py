@@ -80,6 +80,10 @@ class Settings(Limits):
         2000, gt=0, le=600_000, description="refuse an /explain request (503) that would wait longer than this")
     read_timeout_s: float = Field(
         10, gt=0, le=3600, description="a request's headers and body must arrive within this (408 and close)")
+    keep_alive_s: float = Field(
+        75, gt=0, le=3600,
+        description="an idle keep-alive connection is closed after this; keep it above the idle timeout of the clients "
+                    "and load balancers in front (httpx 5 s, AWS ALB 60 s), or they reuse a connection being closed")
     max_connections: int = Field(
         1024, ge=1, le=100_000, description="open connections per API server; past it a 503 and close")
     api_key: SecretStr | None = Field(None, description="when set, /predict and /explain require it (never logged)")

@@ -198,7 +198,7 @@ class Server(ls.LitServer):
                  num_api_servers=settings.api_servers, log_level=settings.log_level, generate_client_file=False,
                  access_log=False, http=balanced_protocol(self.parts.shares, settings.read_timeout_s,
                                                           settings.max_connections, metrics.refused_connection),
-                 server_header=False,
+                 timeout_keep_alive=settings.keep_alive_s, server_header=False,
                  proxy_headers=False)  # nothing uses the client's address or scheme, all X-Forwarded-* changes
 
     def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any) -> None:

@@ -54,8 +54,9 @@ def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_conne
 
     Slow clients: a request whose headers and body have not all arrived ``read_timeout_s`` after it
     began (or after the connection opened, for its first) gets 408 and the connection is closed, so
-    a client that dribbles bytes, or sends none, cannot hold a connection; idle keep-alive
-    connections close after uvicorn's ``timeout_keep_alive``. Past ``max_connections`` open on this
+    a client that dribbles bytes, or sends none, cannot hold a connection; one answered before its
+    body arrived (413, 503) is closed then if the body is still coming. Idle keep-alive connections
+    close after uvicorn's ``timeout_keep_alive``. Past ``max_connections`` open on this
     API server, a new connection gets a 503 and is closed at once. ``refused(reason)`` counts both."""
 
     class BalancedHttpProtocol(HttpToolsProtocol):
@@ -97,7 +98,11 @@ def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_conne
 
         def _read_timed_out(self) -> None:
             self.read_timer = None
-            if self.transport.is_closing() or (self.cycle is not None and self.cycle.response_started):
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.response_started:
+                if self.cycle.response_complete:  # answered early (a 413, a 503), its body still coming: enough
+                    self.transport.close()
                 return
             refused("read_timeout")
             if self.cycle is not None:  # the request's own log line and metrics say 408

@@ -239,21 +239,74 @@ def test_slow_clients_cannot_starve_the_service(server, pictures):
     assert time.monotonic() - opened < READ_TIMEOUT_S + 5, "slow connections were not closed within the read timeout"
 
 
-def test_connections_past_the_cap_are_refused_at_once(tmp_path):
-    with running(tmp_path, "--api-servers", "1", "--max-connections", "40") as server:
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(60)]
-        refused = 0
-        for connection in held[40:]:
-            connection.settimeout(5)
-            refused += connection.recv(200).startswith(b"HTTP/1.1 503")
-        assert refused == 20
-        for connection in held:
-            connection.close()
-        time.sleep(0.5)
-        with server.client() as client:
-            assert client.get("/health").status_code == 200
-            refusals = metric_samples(client.get("/metrics").text, "digitserve_refusals_total")
-        assert refusals[(("endpoint", "connection"), ("reason", "too_many_connections"))] == 20
+CAPPED_KEEP_ALIVE_S, CAPPED_READ_TIMEOUT_S = 6.5, 2
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory) -> Iterator[Server]:
+    """One API server holding at most 40 connections, with short keep-alive and read timeouts."""
+    with running(tmp_path_factory.mktemp("capped"), "--api-servers", "1", "--max-connections", "40",
+                 "--keep-alive-s", str(CAPPED_KEEP_ALIVE_S), "--read-timeout-s", str(CAPPED_READ_TIMEOUT_S)) as s:
+        yield s
+
+
+def test_connections_past_the_cap_are_refused_at_once(capped):
+    held = [socket.create_connection(("127.0.0.1", capped.port)) for _ in range(60)]
+    refused = 0
+    for connection in held[40:]:
+        connection.settimeout(5)
+        refused += connection.recv(200).startswith(b"HTTP/1.1 503")
+    assert refused == 20
+    for connection in held:
+        connection.close()
+    time.sleep(0.5)
+    with capped.client() as client:
+        assert client.get("/health").status_code == 200
+        refusals = metric_samples(client.get("/metrics").text, "digitserve_refusals_total")
+    assert refusals[(("endpoint", "connection"), ("reason", "too_many_connections"))] == 20
+
+
+def request(picture: bytes) -> bytes:
+    body = json.dumps({"instances": [{"image_b64": b64(picture)}]}).encode()
+    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def test_an_idle_connection_outlasts_the_clients_keep_alive_then_closes(capped, pictures):
+    """Idle for longer than clients keep one (httpx: 5 s), a connection is still open: a server that
+    closed first would race a client reusing it, which then gets no answer (seen as httpx.ReadError
+    with uvicorn's 5 s). Idle past ``--keep-alive-s``, it is closed."""
+    with socket.create_connection(("127.0.0.1", capped.port)) as connection:
+        connection.settimeout(5)
+        for idle in (0, 5.2):
+            time.sleep(idle)
+            connection.sendall(request(pictures[0]))
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200"), f"closed after {idle} s idle"
+        time.sleep(CAPPED_KEEP_ALIVE_S + 1)
+        assert connection.recv(4096) == b"", "an idle connection was not closed after --keep-alive-s"
+
+
+def test_a_body_that_keeps_coming_after_an_early_answer_is_cut_off(capped):
+    """A request refused on its headers (413: Content-Length over the limit) whose client keeps
+    sending the body: the connection is closed within the read timeout, not held for as long as the
+    client dribbles."""
+    with socket.create_connection(("127.0.0.1", capped.port)) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 50000000\r\n\r\n")
+        connection.settimeout(5)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 413")
+        sent = time.monotonic()
+        connection.settimeout(0.2)
+        closed = False
+        while not closed and time.monotonic() - sent < CAPPED_READ_TIMEOUT_S + 5:
+            try:
+                connection.sendall(b"x" * 100)
+                closed = connection.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:  # reset: the server closed it while bytes were still arriving
+                closed = True
+        assert closed, f"still open {time.monotonic() - sent:.1f} s after its answer"
 
 
 def test_operators_see_processes_workers_restarts_and_refusal_reasons(server):
