@@ -37,7 +37,7 @@ def validate_pixels(pixels: object) -> np.ndarray:
     if 0 < high <= 1:
         raise InputError(422, f"pixels are on the 0..255 scale (MNIST's bytes), but these all lie in 0..1 (found "
                               f"{low:g}..{high:g}), as torchvision's ToTensor gives: multiply them by 255")
-    _check_content(arr[None], 255.0, _INVERTED)
+    _check_content(arr[None], 255.0, _INVERTED, np.array([high]), np.array([low]))
     return (arr / 255.0).astype(np.float32)
 
 
@@ -54,15 +54,11 @@ def check_frames(frames: np.ndarray) -> None:
     _check_content(frames, 1.0, _TENSOR_INVERTED, high, low)
 
 
-def _check_content(frames: np.ndarray, full: float, inverted: str, high: np.ndarray | None = None,
-                   low: np.ndarray | None = None) -> None:
+def _check_content(frames: np.ndarray, full: float, inverted: str, high: np.ndarray, low: np.ndarray) -> None:
     """Blank (no contrast of 16 grey levels against the border, as for pictures) or inverted (a light
     border): 422 for the first such frame, naming it when there are several. ``high``, ``low``: each
-    frame's extremes, where the caller has them."""
+    frame's extremes, which both callers have already computed for their own checks."""
     paper = ink.border_median(frames)
-    if high is None or low is None:
-        flat = frames.reshape(len(frames), -1)
-        high, low = flat.max(1), flat.min(1)
     blank = np.maximum(high - paper, paper - low) < ink.MIN_CONTRAST / 255 * full
     light = paper >= full / 2
     for wrong, detail in ((blank, _BLANK), (light, inverted)):
