@@ -119,12 +119,16 @@ def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_sec
         burst_end = time.monotonic()
         time.sleep(1)
     statuses = Counter(status for status, _, _ in results)
+    served, refused = latencies(server, "explain", {200})[1:], latencies(server, "explain", {503})
+    calm, during = steady.between(0, calm_end), steady.between(calm_end, burst_end)
+    print(f"\nburst: {statuses[200]} served, p99 {p99(served):.2f} s (one alone: {service_s:.2f} s); {statuses[503]} "
+          f"refused, median {statistics.median(refused or [0]) * 1000:.1f} ms, p99 {p99(refused) * 1000:.0f} ms; "
+          f"/predict p99 {p99(calm) * 1000:.0f} ms calm, {p99(during) * 1000:.0f} ms during")
     assert set(statuses) <= {200, 503}, statuses
     assert statuses[200] >= 1 and statuses[503] >= 1, statuses
     assert all(after is not None and int(after) >= 1 for status, _, after in results if status == 503)
     # The times as the server saw them (its access log: arrival to answer). The 192 clients share this
     # machine's 2 cores with the server, so what they measure is mostly their own queueing.
-    served, refused = latencies(server, "explain", {200})[1:], latencies(server, "explain", {503})
     assert len(refused) == statuses[503] and len(served) == statuses[200]
     # Bounded by the limit (the wait before a request's computation starts) plus a service time: that of
     # the batch it is computed in, with the requests admitted beside it. Here the 192 clients share the 2
@@ -135,7 +139,6 @@ def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_sec
     # at once: most before their body is even read; the first wave (all 192 at the same moment, bodies read
     # on a saturated event loop before the queue is known to be full) within a couple of event-loop turns
     assert statistics.median(refused) < 0.05 and p99(refused) < 0.5, (statistics.median(refused), p99(refused))
-    calm, during = steady.between(0, calm_end), steady.between(calm_end, burst_end)
     assert calm and during and all(status in (200, 503) for _, _, status in steady.samples)
     assert p99(during) <= max(1.5 * p99(calm), p99(calm) + 0.05), (p99(calm), p99(during))
     with server.client() as client:
