@@ -83,7 +83,7 @@ from service.versions import Board
 from service.worker import batching
 
 LITSERVE_VERSION = "0.2.19"
-WORKER_POLL_S = 0.5  # how often LitServe's monitor looks for dead workers
+WORKER_POLL_S = 0.1  # how often LitServe's monitor looks for dead workers (a waitpid each: cheap)
 log = logging.getLogger("digitserve")
 
 
