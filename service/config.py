@@ -86,6 +86,10 @@ class Settings(Limits):
                     "and load balancers in front (httpx 5 s, AWS ALB 60 s), or they reuse a connection being closed")
     max_connections: int = Field(
         1024, ge=1, le=100_000, description="open connections per API server; past it a 503 and close")
+    max_connections_per_client: int = Field(
+        0, ge=0, le=100_000,
+        description="open connections from one client address per API server; past it a 503 and close (0: no "
+                    "limit; behind a load balancer or NAT many clients share an address)")
     api_key: SecretStr | None = Field(None, description="when set, /predict and /explain require it (never logged)")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600,
                                     description="on SIGTERM, how long in-flight requests may finish")

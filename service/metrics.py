@@ -220,13 +220,14 @@ def start(pools: list[str], serving: int) -> None:
             labelled(WORKER_RESTARTS, pool.strip("/"), reason)
         for reason in ("queue_full", "queue_wait", "deadline", "draining"):
             labelled(REFUSALS, pool.strip("/"), reason)
-    for reason in ("read_timeout", "too_many_connections"):
+    for reason in ("read_timeout", "too_many_connections", "too_many_from_client"):
         labelled(REFUSALS, "connection", reason)
     labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 
 
 def refused_connection(reason: str) -> None:
-    """A connection closed before any request on it could be answered (read timeout, too many connections)."""
+    """A connection closed before any request on it could be answered (read timeout, too many connections
+    on the API server or from the client's address)."""
     labelled(REFUSALS, "connection", reason).inc()
 
 

@@ -196,8 +196,7 @@ class Server(ls.LitServer):
         settings = self.parts.settings
         self.run(host="::" if ":" in settings.host else "0.0.0.0", port=settings.port,
                  num_api_servers=settings.api_servers, log_level=settings.log_level, generate_client_file=False,
-                 access_log=False, http=balanced_protocol(self.parts.shares, settings.read_timeout_s,
-                                                          settings.max_connections, metrics.refused_connection),
+                 access_log=False, http=balanced_protocol(self.parts.shares, settings, metrics.refused_connection),
                  timeout_keep_alive=settings.keep_alive_s, server_header=False,
                  proxy_headers=False)  # nothing uses the client's address or scheme, all X-Forwarded-* changes
 

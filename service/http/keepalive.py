@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.config import Settings
 
 
 class ConnectionShares:
@@ -46,7 +49,7 @@ class ConnectionShares:
         return kept[self.slot] > sum(kept) / len(kept) + 1
 
 
-def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_connections: int,
+def balanced_protocol(shares: ConnectionShares, settings: Settings,
                       refused: Callable[[str], None]) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol writing through ``OneWrite``, counting its connections in ``shares``
     and ending keep-alive on those over this server's share; with a deadline for each request's
@@ -57,7 +60,11 @@ def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_conne
     a client that dribbles bytes, or sends none, cannot hold a connection; one answered before its
     body arrived (413, 503) is closed then if the body is still coming. Idle keep-alive connections
     close after uvicorn's ``timeout_keep_alive``. Past ``max_connections`` open on this
-    API server, a new connection gets a 503 and is closed at once. ``refused(reason)`` counts both."""
+    API server, or ``max_connections_per_client`` from one client address (when set), a new
+    connection gets a 503 and is closed at once. ``refused(reason)`` counts each."""
+    read_timeout_s, max_connections = settings.read_timeout_s, settings.max_connections
+    per_client = settings.max_connections_per_client
+    from_client: Counter[str] = Counter()  # open connections by client address, on this API server
 
     class BalancedHttpProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -65,16 +72,26 @@ def balanced_protocol(shares: ConnectionShares, read_timeout_s: float, max_conne
             self.kept = True
             shares.opened()
             shares.open[shares.slot] += 1
+            self.address = (transport.get_extra_info("peername") or ("",))[0]
+            from_client[self.address] += 1
             self.read_timer: asyncio.TimerHandle | None = None
             if shares.open[shares.slot] > max_connections:
                 refused("too_many_connections")
                 self._close_with(503, f"too many connections: this server holds {max_connections}; retry")
+                return
+            if per_client and from_client[self.address] > per_client:
+                refused("too_many_from_client")
+                self._close_with(503, f"too many connections from {self.address}: this server holds "
+                                      f"{per_client} from one address; close some or retry")
                 return
             self._start_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             shares.open[shares.slot] -= 1
+            from_client[self.address] -= 1
+            if not from_client[self.address]:
+                del from_client[self.address]
             self._stop_reading()
             if self.kept:
                 shares.released()

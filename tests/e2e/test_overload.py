@@ -259,14 +259,35 @@ CAPPED_KEEP_ALIVE_S, CAPPED_READ_TIMEOUT_S = 6.5, 2
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory) -> Iterator[Server]:
-    """One API server holding at most 40 connections, with short keep-alive and read timeouts."""
+    """One API server holding at most 40 connections, 10 from one address, with short keep-alive and
+    read timeouts."""
     with running(tmp_path_factory.mktemp("capped"), "--api-servers", "1", "--max-connections", "40",
-                 "--keep-alive-s", str(CAPPED_KEEP_ALIVE_S), "--read-timeout-s", str(CAPPED_READ_TIMEOUT_S)) as s:
+                 "--max-connections-per-client", "10", "--keep-alive-s", str(CAPPED_KEEP_ALIVE_S),
+                 "--read-timeout-s", str(CAPPED_READ_TIMEOUT_S)) as s:
         yield s
 
 
+def request(picture: bytes) -> bytes:
+    """A raw /predict request for one picture."""
+    body = json.dumps({"instances": [{"image_b64": b64(picture)}]}).encode()
+    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def connect(server: Server, address: str = "127.0.0.1") -> socket.socket:
+    """A connection from ``address``: every 127.x.y.z is this machine's, so each is a client of its own."""
+    return socket.create_connection(("127.0.0.1", server.port), source_address=(address, 0))
+
+
+def refusals_of(server: Server, reason: str) -> float:
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
+        refusals = metric_samples(client.get("/metrics").text, "digitserve_refusals_total")
+    return refusals[(("endpoint", "connection"), ("reason", reason))]
+
+
 def test_connections_past_the_cap_are_refused_at_once(capped):
-    held = [socket.create_connection(("127.0.0.1", capped.port)) for _ in range(60)]
+    held = [connect(capped, f"127.0.0.{10 + i // 10}") for i in range(60)]  # 10 from each of 6 addresses
     refused = 0
     for connection in held[40:]:
         connection.settimeout(5)
@@ -275,16 +296,32 @@ def test_connections_past_the_cap_are_refused_at_once(capped):
     for connection in held:
         connection.close()
     time.sleep(0.5)
-    with capped.client() as client:
-        assert client.get("/health").status_code == 200
-        refusals = metric_samples(client.get("/metrics").text, "digitserve_refusals_total")
-    assert refusals[(("endpoint", "connection"), ("reason", "too_many_connections"))] == 20
+    assert refusals_of(capped, "too_many_connections") == 20
 
 
-def request(picture: bytes) -> bytes:
-    body = json.dumps({"instances": [{"image_b64": b64(picture)}]}).encode()
-    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+def test_connections_past_the_cap_for_one_address_are_refused_and_others_served(capped, pictures):
+    crowd = [connect(capped, "127.0.0.3") for _ in range(12)]
+    for connection in crowd[:10]:
+        connection.sendall(request(pictures[0]))
+        connection.settimeout(5)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+    for connection in crowd[10:]:
+        connection.settimeout(5)
+        head = connection.recv(4096)
+        assert head.startswith(b"HTTP/1.1 503") and b"too many connections from 127.0.0.3" in head, head
+        assert b"retry-after: 1" in head
+    with connect(capped, "127.0.0.4") as other:
+        other.sendall(request(pictures[1]))
+        other.settimeout(5)
+        assert other.recv(4096).startswith(b"HTTP/1.1 200")
+    for connection in crowd:
+        connection.close()
+    time.sleep(0.5)
+    assert refusals_of(capped, "too_many_from_client") == 2
+    with connect(capped, "127.0.0.3") as again:  # closed ones no longer count
+        again.sendall(request(pictures[2]))
+        again.settimeout(5)
+        assert again.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 def test_an_idle_connection_outlasts_the_clients_keep_alive_then_closes(capped, pictures):
