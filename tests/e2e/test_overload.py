@@ -328,7 +328,7 @@ def test_an_idle_connection_outlasts_the_clients_keep_alive_then_closes(capped, 
     """Idle for longer than clients keep one (httpx: 5 s), a connection is still open: a server that
     closed first would race a client reusing it, which then gets no answer (seen as httpx.ReadError
     with uvicorn's 5 s). Idle past ``--keep-alive-s``, it is closed."""
-    with socket.create_connection(("127.0.0.1", capped.port)) as connection:
+    with connect(capped) as connection:
         connection.settimeout(5)
         for idle in (0, 5.2):
             time.sleep(idle)
@@ -342,7 +342,7 @@ def test_a_body_that_keeps_coming_after_an_early_answer_is_cut_off(capped):
     """A request refused on its headers (413: Content-Length over the limit) whose client keeps
     sending the body: the connection is closed within the read timeout, not held for as long as the
     client dribbles."""
-    with socket.create_connection(("127.0.0.1", capped.port)) as connection:
+    with connect(capped) as connection:
         connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 50000000\r\n\r\n")
         connection.settimeout(5)
