@@ -87,19 +87,36 @@ class Steady:
         return [seconds for sent, seconds, status in self.samples if start <= sent < end and status == 200]
 
 
-async def burst(url: str, body: dict, clients: int, each: int) -> list[tuple[int, float, str | None]]:
-    """``clients`` concurrent clients, each sending ``each`` requests one after another."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    content, headers = json.dumps(body).encode(), {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def one_client() -> list[tuple[int, float, str | None]]:
-            results = []
-            for _ in range(each):
-                sent = time.monotonic()
-                response = await client.post("/explain", content=content, headers=headers)
-                results.append((response.status_code, time.monotonic() - sent, response.headers.get("retry-after")))
-            return results
-        return [r for rs in await asyncio.gather(*(one_client() for _ in range(clients))) for r in rs]
+async def burst(port: int, body: dict, clients: int, each: int) -> list[tuple[int, float, str | None]]:
+    """``clients`` concurrent clients, each sending ``each`` /explain requests one after another on a
+    keep-alive connection (a new one where the server ends it). Each request leaves in one write, as
+    wrk and hey send them: httpx writes a body apart from its headers and, with 192 coroutines ready
+    before it, sent some bodies 0.6 s late, which the server's log counts as its own time."""
+    content = json.dumps(body).encode()
+    request = (b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(content)) + content
+
+    async def one_client() -> list[tuple[int, float, str | None]]:
+        results: list[tuple[int, float, str | None]] = []
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        for _ in range(each):
+            if connection is None:
+                connection = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = connection
+            sent = time.monotonic()
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in head[1:] if line)}
+            await reader.readexactly(int(fields["content-length"]))
+            results.append((int(head[0].split(" ")[1]), time.monotonic() - sent, fields.get("retry-after")))
+            if fields.get("connection", "").lower() == "close":
+                writer.close()
+                connection = None
+        if connection is not None:
+            connection[1].close()
+        return results
+
+    return [r for rs in await asyncio.gather(*(one_client() for _ in range(clients))) for r in rs]
 
 
 def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_seconds(server, pictures):
@@ -115,7 +132,7 @@ def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_sec
     with Steady(server, pictures) as steady:
         time.sleep(4)
         calm_end = time.monotonic()
-        results = asyncio.run(burst(server.url, body, clients=192, each=4))
+        results = asyncio.run(burst(server.port, body, clients=192, each=4))
         burst_end = time.monotonic()
         time.sleep(1)
     statuses = Counter(status for status, _, _ in results)
@@ -130,15 +147,13 @@ def test_a_burst_of_heavy_explanations_is_refused_fast_instead_of_queued_for_sec
     # The times as the server saw them (its access log: arrival to answer). The 192 clients share this
     # machine's 2 cores with the server, so what they measure is mostly their own queueing.
     assert len(refused) == statuses[503] and len(served) == statuses[200]
-    # Bounded by the limit (the wait before a request's computation starts) plus a service time: that of
-    # the batch it is computed in, with the requests admitted beside it. Here the 192 clients share the 2
-    # cores with the server and explanations run at a lower priority, so such a batch takes 1-2.5 s instead of the
-    # ~0.2 s one takes on idle cores: allow 1.5 times the limit for it (without admission by time this
-    # p99 was 14 s; measured here 3.4-4.8 s).
-    assert p99(served) <= 2.5 * EXPLAIN_WAIT_S + 0.5, (p99(served), min(served), service_s)
-    # at once: most before their body is even read; the first wave (all 192 at the same moment, bodies read
-    # on a saturated event loop before the queue is known to be full) within a couple of event-loop turns
-    assert statistics.median(refused) < 0.05 and p99(refused) < 0.5, (statistics.median(refused), p99(refused))
+    # Bounded by the limit (the wait before a request's computation starts) plus its own service time,
+    # and some slack for the estimate: the explain worker's share of the 2 cores shrinks as the burst's
+    # clients and the API servers take theirs (without admission by time this p99 was 14 s; measured
+    # 1.2-1.8 s, and 2.3-2.8 s with a CPU hog on one core).
+    assert p99(served) <= EXPLAIN_WAIT_S + 1.5 + service_s, (p99(served), min(served), service_s)
+    # at once: most before their body is even read (measured p99 4-6 ms, with or without the hog)
+    assert statistics.median(refused) < 0.01 and p99(refused) < 0.05, (statistics.median(refused), p99(refused))
     assert calm and during and all(status in (200, 503) for _, _, status in steady.samples)
     assert p99(during) <= max(1.5 * p99(calm), p99(calm) + 0.05), (p99(calm), p99(during))
     with server.client() as client:
