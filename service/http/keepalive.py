@@ -72,26 +72,29 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
             self.kept = True
             shares.opened()
             shares.open[shares.slot] += 1
-            self.address = (transport.get_extra_info("peername") or ("",))[0]
-            from_client[self.address] += 1
+            self.address: str | None = None  # counted in from_client, where the per-address cap is set
             self.read_timer: asyncio.TimerHandle | None = None
             if shares.open[shares.slot] > max_connections:
                 refused("too_many_connections")
                 self._close_with(503, f"too many connections: this server holds {max_connections}; retry")
                 return
-            if per_client and from_client[self.address] > per_client:
-                refused("too_many_from_client")
-                self._close_with(503, f"too many connections from {self.address}: this server holds "
-                                      f"{per_client} from one address; close some or retry")
-                return
+            if per_client:
+                self.address = (transport.get_extra_info("peername") or ("",))[0]
+                from_client[self.address] += 1
+                if from_client[self.address] > per_client:
+                    refused("too_many_from_client")
+                    self._close_with(503, f"too many connections from {self.address}: this server holds "
+                                          f"{per_client} from one address; close some or retry")
+                    return
             self._start_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             shares.open[shares.slot] -= 1
-            from_client[self.address] -= 1
-            if not from_client[self.address]:
-                del from_client[self.address]
+            if self.address is not None:
+                from_client[self.address] -= 1
+                if not from_client[self.address]:
+                    del from_client[self.address]
             self._stop_reading()
             if self.kept:
                 shares.released()
