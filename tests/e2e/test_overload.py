@@ -87,14 +87,18 @@ class Steady:
         return [seconds for sent, seconds, status in self.samples if start <= sent < end and status == 200]
 
 
+def raw_post(path: str, body: bytes) -> bytes:
+    """A whole JSON POST as bytes on the wire, to be sent in one write."""
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), len(body))) + body
+
+
 async def burst(port: int, body: dict, clients: int, each: int) -> list[tuple[int, float, str | None]]:
     """``clients`` concurrent clients, each sending ``each`` /explain requests one after another on a
     keep-alive connection (a new one where the server ends it). Each request leaves in one write, as
     wrk and hey send them: httpx writes a body apart from its headers and, with 192 coroutines ready
     before it, sent some bodies 0.6 s late, which the server's log counts as its own time."""
-    content = json.dumps(body).encode()
-    request = (b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n" % len(content)) + content
+    request = raw_post("/explain", json.dumps(body).encode())
 
     async def one_client() -> list[tuple[int, float, str | None]]:
         results: list[tuple[int, float, str | None]] = []
@@ -284,9 +288,7 @@ def capped(tmp_path_factory) -> Iterator[Server]:
 
 def request(picture: bytes) -> bytes:
     """A raw /predict request for one picture."""
-    body = json.dumps({"instances": [{"image_b64": b64(picture)}]}).encode()
-    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    return raw_post("/predict", json.dumps({"instances": [{"image_b64": b64(picture)}]}).encode())
 
 
 def connect(server: Server, address: str = "127.0.0.1") -> socket.socket:

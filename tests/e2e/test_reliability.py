@@ -455,8 +455,9 @@ def test_overload_is_refused_at_once_and_admitted_requests_are_served(admission_
         # refused at once: well under the time a served request takes
         assert statistics.median(rejected_s) < 0.5 * statistics.median(served_s), (rejected_s, served_s)
         assert rejected_s[int(0.9 * len(rejected_s))] < served_s[0], (rejected_s, served_s)
-        # as the server saw them: the first wave's last few wait behind the parsing of the bodies that came
-        # with them (on 2 contended cores, up to ~1 s), still faster than any request served
+        # as the server saw them, from each request's headers: the first wave's last few took up to ~1 s on
+        # 2 contended cores (most likely their bodies, sent late by 60 client threads, as in
+        # test_overload's burst), still faster than any request served
         assert server_rejected[int(0.9 * len(server_rejected))] < 0.25 * server_served[0], (server_rejected,
                                                                                             server_served)
         assert server_rejected[-1] < server_served[0], (server_rejected, server_served)
