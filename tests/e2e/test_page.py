@@ -396,8 +396,9 @@ def test_blank_canvas_shows_the_api_detail_and_the_page_recovers(browser, server
         page.click("#predict")
         page.wait_for_selector("#error:not([hidden])", timeout=45_000)
         status, answer = api_predict(server, t.canvas_png("pad"))
-        assert status == 422
-        assert page.text_content("#error") == answer["detail"]
+        assert status == 422 and answer["detail"].startswith("instance 0: ")
+        shown = answer["detail"].removeprefix("instance 0: ")  # a person drew one picture: no instance 0
+        assert page.text_content("#error") == shown[0].upper() + shown[1:]
         assert page.get_attribute("#error", "data-status") == "422"
         assert page.text_content("#label") == "–"
         # still a working page: draw a digit and the error is gone
@@ -426,6 +427,40 @@ def versioned_server(tmp_path_factory: pytest.TempPathFactory, default_model) ->
                 response = client.post(path, headers=ADMIN, json=body)
                 assert response.status_code == 200, response.text
         yield s
+
+
+def test_empty_page_says_what_to_do_and_every_panel_fits_a_1280x900_screen(browser, server):
+    """Before any digit: words, not an empty bar chart, a dash and two black squares; then the answer
+    replaces them. The metrics panel is on screen at 1280x900 before and after."""
+    viewport = {"width": 1280, "height": 900}
+    with tab(browser, server, viewport=viewport) as t:
+        t.open()
+        page = t.page
+
+        def glance_on_screen() -> None:
+            box = page.locator("#glance").bounding_box()
+            assert box is not None and box["y"] + box["height"] <= viewport["height"], box
+
+        assert "Draw a digit" in (page.text_content("#result-empty") or "") and page.is_visible("#result-empty")
+        assert "drop a picture" in (page.text_content("#result-empty") or "")
+        for hidden in ("#label", "#probabilities", "#seen", "#heatmap", "#units"):
+            assert page.is_hidden(hidden), f"{hidden} shown before any digit"
+        assert page.is_visible("#why-empty") and page.is_hidden("#error")
+        glance_on_screen()
+
+        page.set_input_files("#file", str(ROOT / "examples" / "seven.png"))
+        t.settled()
+        page.wait_for_selector("#heatmap[data-method]", timeout=45_000)
+        page.wait_for_selector("#why[aria-busy=false]")
+        expect(page.locator("#label")).to_have_text("7")
+        for shown in ("#label", "#probabilities", "#seen", "#heatmap"):
+            assert page.is_visible(shown), shown
+        assert page.is_hidden("#result-empty") and page.is_hidden("#why-empty")
+        glance_on_screen()
+
+        page.click("#clear")
+        assert page.is_visible("#result-empty") and page.is_hidden("#heatmap")
+        assert t.errors == [], t.errors
 
 
 def test_version_picker_pins_predict_and_explain(browser, versioned_server, mnist_png):
