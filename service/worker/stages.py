@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import os
+import signal
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class DigitAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         logs.configure(self.settings.log_level, self.settings.log_format)  # a spawned process starts bare
+        # Ctrl+C in a terminal reaches the whole process group: the main process stops the workers, in
+        # order (service.supervisor), rather than each dying with a KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
         if self.explains:  # a burst of explanations yields the CPU to predictions (and to the API servers)
             os.nice(EXPLAIN_NICENESS)
