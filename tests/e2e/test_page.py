@@ -221,6 +221,12 @@ def api_explain(server: Server, png: bytes, method: str) -> dict:
     return response.json()["predictions"][0]
 
 
+def for_people(detail: str) -> str:
+    """The API's detail as the page's banner shows it: a person drew one picture, so no "instance 0: "."""
+    shown = detail.removeprefix("instance 0: ")
+    return shown[0].upper() + shown[1:]
+
+
 # ---------------------------------------------------------------------------------- the tests
 
 
@@ -397,8 +403,7 @@ def test_blank_canvas_shows_the_api_detail_and_the_page_recovers(browser, server
         page.wait_for_selector("#error:not([hidden])", timeout=45_000)
         status, answer = api_predict(server, t.canvas_png("pad"))
         assert status == 422 and answer["detail"].startswith("instance 0: ")
-        shown = answer["detail"].removeprefix("instance 0: ")  # a person drew one picture: no instance 0
-        assert page.text_content("#error") == shown[0].upper() + shown[1:]
+        assert page.text_content("#error") == for_people(answer["detail"])
         assert page.get_attribute("#error", "data-status") == "422"
         assert page.text_content("#label") == "–"
         # still a working page: draw a digit and the error is gone
@@ -551,14 +556,14 @@ def test_api_key_is_asked_for_sent_and_not_stored(browser, keyed_server, mnist_p
         page = t.page
         page.set_input_files("#file", str(mnist_png[7]))
         page.wait_for_selector("#error:not([hidden])", timeout=45_000)
-        assert page.text_content("#error") == refused["detail"]
+        assert page.text_content("#error") == for_people(refused["detail"])
         assert page.is_visible("#key-form") and page.evaluate("document.activeElement.id") == "api-key"
         assert page.text_content("#label") == "–"
 
         page.fill("#api-key", "not-the-key")
         page.click("#key-use")
         t.settled()
-        assert page.text_content("#error") == refused["detail"]
+        assert page.text_content("#error") == for_people(refused["detail"])
 
         page.fill("#api-key", API_KEY)
         page.press("#api-key", "Enter")
@@ -576,4 +581,4 @@ def test_api_key_is_asked_for_sent_and_not_stored(browser, keyed_server, mnist_p
         t.open()
         t.page.set_input_files("#file", str(mnist_png[7]))
         t.page.wait_for_selector("#error:not([hidden])", timeout=45_000)
-        assert t.page.text_content("#error") == refused["detail"]
+        assert t.page.text_content("#error") == for_people(refused["detail"])
