@@ -27,7 +27,6 @@ $(STAMP): pyproject.toml
 
 # Loads the model and starts the workers (a few seconds), then one line: "ready: the page is http://...".
 serve: $(STAMP)
-	@echo "starting digitserve (Ctrl+C stops it)"
 	$(PY) -m service
 
 # Debian tools the tests drive for real (prometheus/promtool, docker-compose, wrk); installs only what is missing.
