@@ -12,13 +12,20 @@ TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
 venv: $(STAMP)
 
-# Re-installs only when pyproject.toml (the pins) changed since the last install.
+# Re-installs only when pyproject.toml (the pins) changed since the last install; says what it does and
+# shows pip's progress (a first install takes about a minute and a half).
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@if test -x $(PY); then echo "pyproject.toml changed: updating .venv to the pinned dependencies"; \
+	else echo "first run: creating .venv and installing pinned dependencies, about a minute and a half"; \
+	$(PYTHON) -m venv $(VENV); fi
+	@echo "[1/2] upgrading pip"
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@echo "[2/2] installing digitserve and its pinned dependencies (torch is the big one)"
+	@$(PY) -m pip install --progress-bar on --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+	@echo ".venv is ready"
 
+# Loads the model and starts the workers (a few seconds), then one line: "ready: the page is http://...".
 serve: $(STAMP)
 	$(PY) -m service
 

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    # uvicorn logs "Started server process [pid]" per worker (bench.procs.roles names them by it)
+    # uvicorn logs "Started server process [pid]" per worker (bench.procs.roles names them by it too)
     uvicorn.run("bench.ceiling:app", host="127.0.0.1", port=args.port, workers=args.workers, http="httptools",
                 loop=loop, lifespan="off", access_log=False, server_header=False, log_level="info")
 

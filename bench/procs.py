@@ -147,10 +147,12 @@ def tree_cpu_ticks(pid: int) -> int:
 
 
 def roles(server: Server) -> dict[int, str]:
-    """Each live process of the server's tree by what it does: main, api server (uvicorn logs each one's
-    pid at start), worker (LitServe spawns them), manager (forked like the API servers, but not one),
-    resource tracker."""
-    api_servers = {int(m) for m in re.findall(r"Started server process \[(\d+)\]", server.output())}
+    """Each live process of the server's tree by what it does: main, api server (digitserve logs their pids
+    once they are forked; a plain uvicorn, bench.ceiling, each one's at its start), worker (LitServe spawns
+    them), manager (forked like the API servers, but not one), resource tracker."""
+    pid_lists = re.findall(r"API servers started \(pids ([\d, ]+)\)|Started server process \[(\d+)\]",
+                           server.output())
+    api_servers = {int(pid) for found in pid_lists for pid in ", ".join(filter(None, found)).split(", ")}
     main, main_command = server.process.pid, b""
     named = {}
     for pid in process_tree(main):

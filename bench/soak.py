@@ -713,10 +713,11 @@ def counted(client: httpx.Client) -> tuple[Counter, Counter]:
 
 def start_service(port: int | None, log_dir: Path, args: tuple[str, ...] = ()) -> Server:
     """``python -m service --port PORT [ARGS]`` with its defaults: no DIGITSERVE_* from our environment but the
-    data dir."""
+    data dir, and a JSON log (``access_log`` reads it)."""
     port = port or free_port()
     log = log_dir / f"soak-server-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
+    env["DIGITSERVE_LOG_FORMAT"] = "json"
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), *args], cwd=ROOT, env=env,
                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, port, log)

@@ -74,14 +74,15 @@ def spawn(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Serve
     """Start the service without waiting for it; its stdout/stderr go to a log file in ``log_dir``.
 
     Without a ``--drain-delay-s`` of the caller's, the lame-duck phase is off (0 s): a test that stops
-    its server does not wait 5 s for load balancers that are not there."""
+    its server does not wait 5 s for load balancers that are not there. The log is JSON (the access
+    lines are what tests read) unless the caller's ``--log-format`` or ``env`` says otherwise."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
     drain = () if "--drain-delay-s" in args else ("--drain-delay-s", "0")
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), *drain, *args],
         cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "DIGITSERVE_LOG_FORMAT": "json", **(env or {})},
     )
     return Server(process, port, log)
 

@@ -1,11 +1,13 @@
 """``python -m service``: validate the configuration and the model store, then serve.
 
-Start-up problems (a bad setting, a missing or corrupt model, ``cuda`` without a GPU) end the
-process with one clear line and exit code 2, before any worker is spawned.
+Start-up problems (a mistyped flag, a bad setting, a port in use, a missing or corrupt model, ``cuda``
+without a GPU) end the process with one clear line and exit code 2, before any worker is spawned.
+Once /health answers 200, one line says so, with the page's address (``service.ready``).
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -15,10 +17,11 @@ import sys
 from types import FrameType
 
 from pydantic import ValidationError
-from pydantic_settings import SettingsError
 
+from service import cli, logs, ready
 from service.config import Settings
 from service.device import DeviceError, resolve_device
+from service.http.listeners import check_free
 from service.metrics_dir import use_fresh_dir
 from service.model import store
 
@@ -28,21 +31,28 @@ log = logging.getLogger("digitserve")
 def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     try:
-        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)  # type: ignore[call-arg]
-        device = resolve_device(settings.accelerator)
-        if settings.version is None:  # verify before spawning anything
-            model, skipped = store.load_best(settings.store, settings.model, settings.min_accuracy)
-        else:
-            model, skipped = store.load(settings.store, settings.model, settings.version, "cpu"), {}
+        settings = cli.parse(sys.argv[1:] if argv is None else argv)
     except ValidationError as e:
         print(f"error: invalid configuration: {describe(e)}", file=sys.stderr)
         return 2
-    except (SettingsError, DeviceError, store.StoreError) as e:
+    except cli.CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _json_access_log()
-    _quiet_wildcard_addresses()
+    try:
+        check_free(settings.bind_address(), settings.port)
+    except OSError as e:
+        print(f"error: {cannot_listen(settings, e)}", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(settings.accelerator)
+        if settings.model_version is None:  # verify before spawning anything
+            model, skipped = store.load_best(settings.store, settings.model, settings.min_accuracy)
+        else:
+            model, skipped = store.load(settings.store, settings.model, settings.model_version, "cpu"), {}
+    except (DeviceError, store.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
     metrics_dir = use_fresh_dir()
     # Imported only now: prometheus-client picks multiprocess mode when first imported.
     from service.app import build
@@ -69,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("serving %s v%d on %s at http://%s:%d", model.name, model.version, device,
-             f"[{settings.host}]" if ":" in settings.host else settings.host, settings.port)
+    log.info("starting %s v%d on %s: %d API servers, %d predict and %d explain workers", model.name,
+             model.version, device, settings.api_servers, settings.workers, settings.explain_workers)
     try:
-        server.serve()
-    except OSError as e:  # the port is taken, or the address is not this machine's
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        server.serve(started=lambda: ready.announce_when_ready(settings, server.app))
+    except OSError as e:  # taken in the moment since check_free
+        print(f"error: {cannot_listen(settings, e)}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -94,26 +104,15 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _quiet_wildcard_addresses() -> None:
-    """uvicorn and LitServe announce the wildcard address LitServe binds to prove the port free, not the
-    address the API servers listen on (``service.http.listeners``): our own start-up line says that."""
-
-    def misleading(record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Uvicorn running on") or message.startswith("Swagger UI is available"))
-
-    for name in ("uvicorn.error", "litserve.server"):
-        logging.getLogger(name).addFilter(misleading)
-
-
-def _json_access_log() -> None:
-    """One JSON object per line for request logs (uvicorn's own access log is off). The lines come
-    whole, those of one event-loop iteration in one record (``service.metrics.RequestBook``)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("digitserve.access")
-    access.addHandler(handler)
-    access.propagate = False
+def cannot_listen(settings: Settings, error: OSError) -> str:
+    """Why the service cannot listen where it was told to, and which setting changes that."""
+    where = f"{settings.host}:{settings.port}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"port {settings.port} is already in use on {settings.host} (another digitserve?); "
+                "choose another with --port (DIGITSERVE_PORT)")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: not an address of this machine; change --host (DIGITSERVE_HOST)"
+    return f"cannot listen on {where}: {error.strerror or error}; change --host or --port"
 
 
 if __name__ == "__main__":

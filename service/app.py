@@ -54,7 +54,7 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     failures = SetupFailures(list(pools))
     parts = Parts(
         settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
-        listeners=Listeners(settings.host, settings.port), shares=ConnectionShares(settings.api_servers),
+        listeners=Listeners(settings.bind_address(), settings.port), shares=ConnectionShares(settings.api_servers),
         supervisor=Supervisor(settings, admission, requests, answers, failures), routes=routes, posts=posts,
         gets=gets, device=device, board=board,
         watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -33,6 +32,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import logs
 
 ACCESS_LOG = logging.getLogger("digitserve.access")
 _PAGE, _TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
@@ -299,24 +300,19 @@ class RequestBook:
         rest = [r for r in done if r.endpoint not in INFERENCE]
         for level, logged in ((logging.INFO, api), (logging.DEBUG, rest)):
             if logged and ACCESS_LOG.isEnabledFor(level):
-                ACCESS_LOG.log(level, "\n".join(map(_log_line, logged)))
+                name = logging.getLevelName(level)
+                ACCESS_LOG.log(level, "\n".join(_log_line(r, name) for r in logged))
 
 
 BOOK = RequestBook()  # each API server has its own: forked before its first request
 
 
-def _log_line(r: Answered) -> str:
-    """``{"ts": "2026-11-28 07:30:00,123", "log": {...}}``: logging's default time format, without a record per line."""
+def _log_line(r: Answered, level: str) -> str:
     fields = {"request_id": r.request_id, "method": r.method, "endpoint": r.endpoint, "status": r.status,
               "latency_ms": round(r.seconds * 1000, 2), "model_version": r.version, "batch_size": r.batch_size}
     if r.detail is not None:  # what was wrong (never image data or headers: details name the instance)
         fields["detail"] = r.detail[:300]
-    return f'{{"ts": "{_second(int(r.at))},{int(r.at % 1 * 1000):03d}", "log": {orjson.dumps(fields).decode()}}}'
-
-
-@functools.lru_cache(maxsize=4)
-def _second(at: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return logs.access_line(r.at, level, fields)
 
 
 def _request_id(scope: Scope) -> str:

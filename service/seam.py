@@ -21,7 +21,8 @@ Hooks (LitServe 0.2.19): why we override each, and what upstream change would le
   the manager per message). Delete with a public queue/transport factory (``fast_queue=True`` is
   a no-op in 0.2.19: it sets a misspelt field).
 - ``_start_server``: hands LitServe's socket list to ``http.listeners`` (each API server its own
-  SO_REUSEPORT socket). Delete with a ``reuse_port`` option or a per-server socket hook.
+  SO_REUSEPORT socket). Delete with a ``reuse_port`` option or a per-server socket hook. After the
+  forks: one line with the API servers' pids, and the ready line's watch (``service.ready``).
 - ``_prepare_app_run``: per API server, just before its fork: its socket and its slot in the
   shared counters. Delete with a public per-server start hook.
 - ``launch_single_inference_worker``: the monitor calls it to replace a dead worker; the dead
@@ -66,7 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Route
 
-from service import metrics
+from service import logs, metrics
 from service.config import Settings
 from service.errors import HttpError
 from service.http import openapi
@@ -190,11 +191,14 @@ class Server(ls.LitServer):
         parts.routes.workers = _WorkerView(self)
         _lean_app(self.app, parts)
 
-    def serve(self) -> None:
+    def serve(self, started: Callable[[], Any] = lambda: None) -> None:
         """LitServe's ``run``: it accepts only 0.0.0.0, 127.0.0.1 and ::, so it gets the wildcard of the
-        configured address's family (its bind proves the port free); ``http.listeners`` binds the address."""
+        configured address's family (its bind proves the port free); ``http.listeners`` binds the address.
+        uvicorn gets no logging set-up of its own (``log_config=None``): ``service.logs`` formats its lines.
+        ``started`` runs in this process once every API server is forked."""
         settings = self.parts.settings
-        self.run(host="::" if ":" in settings.host else "0.0.0.0", port=settings.port,
+        self._started = started
+        self.run(host="::" if ":" in settings.bind_address() else "0.0.0.0", port=settings.port, log_config=None,
                  num_api_servers=settings.api_servers, log_level=settings.log_level, generate_client_file=False,
                  access_log=False, http=balanced_protocol(self.parts.shares, settings, metrics.refused_connection),
                  timeout_keep_alive=settings.keep_alive_s, server_header=False,
@@ -204,6 +208,7 @@ class Server(ls.LitServer):
         """Nothing here: every inference route, /predict and /explain included, is the fast path's."""
 
     def _init_manager(self, num_api_servers: int) -> Any:
+        logs.adopt_litserve()  # LitServe's run() has just given its logger a handler of its own
         manager = super()._init_manager(num_api_servers)
         self.litapi_request_queues.update(self.parts.requests)
         self._transport = _AnswerTransport(self.parts.answers, self.parts.api_server_started)
@@ -213,9 +218,13 @@ class Server(ls.LitServer):
                       *args: Any, **kwargs: Any) -> Any:
         self.parts.listeners.use(sockets)
         try:
-            return super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
+            servers = super()._start_server(port, num_api_servers, log_level, sockets, *args, **kwargs)
         finally:
             self.parts.listeners.close()
+        log.info("%d API servers started (pids %s); the workers are loading the model", len(servers),
+                 ", ".join(str(server.pid) for server in servers.values()))
+        self._started()
+        return servers
 
     def _prepare_app_run(self, app: FastAPI) -> None:
         super()._prepare_app_run(app)

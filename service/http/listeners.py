@@ -12,6 +12,18 @@ from __future__ import annotations
 import socket
 
 
+def check_free(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go, as LitServe's own check does (SO_REUSEADDR, no SO_REUSEPORT), before
+    anything is spawned: ``OSError`` (EADDRINUSE, EADDRNOTAVAIL) when the service could not listen there."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 class Listeners:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -29,7 +41,7 @@ class Listeners:
         The previous server, already forked, keeps its copy of the one before."""
         for listener in self._current:
             listener.close()
-        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        listener = socket.socket(_family(self.host), socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((self.host, self.port))

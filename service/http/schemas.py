@@ -85,17 +85,22 @@ class PredictResponse(BaseModel):
 
 
 class TopUnit(BaseModel):
-    unit: int
-    activation: float
-    contribution: float
+    unit: int = Field(description="index of the hidden unit (0..499)")
+    activation: float = Field(description="its output after the ReLU")
+    contribution: float = Field(description="activation x fc2.weight[target, unit]: what it adds to the target logit")
 
 
 class LayerSummary(BaseModel):
-    name: str
+    name: str = Field(description="fc1 (the hidden layer before its ReLU), relu (after it), fc2 (the logits)")
     output_shape: list[int]
     mean_activation: float
-    zero_fraction: float
-    top_units: list[TopUnit]
+    zero_fraction: float = Field(description="share of the layer's outputs that are <= 0")
+    top_units: list[TopUnit] = Field(
+        description="the units that pushed the target logit most, largest first (top_k of them). Listed for relu "
+                    "only, by design: relu's units feed the logits directly, so each one's contribution is exact "
+                    "and they add up to the logit; fc1 holds the same 500 units before the ReLU (a unit it cuts "
+                    "contributes nothing, the others exactly what relu lists), and fc2's outputs are the ten "
+                    "logits themselves (see probabilities). Empty for fc1 and fc2.")
 
 
 class ConvergenceDelta(BaseModel):

@@ -562,8 +562,9 @@ def model_metadata(name: str, versions: list[str]) -> dict[str, object]:
     """``GET /v2/models/{name}``: tensors with -1 for the batch dimension.
 
     V2 metadata has one datatype and one shape per tensor (Triton lists one, too), so ``pixels`` is advertised
-    as its canonical form, FP32 ``[-1,784]``, the same as the Triton reference serving this checkpoint; UINT8
-    and the ``[N,28,28]`` / ``[N,1,28,28]`` shapes are accepted as well (README, DESIGN).
+    as its canonical form, FP32 ``[-1,784]``, the same as the Triton reference serving this checkpoint and usable
+    as it is by clients that build inputs from it; UINT8 and the ``[N,28,28]`` / ``[N,1,28,28]`` shapes are
+    accepted as well. A wildcard (``[-1,-1]``) would advertise refused shapes (docs/protocols.md).
     """
     return {
         "name": name,

@@ -90,7 +90,7 @@ class Models:
         explainer = Explainer(loaded.model, norm.mean, norm.std) if self.explains else None
         self.held[version] = Held(loaded, {"name": loaded.name, "version": loaded.version}, explainer)
         metrics.labelled(metrics.MODEL_INFO, loaded.name, str(version), self.device.type).set(1)
-        log.info("worker holds %s v%d on %s", loaded.name, version, self.device)
+        log.debug("worker holds %s v%d on %s", loaded.name, version, self.device)
 
     def _drop(self, version: int) -> None:
         held = self.held.pop(version)
@@ -99,4 +99,4 @@ class Models:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        log.info("worker dropped v%d", version)
+        log.debug("worker dropped v%d", version)

@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import os
+import signal
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import orjson
 import torch
 
-from service import metrics
+from service import logs, metrics
 from service.config import Settings
 from service.imaging import normalize
 from service.versions import Board, SetupFailures
@@ -71,6 +72,10 @@ class DigitAPI(ls.LitAPI):
         self.settings, self.board, self.setup_failures = settings, board, setup_failures
 
     def setup(self, device: str) -> None:
+        logs.configure(self.settings.log_level, self.settings.log_format)  # a spawned process starts bare
+        # Ctrl+C in a terminal reaches the whole process group: the main process stops the workers, in
+        # order (service.supervisor), rather than each dying with a KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
         if self.explains:  # a burst of explanations yields the CPU to predictions (and to the API servers)
             os.nice(EXPLAIN_NICENESS)
@@ -81,7 +86,7 @@ class DigitAPI(ls.LitAPI):
             self.setup_failures.record(self.api_path, f"{type(e).__name__}: {e}")
             raise
         gc.freeze()  # the imports live as long as the worker (see service.__main__); models are freed by refcount
-        log.info("worker ready on %s, holding %s", device, sorted(self.models.held))
+        log.debug("worker ready on %s, holding %s", device, sorted(self.models.held))  # the ready line says it
 
     def control(self, command: Control) -> str:
         return self.models.control(command)

@@ -420,7 +420,7 @@ def test_a_checkpoint_broken_after_verification_stops_start_up_cleanly(tmp_path,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while "serving mnist-fnn v1" not in log.read_text(errors="replace"):
+        while "starting mnist-fnn v1" not in log.read_text(errors="replace"):
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()
             time.sleep(0.05)
         weights.write_bytes(weights.read_bytes()[:1000])

@@ -221,6 +221,12 @@ def api_explain(server: Server, png: bytes, method: str) -> dict:
     return response.json()["predictions"][0]
 
 
+def for_people(detail: str) -> str:
+    """The API's detail as the page's banner shows it: a person drew one picture, so no "instance 0: "."""
+    shown = detail.removeprefix("instance 0: ")
+    return shown[0].upper() + shown[1:]
+
+
 # ---------------------------------------------------------------------------------- the tests
 
 
@@ -396,8 +402,8 @@ def test_blank_canvas_shows_the_api_detail_and_the_page_recovers(browser, server
         page.click("#predict")
         page.wait_for_selector("#error:not([hidden])", timeout=45_000)
         status, answer = api_predict(server, t.canvas_png("pad"))
-        assert status == 422
-        assert page.text_content("#error") == answer["detail"]
+        assert status == 422 and answer["detail"].startswith("instance 0: ")
+        assert page.text_content("#error") == for_people(answer["detail"])
         assert page.get_attribute("#error", "data-status") == "422"
         assert page.text_content("#label") == "–"
         # still a working page: draw a digit and the error is gone
@@ -426,6 +432,40 @@ def versioned_server(tmp_path_factory: pytest.TempPathFactory, default_model) ->
                 response = client.post(path, headers=ADMIN, json=body)
                 assert response.status_code == 200, response.text
         yield s
+
+
+def test_empty_page_says_what_to_do_and_every_panel_fits_a_1280x900_screen(browser, server):
+    """Before any digit: words, not an empty bar chart, a dash and two black squares; then the answer
+    replaces them. The metrics panel is on screen at 1280x900 before and after."""
+    viewport = {"width": 1280, "height": 900}
+    with tab(browser, server, viewport=viewport) as t:
+        t.open()
+        page = t.page
+
+        def glance_on_screen() -> None:
+            box = page.locator("#glance").bounding_box()
+            assert box is not None and box["y"] + box["height"] <= viewport["height"], box
+
+        assert "Draw a digit" in (page.text_content("#result-empty") or "") and page.is_visible("#result-empty")
+        assert "drop a picture" in (page.text_content("#result-empty") or "")
+        for hidden in ("#label", "#probabilities", "#seen", "#heatmap", "#units"):
+            assert page.is_hidden(hidden), f"{hidden} shown before any digit"
+        assert page.is_visible("#why-empty") and page.is_hidden("#error")
+        glance_on_screen()
+
+        page.set_input_files("#file", str(ROOT / "examples" / "seven.png"))
+        t.settled()
+        page.wait_for_selector("#heatmap[data-method]", timeout=45_000)
+        page.wait_for_selector("#why[aria-busy=false]")
+        expect(page.locator("#label")).to_have_text("7")
+        for shown in ("#label", "#probabilities", "#seen", "#heatmap"):
+            assert page.is_visible(shown), shown
+        assert page.is_hidden("#result-empty") and page.is_hidden("#why-empty")
+        glance_on_screen()
+
+        page.click("#clear")
+        assert page.is_visible("#result-empty") and page.is_hidden("#heatmap")
+        assert t.errors == [], t.errors
 
 
 def test_version_picker_pins_predict_and_explain(browser, versioned_server, mnist_png):
@@ -516,14 +556,14 @@ def test_api_key_is_asked_for_sent_and_not_stored(browser, keyed_server, mnist_p
         page = t.page
         page.set_input_files("#file", str(mnist_png[7]))
         page.wait_for_selector("#error:not([hidden])", timeout=45_000)
-        assert page.text_content("#error") == refused["detail"]
+        assert page.text_content("#error") == for_people(refused["detail"])
         assert page.is_visible("#key-form") and page.evaluate("document.activeElement.id") == "api-key"
         assert page.text_content("#label") == "–"
 
         page.fill("#api-key", "not-the-key")
         page.click("#key-use")
         t.settled()
-        assert page.text_content("#error") == refused["detail"]
+        assert page.text_content("#error") == for_people(refused["detail"])
 
         page.fill("#api-key", API_KEY)
         page.press("#api-key", "Enter")
@@ -541,4 +581,4 @@ def test_api_key_is_asked_for_sent_and_not_stored(browser, keyed_server, mnist_p
         t.open()
         t.page.set_input_files("#file", str(mnist_png[7]))
         t.page.wait_for_selector("#error:not([hidden])", timeout=45_000)
-        assert t.page.text_content("#error") == refused["detail"]
+        assert t.page.text_content("#error") == for_people(refused["detail"])

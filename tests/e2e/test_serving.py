@@ -169,7 +169,7 @@ def test_pinned_version_is_served(tmp_path, default_model):
     meta = json.loads((store / "mnist-fnn" / "2" / "metadata.json").read_text())
     (store / "mnist-fnn" / "2" / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
     for pin, expected in ((None, 2), ("1", 1)):
-        args = ["--store", str(store)] + (["--version", pin] if pin else [])
+        args = ["--store", str(store)] + (["--model-version", pin] if pin else [])
         with running(tmp_path, *args) as server, server.client() as client:
             assert client.get("/info").json()["model"]["version"] == expected
             pixels = np.zeros((28, 28))

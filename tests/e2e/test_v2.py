@@ -92,6 +92,21 @@ def test_server_and_model_metadata(ours, reference):
     assert ours.get_model_metadata(MODEL, model_version="1")["versions"] == ["1"]
 
 
+def test_inputs_built_from_the_advertised_metadata_are_accepted(ours, digits):
+    """What a generic client does: read each input's datatype and shape from the metadata, put the batch
+    size for -1, and send. The advertised forms (docs/protocols.md) must be ones we accept."""
+    images, labels = digits[0][:3], digits[1][:3]
+    for advertised in ours.get_model_metadata(MODEL)["inputs"]:
+        shape = [3 if dim == -1 else dim for dim in advertised["shape"]]
+        if advertised["name"] == "pixels":
+            data = (images / 255).astype(triton.triton_to_np_dtype(advertised["datatype"])).reshape(shape)
+        else:
+            data = np.array([png(image) for image in images], dtype=object).reshape(shape)
+        tensor = triton.InferInput(advertised["name"], shape, advertised["datatype"])
+        tensor.set_data_from_numpy(data)
+        assert ours.infer(MODEL, [tensor]).as_numpy("label").tolist() == labels.tolist(), advertised
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_labels_equal_the_in_process_model_on_1000_test_digits(ours, digits, default_model, binary):
     images, labels = digits

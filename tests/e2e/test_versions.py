@@ -69,7 +69,7 @@ def two_versions(tmp_path_factory, default_model) -> tuple[Path, dict[int, Loade
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, two_versions) -> Iterator[Server]:
     root, _ = two_versions
-    args = ("--store", str(root), "--version", "1", "--workers", "2", "--max-loaded-versions", "2")
+    args = ("--store", str(root), "--model-version", "1", "--workers", "2", "--max-loaded-versions", "2")
     with running(tmp_path_factory.mktemp("versions"), *args, env={"DIGITSERVE_ADMIN_KEY": ADMIN["X-Admin-Key"]}) as s:
         yield s
 

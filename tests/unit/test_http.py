@@ -15,6 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from harness.server import encode
+from service import cli
 from service.__main__ import describe
 from service.app import build
 from service.config import Settings
@@ -30,7 +31,7 @@ BLANK_PNG = encode(np.full((28, 28), 255, np.uint8))
 
 
 def settings(*args: str) -> Settings:
-    return Settings(_cli_parse_args=list(args))  # type: ignore[call-arg]
+    return cli.parse(list(args))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def test_response_schema_accepts_what_a_worker_answers():
 
 @pytest.mark.parametrize(("args", "says"), [
     (("--port", "80"), "--port (DIGITSERVE_PORT): Input should be greater than or equal to 1024"),
-    (("--host", "example.org"), "--host (DIGITSERVE_HOST): 'example.org' is not an IP address"),
+    (("--host", "no-such-host.invalid"),
+     "--host (DIGITSERVE_HOST): 'no-such-host.invalid' is neither an IP address nor a host name"),
     (("--batch-timeout-ms", "900", "--request-timeout-s", "0.5"), "batch-timeout-ms must be shorter"),
 ])
 def test_a_bad_setting_is_one_line_naming_the_flag(args, says):

@@ -73,9 +73,15 @@
 
   let keyAsked = false;
 
+  // The page sends one picture per call: the API's "instance 0: " names nothing a person sees.
+  const forPeople = (detail) => {
+    const text = detail.replace(/^instance \d+: /, '');
+    return text.charAt(0).toUpperCase() + text.slice(1);
+  };
+
   function showError(err) {
     const box = $('error');
-    box.textContent = err instanceof ApiError ? err.detail : String(err && err.message ? err.message : err);
+    box.textContent = err instanceof ApiError ? forPeople(err.detail) : String(err && err.message ? err.message : err);
     box.dataset.status = err instanceof ApiError ? String(err.status) : '';
     box.hidden = false;
     if (err instanceof ApiError && err.status === 401) askForKey();
@@ -341,6 +347,7 @@
   }
 
   function showPrediction(p, model) {
+    $('result').removeAttribute('data-empty');
     $('label').textContent = String(p.label);
     $('confidence').textContent = percent(p.confidence);
     const probabilities = Array.isArray(p.probabilities) ? p.probabilities : [];
@@ -355,6 +362,7 @@
   }
 
   function showNoPrediction() {
+    $('result').setAttribute('data-empty', '');
     $('label').textContent = '–';
     $('confidence').textContent = '';
     $('answered').textContent = '';
@@ -429,6 +437,7 @@
     const input = grid28(report.input);
     const attributions = grid28(report.attributions);
     if (!input || !attributions) throw new ApiError(200, '/explain answered no 28x28 input and attributions');
+    $('why').removeAttribute('data-empty');
     paint(seen, (x, y) => {
       const v = Math.round(255 * Math.min(1, Math.max(0, input[y][x])));
       return [v, v, v];
@@ -477,6 +486,7 @@
   }
 
   function showNoExplanation() {
+    $('why').setAttribute('data-empty', '');
     explainer.seq += 1;
     busy('why', false);
     for (const canvas of [heatmap, seen]) canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
