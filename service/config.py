@@ -61,6 +61,10 @@ class Settings(Limits):
         None, description="turns the admin API on (/admin, /v2/repository); send it as X-Admin-Key or "
                           "Authorization: Bearer (never logged)")
     accelerator: Accelerator = Field("auto", description="auto | cpu | cuda")
+    runtime: Literal["eager", "export"] = Field(
+        "eager", description="eager: the PyTorch module; export: each version's static graph (python -m "
+                             "service.export), served only once it matches the eager module on real digits, else "
+                             "that version serves eager (/info says why); /explain is always eager")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward")
     batch_timeout_ms: float = Field(
         5.0, ge=0, le=1000,
