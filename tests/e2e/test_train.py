@@ -23,8 +23,8 @@ LIMIT = 256
 
 def train_args(data_dir: Path, root: Path, seed: int = 1, *extra: str) -> list[str]:
     """Command-line arguments for a fast one-epoch run on a small real subset (its static graph uncompiled)."""
-    return ["--static-graph", "exported", "--data-dir", str(data_dir), "--store", str(root), "--epochs", "1", "--limit", str(LIMIT),
-            "--batch-size", "64", "--seed", str(seed), *extra]
+    return ["--static-graph", "exported", "--data-dir", str(data_dir), "--store", str(root), "--epochs", "1",
+            "--limit", str(LIMIT), "--batch-size", "64", "--seed", str(seed), *extra]
 
 
 def run_in_process(args: list[str]) -> tuple[int, str, str]:
