@@ -45,7 +45,7 @@ import litserve
 import torch
 
 from bench import procs, report
-from bench.data import mnist_pngs, write_bodies
+from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure, verify_v2
 from harness.server import ROOT, Server
 from service.model import static, store
@@ -121,8 +121,8 @@ def two_versions(root: Path, static_graph: bool) -> Path:
     metadata = {k: v for k, v in base.metadata.model_dump().items() if k not in ("name", "version", "sha256")}
     if static_graph:
         log("compiling version 1's static graph (python -m service.export) ...")
-        subprocess.run([sys.executable, "-m", "service.export", "--store", str(root), "--version", "1"], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "service.export", "--store", str(root), "--version", "1",
+                        "--data-dir", str(data_dir())], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         metadata["export"] = store.read_metadata(root / MODEL / "1").model_dump()["export"]
     v2 = store.write_version(root, MODEL, base.model.state_dict(), metadata)
     for name in (static.ARTIFACT_FILE, static.PARITY_FILE) if static_graph else ():
@@ -164,7 +164,8 @@ def switching(server: Server, every_s: float) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
-    """The workloads to run: with ``commit``, every digitserve one on "before" (that commit) as well."""
+    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and with ``commit``,
+    every digitserve one on "before" (that commit) as well."""
     chosen = [w for w in WORKLOADS if not ONLY or w.name in ONLY]
     added = [procs.add_runtime(runtime) for runtime in RUNTIMES]
     chosen = [dataclasses.replace(w, servers=(*w.servers, *added)) if w.name in RUNTIME_WORKLOADS else w

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch._inductor import cpu_vec_isa
 
 from service.imaging import normalize
 from service.model import store
@@ -93,6 +94,7 @@ def export(store_dir: Path, name: str, version: int, images: torch.Tensor, devic
     record = store.Export(
         artifact=store.StoredFile(file=ARTIFACT_FILE, sha256=store.sha256_file(loaded.path / ARTIFACT_FILE)),
         kind=kind, device=torch.device(device).type, torch_version=torch.__version__,
+        cpu_isa=str(cpu_vec_isa.pick_vec_isa()) if kind == "aoti" and torch.device(device).type == "cpu" else None,
         parity=store.StoredFile(file=PARITY_FILE, sha256=store.sha256_file(loaded.path / PARITY_FILE)))
     store.record_export(loaded.path, record.model_dump())
     return record
@@ -107,6 +109,10 @@ def load(loaded: store.LoadedModel, device: torch.device) -> Features:
     if record.device != device.type:
         raise Refused("device", f"v{loaded.version}'s static graph was built for {record.device}, this worker is on "
                                 f"{device.type}: export it with --device {device.type}")
+    usable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] if record.cpu_isa is not None else []
+    if record.cpu_isa is not None and record.cpu_isa not in usable:
+        raise Refused("cpu_isa", f"v{loaded.version}'s static graph uses {record.cpu_isa} instructions, this CPU has "
+                                 f"{usable or 'none'}: export it on (a CPU like) this one")
     path = _verified(loaded, record.artifact)
     try:
         if record.kind == "aoti":
@@ -131,7 +137,8 @@ def check_parity(loaded: store.LoadedModel, eager: Features, static: Features, d
         hidden, logits = eager(x)
         expected = torch.softmax(logits, 1)
         for size in PARITY_BATCHES:
-            parts = [static(x[i:i + size]) for i in range(0, len(x), size)]
+            # copied: a runtime with CUDA graphs reuses its outputs' memory on the next call
+            parts = [[t.clone() for t in static(x[i:i + size])] for i in range(0, len(x), size)]
             got_hidden, got = torch.cat([h for h, _ in parts]), torch.softmax(torch.cat([lg for _, lg in parts]), 1)
             worst = (got - expected).abs().max().item()
             differ = int((got.argmax(1) != expected.argmax(1)).sum())

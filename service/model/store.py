@@ -59,6 +59,7 @@ class Export(BaseModel):
     kind: Literal["aoti", "exported"]  # AOTInductor-compiled, or the exported program run uncompiled
     device: str
     torch_version: str
+    cpu_isa: str | None = None  # the vector instructions compiled CPU code uses (AVX2, AVX-512...)
     parity: StoredFile
 
 

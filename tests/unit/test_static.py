@@ -81,7 +81,7 @@ def test_an_artifact_of_other_weights_fails_parity(exported, default_model):
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [("torch_version", "1.0.0", "torch_version"),
-                                                        ("device", "cuda", "device")])
+                                                        ("device", "cuda", "device"), ("cpu_isa", "amx9", "cpu_isa")])
 def test_an_artifact_built_elsewhere_is_not_loaded(exported, field, value, reason):
     path = exported / MODEL / "1" / store.METADATA_FILE
     metadata = json.loads(path.read_text())
