@@ -14,6 +14,7 @@ import torch
 from service import export as export_cli
 from service.model import static, store
 from service.model.fnn import FNN
+from service.versions import Runtimes
 
 MODEL = store.DEFAULT_NAME
 CPU = torch.device("cpu")
@@ -108,3 +109,16 @@ def test_the_command_line_refuses_a_missing_version_in_one_line(tmp_path, defaul
     shutil.copytree(default_model.path, tmp_path / MODEL / "1")
     assert export_cli.main(["--store", str(tmp_path), "--version", "7", "--data-dir", str(data_dir)]) == 2
     assert "version 7 of model 'mnist-fnn' not found" in capsys.readouterr().err
+
+
+def test_the_runtime_records_say_what_each_pool_serves_and_forget_a_dropped_version():
+    runtimes = Runtimes()
+    runtimes.record("/predict", 1, "export")
+    runtimes.record("/predict", 3, "eager", "parity: " + "x" * 1000)
+    runtimes.record("/explain", 1, "eager")
+    records = runtimes.read()
+    assert records["/predict"]["1"] == {"runtime": "export", "fallback": None}
+    assert records["/predict"]["3"]["runtime"] == "eager" and len(records["/predict"]["3"]["fallback"]) == 300
+    runtimes.record("/predict", 3, None)
+    assert runtimes.read() == {"/predict": {"1": {"runtime": "export", "fallback": None}},
+                               "/explain": {"1": {"runtime": "eager", "fallback": None}}}
