@@ -79,8 +79,9 @@ def export(store_dir: Path, name: str, version: int, images: torch.Tensor, devic
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
                 kind = "aoti"
             except Exception as e:  # no (working) C++ compiler, or an inductor failure: say so, keep the graph
-                log.warning("AOTInductor could not compile v%d (%s: %s); storing the exported program uncompiled",
-                            version, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("AOTInductor could not compile v%d (%s: %s); storing the exported program uncompiled, "
+                            "which runs slower than eager (docs/runtimes.md)", version, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
         if kind == "exported":
             torch.export.save(program, tmp)
         with open(tmp, "rb") as f:
