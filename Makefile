@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test test-fast lint train venv system-deps triton-venv clean bench soak profile rolling-update
+.PHONY: serve test test-fast lint train export venv system-deps triton-venv clean bench soak profile rolling-update
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ triton-venv:
 
 train: $(STAMP)
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
+
+# The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.
+export: $(STAMP)
+	$(PY) -m service.export --store model_store --version $(or $(VERSION),1) --data-dir $(TRAIN_DATA) --download
 
 # Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~10 min; BENCH_QUICK=1 ~3 min).
 bench: $(STAMP) system-deps

@@ -1,11 +1,16 @@
-"""The CUDA path end to end, for a machine with a GPU (CI has none, so this is not a test):
+"""The CUDA path end to end, for every runtime, for a machine with a GPU (CI has none, so this is not a test):
 
-1. the model's forward on the GPU (images/s at batch 1, 64 and 1024: the ceilings);
-2. the real server with ``--accelerator cuda``: /info and the model_info metric say cuda, answers to
-   single-image requests sent concurrently equal the in-process CPU model's, the workers formed
-   batches, and /explain (every method) equals the CPU explainer;
-3. wrk at 64 connections (single images, 32-image requests) against that server and against the same
-   server on the CPU, on the same machine, so the two figures compare.
+1. the forward the predict worker calls (hidden layer and logits) on each device, for each runtime: eager, the
+   version's static graph AOTInductor-compiled for that device (``service.export --device``), and on CUDA
+   ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; AOTInductor packages have none); each proven equal
+   to the eager module on real digits (``static.check_parity``), then timed (images/s at batch 1, 64, 1024);
+2. the real server with ``--accelerator cuda`` and each ``--runtime``: /info and the model_info metric say
+   cuda and the runtime, answers to single-image requests sent concurrently equal the in-process CPU
+   model's, the workers formed batches, and /explain (every method) equals the CPU explainer;
+3. wrk at 64 connections (single images, 32-image requests) against each of those servers and against the
+   same on the CPU, on the same machine, so the figures compare.
+
+Without a GPU it says so and runs the CPU half (a check of the script itself; exit 0 if that half passes).
 
     python -m bench.cuda_check [--seconds 8] [--images 512] [--out FILE]   # exit 1 if a check fails
 """
@@ -14,41 +19,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
-from bench.data import mnist_pngs, write_bodies
+from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure
 from harness.server import ROOT, b64, metric_samples, running
 from service.config import Limits
 from service.imaging import decode_image, normalize, to_mnist
-from service.model import store
+from service.model import data, static, store
 from service.worker.explain import Explainer
 
 METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
 TOLERANCE = 1e-4  # float32 on two devices: different kernels, same maths
 
 
-def forward_ceilings(model: torch.nn.Module, device: torch.device, seconds: float = 1.0) -> dict[str, float]:
+def forward_ceilings(model: static.Features, device: torch.device, seconds: float = 1.0) -> dict[str, float]:
     """Images/s of the bare forward on ``device``; synchronised, so queued kernels are counted."""
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     ceilings = {}
     for batch in (1, 64, 1024):
         x = torch.randn(batch, 784, device=device)
         with torch.inference_mode():
             model(x)
-            torch.cuda.synchronize(device)
+            sync()
             count, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
                 model(x)
                 count += batch
-            torch.cuda.synchronize(device)
+            sync()
         ceilings[f"b{batch}_images_s"] = count / (time.perf_counter() - started)
+    return ceilings
+
+
+@contextmanager
+def exported_store(device: torch.device) -> Iterator[Path]:
+    """A copy of the committed store whose version 1 has its static graph compiled for ``device``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT / "model_store" / store.DEFAULT_NAME / "1", Path(tmp) / store.DEFAULT_NAME / "1")
+        images, _ = data.load_mnist(data_dir(), train=False)
+        static.export(Path(tmp), store.DEFAULT_NAME, 1, images, device.type)
+        yield Path(tmp)
+
+
+def runtime_ceilings(root: Path, device: torch.device) -> dict[str, dict[str, float]]:
+    """Each runtime's forward on ``device``, proven equal to the eager module first, then timed."""
+    loaded = store.load(root, store.DEFAULT_NAME, 1, device)
+    eager = static.FeatureNet(loaded.model).eval()
+    runtimes: dict[str, static.Features] = {"eager": eager, "export": static.load(loaded, device)}
+    if device.type == "cuda":
+        runtimes["compile_cudagraphs"] = torch.compile(eager, mode="reduce-overhead")
+    ceilings = {}
+    for name, model in runtimes.items():
+        static.check_parity(loaded, eager, model, device)  # raises static.Refused, naming the difference
+        ceilings[name] = forward_ceilings(model, device)
     return ceilings
 
 
@@ -89,12 +122,14 @@ def check_explain(client: httpx.Client, loaded: store.LoadedModel, pngs: list[by
 
 def serve_and_measure(accelerator: str, args: tuple[str, ...], loaded: store.LoadedModel, pngs: list[bytes],
                       labels: list[int], seconds: float, work: Path) -> dict:
+    """The server with ``args`` (a store, a runtime) on ``accelerator``: its answers checked, then measured."""
     x, want = reference(loaded, pngs)
     bodies = write_bodies(work, pngs)
     settings = LoadSettings(warmup_s=2, duration_s=seconds, wrk_threads=4, wrk_timeout_s=10)
     workloads = [Workload("single_c64", "/predict", "single", 64), Workload("batch32_c64", "/predict", "batch", 64, 32)]
     with running(work, "--accelerator", accelerator, *args) as server, server.client() as client:
-        result = {"args": list(args), "device": client.get("/info").json()["serving"]["device"]}
+        serving = client.get("/info").json()["serving"]
+        result = {"args": list(args), "device": serving["device"], "runtime": serving["runtimes"]["/predict"]["1"]}
         result["answers"] = check_answers(client, pngs, want, labels)
         result["explain_max_abs_diff"] = check_explain(client, loaded, pngs[:16], x[:16])
         text = client.get("/metrics").text
@@ -102,7 +137,9 @@ def serve_and_measure(accelerator: str, args: tuple[str, ...], loaded: store.Loa
         batch_sum = metric_samples(text, "digitserve_batch_size_sum")[predict_v1]
         batch_count = metric_samples(text, "digitserve_batch_size_count")[predict_v1]
         result["mean_batch_images"] = batch_sum / batch_count
-        result["model_info_devices"] = sorted(dict(k)["device"] for k in metric_samples(text, "digitserve_model_info"))
+        info = [dict(k) for k in metric_samples(text, "digitserve_model_info")]
+        result["model_info_devices"] = sorted({k["device"] for k in info})
+        result["model_info_runtimes"] = {k["pool"]: k["runtime"] for k in info}
         for workload in workloads:
             measured = measure(server, accelerator, workload, bodies[workload.bodies], settings)
             kept = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb")
@@ -110,10 +147,12 @@ def serve_and_measure(accelerator: str, args: tuple[str, ...], loaded: store.Loa
     return result
 
 
-def failures(run: dict, accelerator: str) -> list[str]:
+def failures(run: dict, accelerator: str, runtime: str) -> list[str]:
     problems = []
     if run["device"] != accelerator or run["model_info_devices"] != [accelerator]:
         problems.append(f"device: /info {run['device']}, model_info {run['model_info_devices']}")
+    if run["runtime"]["runtime"] != runtime or run["model_info_runtimes"] != {"predict": runtime, "explain": "eager"}:
+        problems.append(f"runtime: /info {run['runtime']}, model_info {run['model_info_runtimes']}")
     if run["answers"]["max_abs_diff"] > TOLERANCE:
         problems.append(f"predict differs from the CPU by {run['answers']['max_abs_diff']:.2g}")
     problems += [f"{m} differs from the CPU by {d:.2g}"
@@ -130,26 +169,35 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"cuda-{time.strftime('%Y%m%d')}.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check needs a GPU")
-    cuda = torch.device("cuda")
+    devices = [torch.device("cuda")] if torch.cuda.is_available() else []
+    if not devices:
+        print("no CUDA device: the CUDA half is skipped; running the CPU half (this script's own check)", flush=True)
+    devices.append(torch.device("cpu"))
     loaded = store.load(ROOT / "model_store", store.DEFAULT_NAME)
     pngs, labels = mnist_pngs(args.images)
-    report = {
-        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(cuda),
-        "forward_cuda": forward_ceilings(store.load(ROOT / "model_store", store.DEFAULT_NAME, device=cuda).model, cuda),
-    }
-    runs = {"cuda": ("cuda", ()), "cuda_4_api_servers": ("cuda", ("--api-servers", "4")), "cpu": ("cpu", ())}
+    gpu = torch.cuda.get_device_name(0) if devices[0].type == "cuda" else None
+    report: dict = {"torch": torch.__version__, "gpu": gpu}
     problems = []
-    for name, (accelerator, extra) in runs.items():
-        with tempfile.TemporaryDirectory() as work:
-            report[name] = serve_and_measure(accelerator, extra, loaded, pngs, labels, args.seconds, Path(work))
-        problems += [f"{name}: {p}" for p in failures(report[name], accelerator)]
-        print(name, json.dumps(report[name]), flush=True)
+    for device in devices:
+        with exported_store(device) as root:
+            try:
+                report[f"forward_{device.type}"] = runtime_ceilings(root, device)
+            except static.Refused as e:
+                problems.append(f"{device.type} forward: {e}")
+            print(f"forward_{device.type}", json.dumps(report.get(f"forward_{device.type}")), flush=True)
+            runs = {f"{device.type}_{runtime}": (runtime, ("--store", str(root), "--runtime", runtime))
+                    for runtime in ("eager", "export")}
+            if device.type == "cuda":
+                runs["cuda_4_api_servers"] = ("eager", ("--store", str(root), "--api-servers", "4"))
+            for name, (runtime, extra) in runs.items():
+                with tempfile.TemporaryDirectory() as work:
+                    report[name] = serve_and_measure(device.type, extra, loaded, pngs, labels, args.seconds, Path(work))
+                problems += [f"{name}: {p}" for p in failures(report[name], device.type, runtime)]
+                print(name, json.dumps(report[name]), flush=True)
     report["problems"] = problems
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["forward_cuda"]), "\nproblems:", problems or "none", f"\nwrote {args.out}")
+    print("problems:", problems or "none", f"\nwrote {args.out}")
     raise SystemExit(1 if problems else 0)
 
 

@@ -21,6 +21,8 @@ from harness.server import ROOT, Server, free_port
 SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme", "ceiling": "bench.ceiling"}
 # server name -> the source tree it runs from, where not this one (``BENCH_BEFORE``: an earlier commit)
 TREES: dict[str, Path] = {}
+# server name -> the one setting it runs with besides the defaults (``BENCH_RUNTIMES``: digitserve-export)
+SETTINGS: dict[str, dict[str, str]] = {}
 _live: set[Server] = set()
 
 
@@ -38,6 +40,13 @@ def add_tree(name: str, tree: Path) -> None:
     SERVERS[name], TREES[name] = "service", tree
 
 
+def add_runtime(runtime: str) -> str:
+    """One more digitserve, this tree with ``--runtime runtime``; its name."""
+    name = f"digitserve-{runtime}"
+    SERVERS[name], SETTINGS[name] = "service", {"DIGITSERVE_RUNTIME": runtime}
+    return name
+
+
 class ServerDied(RuntimeError):
     """A server under test exited while it was being measured."""
 
@@ -45,12 +54,12 @@ class ServerDied(RuntimeError):
 def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
     The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), so
-    digitserve runs its default configuration."""
+    digitserve runs its default configuration (and the runtime, for ``add_runtime``'s)."""
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
     if SERVERS[name] == "service":
-        env.update(_digitserve)
+        env.update(_digitserve, **SETTINGS.get(name, {}))
     tree = TREES.get(name, ROOT)
     if name in TREES:  # its ``service`` package, ahead of the venv's editable install of this tree
         env["PYTHONPATH"] = str(tree)

@@ -17,7 +17,9 @@ BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IM
 BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets), BENCH_BEFORE (a commit:
 digitserve as it was there runs every digitserve workload too, seconds apart from today's, from a
 temporary git worktree with this venv; the report gives today/before by workload), BENCH_WORKLOADS
-(comma-separated names: only those; results then go to <date>-some.*).
+(comma-separated names: only those; results then go to <date>-some.*), BENCH_RUNTIMES (eager,export: with
+export, digitserve-export, the same server with ``--runtime export`` serving the store's versions
+AOTInductor-compiled, runs RUNTIME_WORKLOADS too, and the micro ceilings are taken for each runtime).
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ import litserve
 import torch
 
 from bench import procs, report
-from bench.data import mnist_pngs, write_bodies
+from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure, verify_v2
 from harness.server import ROOT, Server
-from service.model import store
+from service.model import static, store
 
 RESULTS = ROOT / "bench" / "results"
 EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
@@ -54,6 +56,8 @@ EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
 V2_INFER = "/v2/models/mnist-fnn/infer"
 MODEL = "mnist-fnn"
 ONLY = set(filter(None, os.environ.get("BENCH_WORKLOADS", "").split(",")))  # empty: every workload
+RUNTIMES = [r for r in os.environ.get("BENCH_RUNTIMES", "eager,export").split(",") if r and r != "eager"]
+RUNTIME_WORKLOADS = ("predict-1img@64", "v2-fp32-1img@64", "predict-32img@8", "v2-fp32-32img@8")
 ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
 # Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
@@ -109,12 +113,20 @@ def machine_info() -> dict:
     }
 
 
-def two_versions(root: Path) -> Path:
-    """The committed store's version 1, and its weights again as version 2 (through the store's own write)."""
+def two_versions(root: Path, static_graph: bool) -> Path:
+    """The committed store's version 1, and its weights again as version 2 (through the store's own write);
+    with ``static_graph``, version 1's compiled once (``python -m service.export``) and copied to version 2."""
     shutil.copytree(ROOT / "model_store" / MODEL / "1", root / MODEL / "1")
     base = store.load(root, MODEL, 1)
     metadata = {k: v for k, v in base.metadata.model_dump().items() if k not in ("name", "version", "sha256")}
-    store.write_version(root, MODEL, base.model.state_dict(), metadata)
+    if static_graph:
+        log("compiling version 1's static graph (python -m service.export) ...")
+        subprocess.run([sys.executable, "-m", "service.export", "--store", str(root), "--version", "1",
+                        "--data-dir", str(data_dir())], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        metadata["export"] = store.read_metadata(root / MODEL / "1").model_dump()["export"]
+    v2 = store.write_version(root, MODEL, base.model.state_dict(), metadata)
+    for name in (static.ARTIFACT_FILE, static.PARITY_FILE) if static_graph else ():
+        shutil.copy(root / MODEL / "1" / name, v2 / name)
     return root
 
 
@@ -152,8 +164,12 @@ def switching(server: Server, every_s: float) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
-    """The workloads to run: with ``commit``, every digitserve one on "before" (that commit) as well."""
+    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and with ``commit``,
+    every digitserve one on "before" (that commit) as well."""
     chosen = [w for w in WORKLOADS if not ONLY or w.name in ONLY]
+    added = [procs.add_runtime(runtime) for runtime in RUNTIMES]
+    chosen = [dataclasses.replace(w, servers=(*w.servers, *added)) if w.name in RUNTIME_WORKLOADS else w
+              for w in chosen]
     if not commit:
         yield chosen
         return
@@ -259,12 +275,14 @@ def main() -> int:
         if before:
             results["machine"]["before_commit"] = subprocess.run(["git", "rev-parse", before], cwd=ROOT, text=True,
                                                                  capture_output=True).stdout.strip()
-        procs.use_store(two_versions(Path(work) / "store"), ADMIN_KEY)
+        procs.use_store(two_versions(Path(work) / "store", "export" in RUNTIMES), ADMIN_KEY)
         pngs, labels = mnist_pngs(n_images)
         files = write_bodies(Path(work), pngs, **EXPLAIN_METHODS)
         log(f"micro-benchmarks (1 core) over {n_images} MNIST test PNGs ...")
         micro = subprocess.run([sys.executable, "-m", "bench.micro", "--images", str(n_images),
-                                "--seconds", str(env_number("BENCH_MICRO_S", 2, 1))], capture_output=True, text=True)
+                                "--seconds", str(env_number("BENCH_MICRO_S", 2, 1)),
+                                "--store", str(Path(work) / "store"), "--runtimes", "eager", *RUNTIMES],
+                               capture_output=True, text=True)
         results["micro"] = json.loads(micro.stdout) if micro.returncode == 0 else {}
         if micro.returncode != 0:
             log(f"  micro-benchmarks failed: {micro.stderr[-2000:]}")

@@ -30,7 +30,7 @@ from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
 from service.supervisor import Supervisor
-from service.versions import Board, SetupFailures
+from service.versions import Board, Runtimes, SetupFailures
 from service.worker.stages import ExplainAPI, PredictAPI
 
 log = logging.getLogger("digitserve")
@@ -49,7 +49,8 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     board = _board(settings, model, skipped or {})
     versions = VersionControl(settings, board, dispatcher)
     plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions)
-    routes = Routes(settings, device, admission, versions)
+    runtimes = Runtimes()
+    routes = Routes(settings, device, admission, versions, runtimes)
     posts, gets = _routes(plane, routes, versions)
     failures = SetupFailures(list(pools))
     parts = Parts(
@@ -59,7 +60,8 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
         gets=gets, device=device, board=board,
         watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
     )
-    return Server([PredictAPI(settings, board, failures), ExplainAPI(settings, board, failures)], parts)
+    return Server([PredictAPI(settings, board, runtimes, failures), ExplainAPI(settings, board, runtimes, failures)],
+                  parts)
 
 
 def _board(settings: Settings, model: LoadedModel, skipped: dict[int, str]) -> Board:

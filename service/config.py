@@ -86,6 +86,11 @@ class Settings(Limits):
         None, description="turns the admin API on (/admin, /v2/repository); send it as X-Admin-Key or "
                           "Authorization: Bearer (never logged)", json_schema_extra=group("security"))
     accelerator: Accelerator = Field("auto", description="where the model runs", json_schema_extra=group("model"))
+    runtime: Literal["eager", "export"] = Field(
+        "eager", description="eager: the PyTorch module; export: each version's static graph (python -m "
+                             "service.export), served only once it matches the eager module on real digits, else "
+                             "that version serves eager (/info says why); /explain is always eager",
+        json_schema_extra=group("model"))
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests merged into one model forward",
                                 json_schema_extra=group("batching"))
     batch_timeout_ms: float = Field(

@@ -78,8 +78,11 @@ REFUSALS = Counter("digitserve_refusals_total",
 WORKER_RESTARTS = Counter("digitserve_worker_restarts_total",
                           "Model workers replaced, by pool and why: died (after set-up) or failed_start",
                           ["pool", "reason"])
-MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves", ["name", "version", "device"],
-                   multiprocess_mode="livemax")
+MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves, and the runtime its pool serves it with",
+                   ["name", "version", "device", "pool", "runtime"], multiprocess_mode="livemax")
+RUNTIME_FALLBACK = Counter("digitserve_runtime_fallback_total",
+                           "Versions a worker serves eager although --runtime export asked for their static graph",
+                           ["version", "reason"])
 
 
 @functools.cache

@@ -107,3 +107,35 @@ class SetupFailures:
 
     def reason(self, pool: str) -> str:
         return bytes(self._reasons[pool].raw).rstrip(b"\0").decode("utf-8", "replace") or "no reason recorded"
+
+
+class Runtimes:
+    """The runtime each pool serves each version with, and why not the static graph where it fell back:
+    written by the workers as they load a version, read by /info. Every worker of a pool reaches the same
+    result for a version (same files, same check), so one record per pool and version."""
+
+    def __init__(self) -> None:
+        context = mp.get_context("spawn")
+        self._raw = context.RawArray("c", _NOTES_BYTES)
+        self._lock = context.Lock()
+
+    def read(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{pool: {version: {"runtime": ..., "fallback": reason or None}}}``."""
+        with self._lock:
+            raw = bytes(self._raw.raw).rstrip(b"\0")
+        return json.loads(raw) if raw else {}
+
+    def record(self, pool: str, version: int, runtime: str | None, fallback: str | None = None) -> None:
+        """Record what ``pool`` serves ``version`` with (``runtime`` None: it no longer holds it)."""
+        with self._lock:
+            raw = bytes(self._raw.raw).rstrip(b"\0")
+            records = json.loads(raw) if raw else {}
+            versions = records.setdefault(pool, {})
+            versions.pop(str(version), None)
+            if runtime is not None:
+                versions[str(version)] = {"runtime": runtime, "fallback": fallback and fallback[:300]}
+            data = json.dumps(records).encode()
+            while len(data) >= _NOTES_BYTES and versions:
+                versions.pop(next(iter(versions)))
+                data = json.dumps(records).encode()
+            self._raw.raw = data.ljust(_NOTES_BYTES, b"\0")

@@ -14,6 +14,7 @@ from service import metrics
 from service.config import Limits, Settings
 from service.http.admission import Admission
 from service.http.versioning import VersionControl, metadata_of
+from service.versions import Runtimes
 
 
 class Workers(Protocol):
@@ -26,8 +27,10 @@ class Workers(Protocol):
 class Routes:
     workers: Workers  # set by ``service.seam`` once the server that spawns them exists
 
-    def __init__(self, settings: Settings, device: str, admission: Admission, versions: VersionControl):
+    def __init__(self, settings: Settings, device: str, admission: Admission, versions: VersionControl,
+                 runtimes: Runtimes):
         self.settings, self.device, self.admission, self.versions = settings, device, admission, versions
+        self.runtimes = runtimes
 
     async def health(self, request: Request) -> JSONResponse:
         """200 only while every worker of every pool has loaded the model and run its warm-up, and the
@@ -42,7 +45,7 @@ class Routes:
         return not self.admission.stopping and self.workers.all_ready()
 
     async def info(self, request: Request) -> JSONResponse:
-        return JSONResponse(info_payload(self.settings, self.device, self.versions))
+        return JSONResponse(info_payload(self.settings, self.device, self.versions, self.runtimes))
 
     async def metrics(self, request: Request) -> Response:
         return metrics.render(self._live)
@@ -61,11 +64,12 @@ class Routes:
         return [ready, wait, *metrics.process_tree(os.getppid())]
 
 
-def info_payload(settings: Settings, device: str, versions: VersionControl) -> dict[str, Any]:
+def info_payload(settings: Settings, device: str, versions: VersionControl, runtimes: Runtimes) -> dict[str, Any]:
     """What /info answers: the served version's metadata, the versions loaded and the canary, the serving
-    configuration and the input limits."""
+    configuration (and the runtime each pool serves each loaded version with) and the input limits."""
     state = versions.board.read()
     meta = metadata_of(settings.store, settings.model, state.serving)
+    export = meta.get("export")
     return {
         "model": {
             "name": settings.model,
@@ -75,6 +79,8 @@ def info_payload(settings: Settings, device: str, versions: VersionControl) -> d
             "architecture": meta.get("architecture"),
             "normalization": meta.get("normalization"),
             "created_at": meta.get("created_at"),
+            "static_graph": export and {"kind": export["kind"], "device": export["device"],
+                                        "sha256": export["artifact"]["sha256"]},
             "path": str(Path(settings.store) / settings.model / str(state.serving)),
         },
         "versions": {
@@ -85,6 +91,8 @@ def info_payload(settings: Settings, device: str, versions: VersionControl) -> d
         },
         "serving": {
             "device": device,
+            "runtime": settings.runtime,
+            "runtimes": runtimes.read(),
             "workers": settings.pools(),
             "api_servers": settings.api_servers,
             "max_batch_size": settings.max_batch_size,

@@ -14,7 +14,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -43,6 +43,26 @@ class Normalization(BaseModel):
     std: float = Field(gt=0)
 
 
+class StoredFile(BaseModel):
+    """A file of the version's folder beside the weights, and the sha256 it must have to be read."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Export(BaseModel):
+    """The static graph of a version (``service.model.static``): the artifact, how it was built, and the
+    real MNIST digits its parity with the eager module is checked on."""
+
+    model_config = ConfigDict(extra="allow")
+    artifact: StoredFile
+    kind: Literal["aoti", "exported"]  # AOTInductor-compiled, or the exported program run uncompiled
+    device: str
+    torch_version: str
+    cpu_isa: str | None = None  # the vector instructions compiled CPU code uses (AVX2, AVX-512...)
+    parity: StoredFile
+
+
 class Metadata(BaseModel):
     """The fields a loader relies on; everything else training records is kept as is."""
 
@@ -52,6 +72,7 @@ class Metadata(BaseModel):
     architecture: Architecture
     normalization: Normalization
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    export: Export | None = None
 
 
 @dataclass(frozen=True)
@@ -122,15 +143,7 @@ def load(store: Path, name: str = DEFAULT_NAME, version: int | None = None,
     """Resolve, verify and load a version onto ``device``, in eval mode."""
     version_dir = resolve_version(store, name, version)
     metadata = read_metadata(version_dir)
-    weights = version_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise StoreError(f"weights missing: {weights}")
-    actual = sha256_file(weights)
-    if actual != metadata.sha256:
-        raise StoreError(
-            f"checksum mismatch for {weights}: metadata says sha256 {metadata.sha256}, file has {actual}; "
-            "the file was changed or truncated after it was written"
-        )
+    weights = verified_file(version_dir, StoredFile(file=WEIGHTS_FILE, sha256=metadata.sha256), "weights")
     try:
         state_dict = torch.load(weights, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a corrupt archive
@@ -175,6 +188,36 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a fsynced hidden sibling renamed over it."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
+    try:
+        _fsync_write(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def record_export(version_dir: Path, export: dict[str, Any]) -> None:
+    """Add (or replace) the ``export`` entry of an existing version's metadata, atomically."""
+    record = json.loads((version_dir / METADATA_FILE).read_bytes())
+    record["export"] = export
+    replace_file(version_dir / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def verified_file(version_dir: Path, stored: StoredFile, what: str = "file") -> Path:
+    """The path of a file the metadata records, once its sha256 matches the record (else StoreError)."""
+    path = version_dir / stored.file
+    if not path.is_file():
+        raise StoreError(f"{what} missing: {path}")
+    actual = sha256_file(path)
+    if actual != stored.sha256:
+        raise StoreError(f"checksum mismatch for {path}: metadata says sha256 {stored.sha256}, file has {actual}; "
+                         "the file was changed or truncated after it was written")
+    return path
 
 
 def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from service.device import resolve_device
-from service.model import data, store
+from service.model import data, static, store
 from service.model.fnn import FNN, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 
 
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="random seed (runs on CPU are bit-for-bit repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--static-graph", choices=["compiled", "exported", "none"], default="compiled",
+                   help="write the version's static graph too (service.model.static): AOTInductor-compiled (where a "
+                        "C++ compiler works, else exported), exported uncompiled, or none")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "hidden_size"):
         if getattr(args, flag) < 1:
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = store.write_version(args.store, args.name, model.state_dict(), metadata)
     print(f"wrote {path}")
+    if args.static_graph != "none":  # the version is complete without it: --runtime export then serves it eager
+        record = static.export(args.store, args.name, int(path.name), test_images, device.type,
+                               args.static_graph == "compiled")
+        print(f"static graph: {record.kind}, {path / record.artifact.file}")
     return 0
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from service import metrics
 from service.config import Settings
 from service.errors import HttpError
-from service.model import store
+from service.model import static, store
 from service.model.fnn import INPUT_SIZE
-from service.versions import Board
+from service.versions import Board, Runtimes
 from service.work import Control
 from service.worker.explain import Explainer
 
@@ -27,16 +28,23 @@ log = logging.getLogger("digitserve")
 
 @dataclass
 class Held:
-    """One loaded version: the model, what the answers call it, and its explainer (explain workers)."""
+    """One loaded version: the model, what the answers call it, and its explainer (explain workers).
+
+    ``features`` is the one forward the predict path calls, x -> (hidden, logits): the eager module's
+    or the static graph's (``runtime``), chosen once when the version is loaded, never mid-flight."""
 
     loaded: store.LoadedModel
     ref: dict[str, object]
     explainer: Explainer | None
+    features: static.Features
+    runtime: str
 
 
 class Models:
-    def __init__(self, settings: Settings, board: Board, device: torch.device, explains: bool):
-        self.settings, self.board, self.device, self.explains = settings, board, device, explains
+    def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, pool: str, device: torch.device,
+                 explains: bool):
+        self.settings, self.board, self.runtimes, self.pool = settings, board, runtimes, pool
+        self.device, self.explains = device, explains
         self.held: dict[int, Held] = {}
         self.prepared: set[int] = set()  # loaded on the admin path's request, not yet on the board
         self._seq = -1
@@ -84,17 +92,41 @@ class Models:
 
     def _load(self, version: int) -> None:
         loaded = store.load(self.settings.store, self.settings.model, version, self.device)
+        features, runtime = self._features(loaded)
         with torch.inference_mode():  # one real inference before it serves, so no client pays for it
-            loaded.model(torch.zeros(2, INPUT_SIZE, device=self.device))
+            features(torch.zeros(2, INPUT_SIZE, device=self.device))
         norm = loaded.metadata.normalization
         explainer = Explainer(loaded.model, norm.mean, norm.std) if self.explains else None
-        self.held[version] = Held(loaded, {"name": loaded.name, "version": loaded.version}, explainer)
-        metrics.labelled(metrics.MODEL_INFO, loaded.name, str(version), self.device.type).set(1)
-        log.debug("worker holds %s v%d on %s", loaded.name, version, self.device)
+        ref: dict[str, object] = {"name": loaded.name, "version": loaded.version}
+        self.held[version] = Held(loaded, ref, explainer, features, runtime)
+        self._info(loaded.name, version, runtime).set(1)
+        log.debug("worker holds %s v%d on %s (%s)", loaded.name, version, self.device, runtime)
+
+    def _features(self, loaded: store.LoadedModel) -> tuple[static.Features, str]:
+        """The static graph where ``--runtime export`` asks for it and it passes its parity check, else the
+        eager module, loudly (log, /info, metric). /explain keeps the eager module: its hooks need it."""
+        eager = static.FeatureNet(loaded.model).eval()
+        if self.settings.runtime == "eager" or self.explains:
+            self.runtimes.record(self.pool, loaded.version, "eager")
+            return eager, "eager"
+        try:
+            compiled = static.load(loaded, self.device)
+            static.check_parity(loaded, eager, compiled, self.device)
+        except static.Refused as e:
+            log.warning("v%d serves eager, not its static graph (%s): %s", loaded.version, e.reason, e)
+            metrics.labelled(metrics.RUNTIME_FALLBACK, str(loaded.version), e.reason).inc()
+            self.runtimes.record(self.pool, loaded.version, "eager", f"{e.reason}: {e}")
+            return eager, "eager"
+        self.runtimes.record(self.pool, loaded.version, "export")
+        return compiled, "export"
+
+    def _info(self, name: str, version: int, runtime: str) -> Any:
+        return metrics.labelled(metrics.MODEL_INFO, name, str(version), self.device.type, self.pool.strip("/"), runtime)
 
     def _drop(self, version: int) -> None:
         held = self.held.pop(version)
-        metrics.labelled(metrics.MODEL_INFO, held.loaded.name, str(version), self.device.type).set(0)
+        self._info(held.loaded.name, version, held.runtime).set(0)
+        self.runtimes.record(self.pool, version, None)
         del held
         gc.collect()
         if self.device.type == "cuda":

@@ -28,7 +28,7 @@ import torch
 from service import logs, metrics
 from service.config import Settings
 from service.imaging import normalize
-from service.versions import Board, SetupFailures
+from service.versions import Board, Runtimes, SetupFailures
 from service.work import Control, Work
 from service.worker.models import Held, Models
 
@@ -66,10 +66,11 @@ class DigitAPI(ls.LitAPI):
 
     explains = False
 
-    def __init__(self, settings: Settings, board: Board, setup_failures: SetupFailures, api_path: str):
+    def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, setup_failures: SetupFailures,
+                 api_path: str):
         super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout_ms / 1000,
                          api_path=api_path)
-        self.settings, self.board, self.setup_failures = settings, board, setup_failures
+        self.settings, self.board, self.runtimes, self.setup_failures = settings, board, runtimes, setup_failures
 
     def setup(self, device: str) -> None:
         logs.configure(self.settings.log_level, self.settings.log_format)  # a spawned process starts bare
@@ -79,7 +80,8 @@ class DigitAPI(ls.LitAPI):
         torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
         if self.explains:  # a burst of explanations yields the CPU to predictions (and to the API servers)
             os.nice(EXPLAIN_NICENESS)
-        self.models = Models(self.settings, self.board, torch.device(device), self.explains)
+        self.models = Models(self.settings, self.board, self.runtimes, self.api_path, torch.device(device),
+                             self.explains)
         try:
             self.models.sync(strict=True)
         except Exception as e:  # the main process says this when the restarts run out
@@ -150,12 +152,13 @@ class PredictAPI(DigitAPI):
 
     endpoint = "predict"
 
-    def __init__(self, settings: Settings, board: Board, setup_failures: SetupFailures):
-        super().__init__(settings, board, setup_failures, "/predict")
+    def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, setup_failures: SetupFailures):
+        super().__init__(settings, board, runtimes, setup_failures, "/predict")
 
     def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         with torch.inference_mode():
-            probs = torch.softmax(group.held.loaded.model(group.x), dim=1).cpu().numpy()
+            _, logits = group.held.features(group.x)
+            probs = torch.softmax(logits, dim=1).cpu().numpy()
         metrics.observe_predictions(str(group.held.loaded.version), probs)
         if all(work.options.get("output") == "tensor" for work in requests):  # V2's: rows only, no JSON to build
             return list(zip(itertools.repeat(None), probs))
@@ -176,8 +179,8 @@ class ExplainAPI(DigitAPI):
 
     endpoint, explains = "explain", True
 
-    def __init__(self, settings: Settings, board: Board, setup_failures: SetupFailures):
-        super().__init__(settings, board, setup_failures, "/explain")
+    def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, setup_failures: SetupFailures):
+        super().__init__(settings, board, runtimes, setup_failures, "/explain")
 
     def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         """Requests that ask for the same computation share one batched explanation."""

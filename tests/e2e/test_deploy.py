@@ -46,7 +46,7 @@ METRICS = {
     "digitserve_inference_duration_seconds": ("histogram", {"endpoint"}),
     "digitserve_predictions_total": ("counter", {"label"}),
     "digitserve_prediction_confidence": ("histogram", set()),
-    "digitserve_model_info": ("gauge", {"name", "device"}),
+    "digitserve_model_info": ("gauge", {"name", "device", "pool", "runtime"}),
 }
 # ... and what carries no `version` label of its own making: the version state itself, admission, the workers and
 # the process tree (service/metrics.py, service/http/routes.py): name -> (type, every label).

@@ -284,11 +284,13 @@ class TestCounts:
         assert set(in_flight) >= {"predict", "other"} and set(in_flight.values()) == {0}, in_flight
 
     def test_model_info(self, prometheus, traffic):
-        """Exactly one served model, one sample whatever the number of workers."""
+        """Exactly one served model, one sample per pool (naming its runtime) whatever the number of workers."""
         result = prometheus.query("digitserve_model_info", traffic.at)
-        assert [{k: v for k, v in r["metric"].items() if k not in ("job", "instance")} for r in result] == [
-            {"__name__": "digitserve_model_info", "name": "mnist-fnn", "version": "1", "device": "cpu"}]
-        assert float(result[0]["value"][1]) == 1
+        assert sorted(({k: v for k, v in r["metric"].items() if k not in ("job", "instance")} for r in result),
+                      key=lambda labels: labels["pool"]) == [
+            {"__name__": "digitserve_model_info", "name": "mnist-fnn", "version": "1", "device": "cpu",
+             "pool": pool, "runtime": "eager"} for pool in ("explain", "predict")]
+        assert [float(r["value"][1]) for r in result] == [1, 1]
 
 
 # ---------------------------------------------------------------- several processes, one sum

@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from harness.server import ROOT
-from service.model import store
+from service.model import static, store
 from service.model import training as train
 
 LIMIT = 256
 
 
 def train_args(data_dir: Path, root: Path, seed: int = 1, *extra: str) -> list[str]:
-    """Command-line arguments for a fast one-epoch run on a small real subset."""
-    return ["--data-dir", str(data_dir), "--store", str(root), "--epochs", "1", "--limit", str(LIMIT),
-            "--batch-size", "64", "--seed", str(seed), *extra]
+    """Command-line arguments for a fast one-epoch run on a small real subset (its static graph uncompiled)."""
+    return ["--static-graph", "exported", "--data-dir", str(data_dir), "--store", str(root), "--epochs", "1",
+            "--limit", str(LIMIT), "--batch-size", "64", "--seed", str(seed), *extra]
 
 
 def run_in_process(args: list[str]) -> tuple[int, str, str]:
@@ -97,6 +97,15 @@ def test_metadata_records_this_run(two_runs, data_dir):
     assert len(meta["data"]["sha256"]) == 4
     assert meta["command"].endswith(f"--limit {LIMIT} --batch-size 64 --seed 1 --no-progress")
     assert meta["metrics"]["history"][0]["epoch"] == 1
+
+
+def test_training_writes_the_static_graph(two_runs):
+    """The version comes with its static graph, recorded in its metadata, and it answers as the eager module."""
+    root, (_, out, _), _ = two_runs
+    loaded, cpu = store.load(root, store.DEFAULT_NAME, 1), torch.device("cpu")
+    assert loaded.metadata.export is not None and loaded.metadata.export.kind == "exported"
+    assert f"static graph: exported, {root / store.DEFAULT_NAME / '1' / static.ARTIFACT_FILE}" in out
+    static.check_parity(loaded, static.FeatureNet(loaded.model), static.load(loaded, cpu), cpu)
 
 
 # ---------------------------------------------------------------- reproducibility
