@@ -60,7 +60,7 @@ def versions(tmp_path_factory, default_model, data_dir) -> tuple[Path, dict[int,
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, versions) -> Iterator[Server]:
     root, _ = versions
-    args = ("--store", str(root), "--version", "1", "--runtime", "export", "--max-loaded-versions", "4",
+    args = ("--store", str(root), "--model-version", "1", "--runtime", "export", "--max-loaded-versions", "4",
             "--max-instances", "64")
     with running(tmp_path_factory.mktemp("runtimes"), *args, env={"DIGITSERVE_ADMIN_KEY": ADMIN["X-Admin-Key"]}) as s:
         yield s
