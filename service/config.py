@@ -26,6 +26,9 @@ class Limits(BaseSettings):
     max_image_pixels: int = Field(16_000_000, ge=1,
                                   description="width x height of one encoded image, checked from its header")
     max_image_side: int = Field(8192, ge=28, description="longest side of one encoded image")
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="width x height summed over one request's images, checked from their headers "
+                                      "before any is decoded")
     max_ig_steps: int = Field(256, ge=1, description="most integrated-gradients steps one explain may ask for")
 
 

@@ -71,10 +71,7 @@ class DataPlane:
 
     async def prepare(self, parsed: inputs.Parsed, big: bool, arrived: float) -> Work:
         """Preprocessing: the request's ``Work``, or an ``InputError`` naming the bad instance."""
-        if big:  # big images take long to decode: keep the event loop answering
-            return await asyncio.to_thread(self.preparer.prepare_now, parsed, arrived)
-        # prepared at the end of this event-loop iteration, together with the other requests read in it
-        return await self.preparer.prepare(parsed, arrived)
+        return await self.preparer.prepare(parsed, arrived, big)
 
     async def compute(self, pool: str, work: Work, deadline_s: float, pinned: int | None = None
                       ) -> tuple[Any, int, int]:

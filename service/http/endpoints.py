@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import numpy as np
@@ -150,13 +151,18 @@ class OpenInferenceV2:
         plane = self.plane
         deadline = plane.deadline(request)
         body = await plane.read(request, "/predict")
-        tensors = v2.parse_infer(body, request.headers.get("inference-header-content-length"), plane.settings)
+        header_length = request.headers.get("inference-header-content-length")
+        big = len(body) > OFFLOAD_BYTES
+        if big:  # decoding a big body's JSON or tensors takes milliseconds: keep the event loop answering
+            tensors = await asyncio.to_thread(v2.parse_infer, body, header_length, plane.settings)
+        else:
+            tensors = v2.parse_infer(body, header_length, plane.settings)
         with plane.admit(request, "/predict", tensors.count, 0.0, deadline):
             arrived = arrival(request)
             if tensors.pixels is not None:
                 work = self._pixels(tensors, arrived)
             else:
-                work = await self._images(tensors, arrived)
+                work = await self._images(tensors, arrived, big)
             work.options["output"] = "tensor"
             answer, batch_size, version = await plane.compute("/predict", work, deadline, pinned)
         computed(request, batch_size, version)
@@ -171,9 +177,9 @@ class OpenInferenceV2:
         imaging.check_frames(frames)
         return Work(frames.reshape(tensors.count, INPUT_SIZE), {}, arrived)
 
-    async def _images(self, tensors: v2.InferRequest, arrived: float) -> Work:
+    async def _images(self, tensors: v2.InferRequest, arrived: float, big: bool) -> Work:
         """``image`` goes through /predict's preprocessing, with /predict's default options."""
-        return await self.plane.preparer.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), arrived)
+        return await self.plane.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), big, arrived)
 
 
 _PREDICT_DEFAULTS = PredictOptions()  # read, never changed: the preparer dumps each request's options afresh
