@@ -21,7 +21,7 @@ from starlette.requests import Request
 from service.config import Settings
 from service.errors import HttpError, retry_later
 from service.http import inputs
-from service.http.admission import Admission
+from service.http.admission import Admission, Admitted
 from service.http.auth import ApiKey
 from service.http.dispatch import Dispatcher
 from service.http.prepare import Preparer
@@ -66,28 +66,31 @@ class DataPlane:
         return inputs.parse(request.headers, body, options_model, self.settings)
 
     def admit(self, request: Request, pool: str, images: int, units: float, deadline_s: float
-              ) -> AbstractContextManager[None]:
+              ) -> AbstractContextManager[Admitted]:
         return self.admission.admit(pool, images, units, deadline_s, arrival(request))
 
     async def prepare(self, parsed: inputs.Parsed, big: bool, arrived: float) -> Work:
         """Preprocessing: the request's ``Work``, or an ``InputError`` naming the bad instance."""
         return await self.preparer.prepare(parsed, arrived, big)
 
-    async def compute(self, pool: str, work: Work, deadline_s: float, pinned: int | None = None
-                      ) -> tuple[Any, int, int]:
+    async def compute(self, pool: str, work: Work, deadline_s: float, admitted: Admitted,
+                      pinned: int | None = None) -> tuple[Any, int, int]:
         """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
-        its answer, the size of the batch it was part of, and the version that computed it."""
+        its answer, the size of the batch it was part of, and the version that computed it. Past the
+        deadline the client gets 504, the worker drops the work if it has not begun it, and the request
+        keeps its place in the admission counts until the worker says so."""
         work.version = self.versions.route(pinned)
-        uid, pending = self.dispatcher.submit(pool, work)
         timeout = deadline_s
+        work.deadline = time.monotonic() + timeout
+        _, pending = self.dispatcher.submit(pool, work)
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
         timer = asyncio.get_running_loop().call_later(timeout, pending.event.set)
         try:
             await pending.event.wait()
         finally:
             timer.cancel()
-            if not pending.answered:  # timed out or cancelled: an answer that comes later has nobody to go to
-                self.dispatcher.forget(uid)
+            if not pending.answered:  # timed out or cancelled: counted until the worker answers or drops it
+                admitted.keep_until(pending)
         if not pending.answered:
             raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         return result(pending)

@@ -43,9 +43,10 @@ class Native:
         body = await plane.read(request, self.pool)
         parsed = await plane.parse(request, body, self.options_model)
         images = len(parsed.instances)
-        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()), deadline):
+        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()),
+                         deadline) as admitted:
             work = await plane.prepare(parsed, len(body) > OFFLOAD_BYTES, arrival(request))
-            answer, batch_size, version = await plane.compute(self.pool, work, deadline, pinned)
+            answer, batch_size, version = await plane.compute(self.pool, work, deadline, admitted, pinned)
         computed(request, batch_size, version)
         return Response(content=answer, media_type="application/json")
 
@@ -157,14 +158,14 @@ class OpenInferenceV2:
             tensors = await asyncio.to_thread(v2.parse_infer, body, header_length, plane.settings)
         else:
             tensors = v2.parse_infer(body, header_length, plane.settings)
-        with plane.admit(request, "/predict", tensors.count, 0.0, deadline):
+        with plane.admit(request, "/predict", tensors.count, 0.0, deadline) as admitted:
             arrived = arrival(request)
             if tensors.pixels is not None:
                 work = self._pixels(tensors, arrived)
             else:
                 work = await self._images(tensors, arrived, big)
             work.options["output"] = "tensor"
-            answer, batch_size, version = await plane.compute("/predict", work, deadline, pinned)
+            answer, batch_size, version = await plane.compute("/predict", work, deadline, admitted, pinned)
         computed(request, batch_size, version)
         probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES)
         return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), probabilities))
