@@ -112,6 +112,13 @@ class Settings(Limits):
             raise ValueError(f"{host!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::, 192.168.1.10)") from None
         return host
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("is empty: unset it to turn the key off, or set a key (an empty one would let anyone in)")
+        return key
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.batch_timeout_ms / 1000 >= self.request_timeout_s:

@@ -11,6 +11,7 @@ slow client never holds a place in the queue and the request's cost (``work_unit
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AbstractContextManager
 from typing import Any
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from service.config import Settings
-from service.errors import HttpError, retry_later
+from service.errors import HttpError, retry_later, shown
 from service.http import inputs
 from service.http.admission import Admission, Admitted
 from service.http.auth import ApiKey
@@ -29,6 +30,7 @@ from service.http.versioning import VersionControl
 from service.pipes import Pending, WorkerDied
 from service.work import Work
 
+_MILLISECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 OFFLOAD_BYTES = 256 * 1024  # bodies bigger than this are parsed and prepared in a thread
 
 
@@ -39,9 +41,8 @@ class DataPlane:
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
 
     async def read(self, request: Request, pool: str) -> bytes:
-        """The API key, a refusal at once if ``pool``'s queue stands too long, then the whole body (413 past
-        the limit)."""
-        self.api_key.check(request.headers)
+        """A refusal at once if ``pool``'s queue stands too long, then the whole body (413 past the limit).
+        The API key was checked first, by the endpoint."""
         self.admission.precheck(pool)
         return await inputs.read_body(request, self.settings)
 
@@ -51,17 +52,17 @@ class DataPlane:
         asked = request.headers.get("x-request-timeout-ms")
         if asked is None:
             return timeout
-        try:
-            wanted = float(asked) / 1000
-        except ValueError:
-            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds, got {asked!r}") from None
+        if not _MILLISECONDS.fullmatch(asked):
+            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds (ASCII digits, e.g. 250), "
+                                 f"got {shown(asked)}")
+        wanted = float(asked) / 1000
         if not wanted > 0:
-            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {asked!r}")
+            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {shown(asked)}")
         return min(timeout, wanted)
 
     async def parse(self, request: Request, body: bytes, options_model: type[BaseModel]) -> inputs.Parsed:
         """The schema stage (a big body in a thread, to keep the event loop answering)."""
-        if len(body) > OFFLOAD_BYTES:
+        if len(body) > OFFLOAD_BYTES or inputs.heavy(request.headers, body):
             return await asyncio.to_thread(inputs.parse, request.headers, body, options_model, self.settings)
         return inputs.parse(request.headers, body, options_model, self.settings)
 

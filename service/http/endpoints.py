@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import imaging
-from service.errors import HttpError
+from service.errors import HttpError, shown
 from service.http import v2
 from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
 from service.http.fastpath import Endpoint, failed
@@ -37,6 +38,11 @@ class Native:
         self.plane, self.pool, self.options_model = plane, pool, options_model
 
     async def __call__(self, request: Request) -> Response:
+        self.plane.api_key.check(request.headers)
+        return await self.keyed(request)
+
+    async def keyed(self, request: Request) -> Response:
+        """The route once its caller's key was checked (first, before anything else is read)."""
         plane = self.plane
         pinned = pinned_version(request.query_params.get("version"), "version")
         deadline = plane.deadline(request)
@@ -51,12 +57,16 @@ class Native:
         return Response(content=answer, media_type="application/json")
 
 
+_VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²" and Arabic-Indic digits
+
+
 def pinned_version(text: str | None, where: str) -> int | None:
+    """A version given in a query (422 when malformed) or a path (404: no such resource): 1 to 9 ASCII digits."""
     if text is None:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise HttpError(422 if where == "version" else 404, f"{where} must be a version number (1, 2, ...), "
-                                                            f"got {text!r}")
+    if not _VERSION.fullmatch(text) or int(text) < 1:
+        raise HttpError(422 if where == "version" else 404,
+                        f"{where} must be a version number (1 to 9 digits: 1, 2, ...), got {shown(text)}")
     return int(text)
 
 
@@ -76,7 +86,7 @@ class Served:
         """404 for a model in the path that is not served here; the version in the path, if any."""
         name = request.path_params.get("name", self.name)
         if name != self.name:
-            raise HttpError(404, f"unknown model {name!r}: this server serves {self.name!r}")
+            raise HttpError(404, f"unknown model {shown(name)}: this server serves {self.name!r}")
         return pinned_version(request.path_params.get("version"), "the version in the path")
 
     def loaded(self, pinned: int | None) -> list[int]:
@@ -111,8 +121,9 @@ class KServeV1:
 
     def _checked(self, native: Native) -> Endpoint:
         async def endpoint(request: Request) -> Response:
+            native.plane.api_key.check(request.headers)
             self.served.check(request)
-            return await native(request)
+            return await native.keyed(request)
         return endpoint
 
     async def models(self, request: Request) -> JSONResponse:
@@ -148,8 +159,9 @@ class OpenInferenceV2:
         return JSONResponse({"name": self.served.name, "ready": ready}, status_code=200 if ready else 503)
 
     async def _infer(self, request: Request) -> Response:
-        pinned = self.served.check(request)
         plane = self.plane
+        plane.api_key.check(request.headers)
+        pinned = self.served.check(request)
         deadline = plane.deadline(request)
         body = await plane.read(request, "/predict")
         header_length = request.headers.get("inference-header-content-length")
