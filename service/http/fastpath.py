@@ -60,6 +60,8 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
     """Every error is ``{"detail": "..."}`` with its status (and headers such as Retry-After); the KServe
     protocols say ``{"error": "..."}`` instead. ASCII, at most MAX_DETAIL characters of detail, and
     ``nosniff``: nothing a client sent comes back big, or as anything but JSON."""
+    if not detail.isascii():
+        detail = detail[:MAX_DETAIL].encode("ascii", "backslashreplace").decode()
     if len(detail) > MAX_DETAIL:
         detail = detail[:MAX_DETAIL] + "... (cut)"
     return ErrorJSON({key: detail}, status_code=status, headers={**NOSNIFF, **(headers or {})})
