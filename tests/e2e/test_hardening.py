@@ -40,11 +40,12 @@ def client(server):
 
 
 def big_png(side: int = 4000) -> bytes:
-    """A white picture with a line on it: 16 M pixels in about 25 KB."""
+    """A white picture with a line on it: 16 M pixels in 21 KB (eight of them, in base64, are under the
+    256 KiB that were prepared on the event loop)."""
     pixels = np.full((side, side), 255, np.uint8)
-    pixels[side // 4: 3 * side // 4, side // 2 - 10: side // 2 + 10] = 0
+    pixels[side // 4: 3 * side // 4, side // 2 - 2: side // 2 + 2] = 0
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
+    Image.fromarray(pixels).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -94,12 +95,19 @@ def while_posting(server, client: httpx.Client, body: dict) -> tuple[httpx.Respo
     """Post ``body`` to /predict; meanwhile sample the API servers' RSS and time /health on another
     connection. The answer, the most RSS grew, and the slowest /health."""
     before = api_server_rss(server.process.pid)
-    with ThreadPoolExecutor(1) as pool:
+    peak, slowest = before, 0.0
+
+    def sample() -> None:
+        nonlocal peak
+        while not future.done():
+            peak = max(peak, api_server_rss(server.process.pid))
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(2) as pool:
         future = pool.submit(client.post, "/predict", json=body)
-        peak, slowest = before, 0.0
+        pool.submit(sample)
         with server.client() as health:
             while not future.done():
-                peak = max(peak, api_server_rss(server.process.pid))
                 started = time.monotonic()
                 assert health.get("/health").status_code == 200
                 slowest = max(slowest, time.monotonic() - started)
@@ -120,7 +128,7 @@ def test_eight_huge_pictures_hold_little_memory_and_block_nothing(server, client
     assert grown < 150 * 2**20, f"the API server grew {grown / 2**20:.0f} MB"
     assert slowest < 0.5, f"/health took {slowest:.2f} s during the request"
     box = client.post("/predict", json={"instances": [{"image_b64": picture}]}).json()["predictions"][0]["box"]
-    assert 1980 <= box[0] <= 1995 and 990 <= box[1] <= 1005, box  # in the client's pixels
+    assert 1985 <= box[0] <= 1998 and 985 <= box[1] <= 1000 and box[3] >= 2000, box  # in the client's pixels
 
 
 def test_sixty_four_huge_pictures_are_refused_from_their_headers(server, client):
@@ -157,22 +165,20 @@ def test_a_short_deadline_does_not_get_around_admission(server, client):
     one_heavy = time.monotonic() - started
     assert alone.status_code == 200
 
-    def short(_: int) -> int:
-        return client.post("/explain", json=heavy, headers={"X-Request-Timeout-Ms": "100"}).status_code
-
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(short, range(8)))
+    # one after the other: each arrives once the one before was answered 504
+    statuses = [client.post("/explain", json=heavy, headers={"X-Request-Timeout-Ms": "100"}).status_code
+                for _ in range(8)]
     assert set(statuses) <= {503, 504}, statuses
     started = time.monotonic()
     assert client.post("/explain", json=light).status_code == 200
     took = time.monotonic() - started
-    # at worst it waits for the one heavy explain being computed, not for eight
-    assert took < 1.5 * one_heavy + 0.3, f"a light explain took {took:.2f} s (one heavy one: {one_heavy:.2f} s)"
+    # at worst it waits for the one heavy explain being computed, not for several
+    assert took < one_heavy + 0.5, f"a light explain took {took:.2f} s (one heavy one: {one_heavy:.2f} s)"
 
 
 # ---- strict parsing -----------------------------------------------------------------------------------
 
-BAD_VERSIONS = ["%C2%B2", "%D9%A3", "1" * 5000, "1" * 10, "0", "-1", "1.0", "%201", "1e3"]
+BAD_VERSIONS = ["%C2%B2", "%D9%A1", "1" * 5000, "1" * 10, "0", "-1", "1.0", "%201", "1e3"]
 
 
 def _log_lines(server) -> list[str]:
