@@ -268,7 +268,7 @@ def _lean_app(app: FastAPI, parts: Parts) -> None:
     for get in parts.gets:
         app.add_api_route(get.path, get.endpoint, methods=[get.method], summary=get.summary,
                           include_in_schema=get.documented)
-    openapi.install(app)
+    openapi.install(app, parts.settings)
     app.add_exception_handler(HttpError, http_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 
 import orjson
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,18 +30,9 @@ from service.http.auth import given_key
 from service.http.endpoints import kserve_errors, pinned_version
 from service.http.fastpath import Endpoint, Get
 from service.http.inputs import describe
+from service.http.schemas import ServeBody
 from service.http.versioning import VersionControl
 from service.versions import State
-
-
-class Canary(BaseModel):
-    version: int = Field(ge=1)
-    share: float = Field(gt=0, lt=1, description="of unpinned requests")
-
-
-class ServeBody(BaseModel):
-    version: int = Field(ge=1)
-    canary: Canary | None = None
 
 
 class Admin:

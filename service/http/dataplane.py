@@ -30,7 +30,7 @@ from service.http.versioning import VersionControl
 from service.pipes import Pending, WorkerDied
 from service.work import Work
 
-_MILLISECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
+_MILLISECONDS = re.compile(r"[0-9]{1,9}")
 OFFLOAD_BYTES = 256 * 1024  # bodies bigger than this are parsed and prepared in a thread
 
 

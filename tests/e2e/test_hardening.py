@@ -217,10 +217,10 @@ def test_the_key_is_checked_before_anything_else(server):
 
 def test_timeouts_are_ascii_numbers(client):
     body = {"instances": [{"pixels": seven().tolist()}]}
-    for value in ["١٠٠", "1e400", "nan", "inf", "9" * 400]:
+    for value in ["١٠٠", "1e400", "nan", "inf", "9" * 400, "2500.5", "0"]:
         answer = client.post("/predict", json=body, headers={"X-Request-Timeout-Ms": value.encode()})
         assert answer.status_code == 400 and len(answer.content) < 400 and answer.content.isascii(), answer.text
-    assert client.post("/predict", json=body, headers={"X-Request-Timeout-Ms": "2500.5"}).status_code == 200
+    assert client.post("/predict", json=body, headers={"X-Request-Timeout-Ms": "2500"}).status_code == 200
 
 
 # ---- the low items ------------------------------------------------------------------------------------
