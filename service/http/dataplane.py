@@ -31,7 +31,9 @@ from service.pipes import Pending, WorkerDied
 from service.work import Work
 
 _MILLISECONDS = re.compile(r"[0-9]{1,9}")
-OFFLOAD_BYTES = 256 * 1024  # bodies bigger than this are parsed and prepared in a thread
+# Bodies bigger than this are parsed and prepared in a thread: JSON of 16 pixel instances (64 KiB) takes
+# milliseconds to parse, and the event loop would answer nobody meanwhile.
+OFFLOAD_BYTES = 32 * 1024
 
 
 class DataPlane:
