@@ -30,7 +30,7 @@ import numpy as np
 
 from service.config import Limits
 from service.errors import InputError
-from service.imaging.decode import Picture, decode_image, decode_picture, pixel_count
+from service.imaging.decode import Picture, check_size, claimed_size, decode_image, decode_picture
 from service.imaging.frame import BlankImage, to_mnist, to_mnist_with_ink
 from service.imaging.ink import FAINT, MULTIPLE, Ink
 from service.imaging.pixels import check_frames, frame_note, normalize, validate_pixels
@@ -90,8 +90,20 @@ class _Decoded:
 
 def request_pixels(instances: Sequence[Raw], limits: Limits) -> int:
     """The pixels a request's instances claim in all, read from the pictures' headers (a ``pixels``
-    instance: 784): 413 past ``--max-request-pixels``, before a single picture is decoded."""
-    total = sum(pixel_count(item) if isinstance(item, bytes) else INPUT_SIZE for item in instances)
+    instance: 784): 413 for a picture over the per-picture limits, naming it, or for all of them past
+    ``--max-request-pixels``, before a single picture is decoded."""
+    total = 0
+    for index, item in enumerate(instances):
+        if not isinstance(item, bytes):
+            total += INPUT_SIZE
+            continue
+        width, height = claimed_size(item)
+        if width and height:
+            try:
+                check_size(width, height, limits)
+            except InputError as e:
+                raise e.at(f"instance {index}") from None
+        total += width * height
     if total > limits.max_request_pixels:
         raise InputError(413, f"the request's pictures hold {total} pixels in all; the limit is "
                               f"{limits.max_request_pixels} (max_request_pixels): send fewer or smaller pictures")

@@ -52,17 +52,17 @@ class Picture:
     size: tuple[int, int]
 
 
-def pixel_count(data: bytes) -> int:
-    """How many pixels an encoded picture says it has, from its header alone (0 when it cannot be read:
+def claimed_size(data: bytes) -> tuple[int, int]:
+    """The (width, height) an encoded picture claims in its header ((0, 0) when it cannot be read:
     decoding it will say what is wrong)."""
     if data.startswith(_PNG) and data[12:16] == b"IHDR" and len(data) >= 24:
         width, height = struct.unpack(">II", data[16:24])
-        return width * height
+        return width, height
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size[0] * image.size[1]
+            return image.size
     except Exception:
-        return 0
+        return 0, 0
 
 
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
@@ -84,7 +84,7 @@ def decode_picture(data: bytes, limits: Limits) -> Picture:
             raise InputError(400, f"image data is truncated or corrupt (it starts like a {kind} file)") from None
         raise InputError(400, "bytes are not an image in a format we can read "
                               "(PNG, JPEG, GIF, BMP, WebP, TIFF...)") from None
-    _check_size(*image.size, limits)
+    check_size(*image.size, limits)
     size = image.size
     try:
         _draft(image)
@@ -109,7 +109,7 @@ def _draft(image: Image.Image) -> None:
     image.draft("L", (math.ceil(width * DRAFT_SIDE / longest), math.ceil(height * DRAFT_SIDE / longest)))
 
 
-def _check_size(width: int, height: int, limits: Limits) -> None:
+def check_size(width: int, height: int, limits: Limits) -> None:
     """The size limits, applied to what the header claims, before a single pixel is decoded."""
     if width < 1 or height < 1:
         raise InputError(400, f"image has zero size ({width}x{height})")
@@ -136,7 +136,7 @@ def _plain_png(data: bytes, limits: Limits) -> Picture | None:
         return None
     if {b"tRNS", b"eXIf"} & _checked_chunks(data):
         return None
-    _check_size(width, height, limits)
+    check_size(width, height, limits)
     try:
         pixels = pyspng.load(data, _SPNG_FORMATS[colour])
     except RuntimeError:  # truncated data, a broken zlib stream or filter byte...

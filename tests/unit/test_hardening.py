@@ -69,13 +69,16 @@ def test_a_big_grey_16_bit_picture_is_shrunk_on_the_same_scale():
 
 
 def test_the_pixels_of_a_request_are_counted_from_the_headers():
-    limits = Limits(max_request_pixels=100_000_000)
+    limits = Limits(max_request_pixels=100_000_000, max_image_pixels=64_000_000)
     huge = png_claiming(8000, 8000)  # no pixel data: decoding would say "truncated", not 413
     assert imaging.request_pixels([huge, [[0.0] * 28] * 28], limits) == 64_000_000 + 784
     with pytest.raises(InputError) as refused:
         imaging.request_pixels([huge, huge], limits)
     assert refused.value.status == 413 and "128000000 pixels" in refused.value.detail
     assert imaging.request_pixels([b"not a picture"], limits) == 0  # decoding says what is wrong
+    with pytest.raises(InputError) as one:  # one picture over its own limits: that one is named
+        imaging.request_pixels([[[0.0] * 28] * 28, huge], Limits())
+    assert one.value.status == 413 and one.value.detail.startswith("instance 1: image is 8000x8000")
 
 
 def test_a_big_picture_is_framed_alone_and_boxed_in_the_clients_pixels():
