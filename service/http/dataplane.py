@@ -57,7 +57,7 @@ class DataPlane:
         if not _MILLISECONDS.fullmatch(asked):
             raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds (ASCII digits, e.g. 250), "
                                  f"got {shown(asked)}")
-        wanted = float(asked) / 1000
+        wanted = int(asked) / 1000
         if not wanted > 0:
             raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {shown(asked)}")
         return min(timeout, wanted)
