@@ -84,10 +84,13 @@ class DataPlane:
         keeps its place in the admission counts until the worker says so."""
         work.version = self.versions.route(pinned)
         timeout = deadline_s
-        work.deadline = time.monotonic() + timeout
+        work.deadline = work.arrived + timeout  # the client's clock started when its request arrived
+        remaining = work.deadline - time.monotonic()
+        if remaining <= 0:  # reading and preparing it took all its time: nothing to compute
+            raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         _, pending = self.dispatcher.submit(pool, work)
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
-        timer = asyncio.get_running_loop().call_later(timeout, pending.event.set)
+        timer = asyncio.get_running_loop().call_later(remaining, pending.event.set)
         try:
             await pending.event.wait()
         finally:
