@@ -214,10 +214,6 @@ def mounts(service: dict) -> dict[str, str]:
     return pairs
 
 
-def published_ports(service: dict) -> set[tuple[int, int]]:
-    return {(published, target) for _, published, target in published_on(service)}
-
-
 def published_on(service: dict) -> set[tuple[str, int, int]]:
     """(host address, published port, container port) of each port a service publishes ("" = every address)."""
     triples = set()
