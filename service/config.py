@@ -54,6 +54,9 @@ class Limits(BaseSettings):
                                   json_schema_extra=group("limits"))
     max_image_side: int = Field(8192, ge=28, description="longest side of one encoded image",
                                 json_schema_extra=group("limits", "PIXELS"))
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="width x height summed over one request's images, checked from their headers "
+                                      "before any is decoded", json_schema_extra=group("limits", "PIXELS"))
     max_ig_steps: int = Field(256, ge=1, description="most integrated-gradients steps one explain may ask for",
                               json_schema_extra=group("limits"))
 
@@ -159,6 +162,13 @@ class Settings(Limits):
     def bind_address(self) -> str:
         """The IP address ``--host`` names (a host name resolved once)."""
         return bind_address(self.host)
+
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("is empty: unset it to turn the key off, or set a key (an empty one would let anyone in)")
+        return key
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -28,6 +28,11 @@ class InputError(HttpError):
         return InputError(self.status, f"{where}: {self.detail}", self.headers)
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """Client text quoted in a detail: ASCII (escapes for the rest), at most ``limit`` characters of it."""
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def retry_later(status: int, detail: str, after_s: float = 1) -> HttpError:
     """A refusal the client should retry (503 overloaded, draining, a worker replaced), with Retry-After."""
     return HttpError(status, detail, {"Retry-After": str(max(1, round(after_s)))})

@@ -37,7 +37,7 @@ from service import logs
 
 ACCESS_LOG = logging.getLogger("digitserve.access")
 _PAGE, _TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
-_SANE_ID = re.compile(r"[\w.:-]{1,128}")
+_SANE_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # else replaced: it is echoed and logged
 ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics",
              "/v2": "v2_server", "/v2/health/live": "v2_health", "/v2/health/ready": "v2_health",
              "/v1/models": "v1_model", "/": "page"}
@@ -224,7 +224,7 @@ def start(pools: list[str], serving: int) -> None:
             labelled(WORKER_RESTARTS, pool.strip("/"), reason)
         for reason in ("queue_full", "queue_wait", "deadline", "draining"):
             labelled(REFUSALS, pool.strip("/"), reason)
-    for reason in ("read_timeout", "too_many_connections", "too_many_from_client"):
+    for reason in ("read_timeout", "too_many_connections", "too_many_from_client", "headers_too_large"):
         labelled(REFUSALS, "connection", reason)
     labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 

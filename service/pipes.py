@@ -39,6 +39,7 @@ import select
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from queue import Empty
@@ -181,10 +182,13 @@ class Pending:
     answered: bool = False
     ok: bool = False
     response: Any = None
+    then: Callable[[], None] | None = None  # called once the answer is there (a request given up on: its release)
 
     def deliver(self, response: Any, ok: bool) -> None:
         self.answered, self.ok, self.response = True, ok, response
         self.event.set()
+        if self.then is not None:
+            self.then()
 
 
 class AnswerPipes:

@@ -73,7 +73,7 @@ from service.errors import HttpError
 from service.http import openapi
 from service.http.admission import Admission
 from service.http.dispatch import Dispatcher
-from service.http.fastpath import FastPath, Get, Post, http_error
+from service.http.fastpath import FastPath, Get, Post, http_error, server_error
 from service.http.keepalive import ConnectionShares, balanced_protocol
 from service.http.listeners import Listeners
 from service.http.routes import Routes
@@ -267,14 +267,19 @@ def _lean_app(app: FastAPI, parts: Parts) -> None:
     """LitServe's FastAPI app, trimmed to what we serve: our routes, our errors, the fast path."""
     app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
     app._telemetry.update({"tracing": False, "metrics": False, "logs": False})
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", "/health", "/info")]
+    # /docs and /redoc would load their scripts from a CDN: the document is /openapi.json, for any viewer
+    dropped = ("/", "/health", "/info", "/docs", "/docs/oauth2-redirect", "/redoc")
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in dropped]
+    app.docs_url = app.redoc_url = None
+    app.router.redirect_slashes = False  # "/predict/" is not found: no 307 to a Location built from the Host
     for post in parts.posts:  # reached through the fast path; here so that another method gets a 405
         app.router.routes.append(Route(post.path, post.endpoint, methods=["POST"], include_in_schema=False))
     for get in parts.gets:
         app.add_api_route(get.path, get.endpoint, methods=[get.method], summary=get.summary,
                           include_in_schema=get.documented)
-    openapi.install(app)
+    openapi.install(app, parts.settings)
     app.add_exception_handler(HttpError, http_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
     full_stack: Callable[[], Any] = app.build_middleware_stack  # Starlette builds the stack at the first request
     app.build_middleware_stack = lambda: FastPath(parts.posts, full_stack(), parts.serving)  # type: ignore[method-assign]

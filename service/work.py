@@ -22,16 +22,18 @@ class Work:
     version: int = 0
     units: float = 0.0  # its work units (``service.costs``): the worker fits its costs on them
     notes: list[dict[str, Any]] | None = None  # per image, what the framing found (box, flags): for the answer
+    deadline: float = float("inf")  # time.monotonic() past which nobody waits for the answer: not computed
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as raw bytes: 3-4x faster both ways than numpy's own pickling, on every request."""
         data = np.asarray(self.images, dtype=np.float32).tobytes()
-        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.notes)
+        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.notes,
+                       self.deadline)
 
 
 def _work(data: bytes, n: int, options: dict[str, Any], arrived: float, version: int, units: float,
-          notes: list[dict[str, Any]] | None) -> Work:
-    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, notes)
+          notes: list[dict[str, Any]] | None, deadline: float) -> Work:
+    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, notes, deadline)
 
 
 def work_units(images: int, options: dict[str, Any]) -> float:

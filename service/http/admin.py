@@ -21,26 +21,18 @@ from __future__ import annotations
 import hmac
 
 import orjson
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.errors import HttpError
+from service.errors import HttpError, shown
+from service.http.auth import given_key
 from service.http.endpoints import kserve_errors, pinned_version
 from service.http.fastpath import Endpoint, Get
 from service.http.inputs import describe
+from service.http.schemas import ServeBody
 from service.http.versioning import VersionControl
 from service.versions import State
-
-
-class Canary(BaseModel):
-    version: int = Field(ge=1)
-    share: float = Field(gt=0, lt=1, description="of unpinned requests")
-
-
-class ServeBody(BaseModel):
-    version: int = Field(ge=1)
-    canary: Canary | None = None
 
 
 class Admin:
@@ -67,8 +59,7 @@ class Admin:
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
         async def checked(request: Request) -> Response:
-            given = request.headers.get("x-admin-key") or request.headers.get("authorization", "").removeprefix(
-                "Bearer ")
+            given = given_key(request.headers, "x-admin-key")
             if not given:
                 raise HttpError(401, "admin key required: send it as X-Admin-Key (or Authorization: Bearer)",
                                 {"WWW-Authenticate": "Bearer"})
@@ -136,7 +127,8 @@ class Admin:
 
     def _model_in_path(self, request: Request) -> None:
         if request.path_params["name"] != self.model:
-            raise HttpError(404, f"unknown model {request.path_params['name']!r}: this server serves {self.model!r}")
+            raise HttpError(404, f"unknown model {shown(request.path_params['name'])}: this server serves "
+                                 f"{self.model!r}")
 
     @staticmethod
     def _version(request: Request) -> int:

@@ -15,6 +15,10 @@ also watches the time its own answered requests took, from arrival to answer, an
 shortest of the last interval's (CoDel's signal of a standing queue) was over the limit, it
 refuses new ones the same way.
 
+A request counts from its admission until its worker answered it or dropped it, even when its
+client was answered 504 (or left) before that: a short client deadline must not free a place for
+work that is still queued or being computed (``Admitted.keep_until``).
+
 The counts live in shared memory, one slot per API server (each writes only its own: no lock).
 A request is counted first and the totals checked after, so two servers admitting at the same
 moment each see the other's request (at worst both refuse). The workers read the same counts to
@@ -26,7 +30,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -34,6 +38,7 @@ from typing import Any
 from service.config import Settings
 from service.costs import Costs
 from service.errors import HttpError
+from service.pipes import Pending
 
 SERVING, LAME_DUCK, DRAINING = 0, 1, 2
 INTERVAL_S = 0.1  # the sojourn check judges each interval of this length ...
@@ -99,26 +104,32 @@ class Admission:
                                         f"limit is {limit * 1000:.0f} ms); retry later", wait - limit)
 
     @contextmanager
-    def admit(self, pool: str, images: int, units: float, deadline_s: float, arrived: float) -> Iterator[None]:
+    def admit(self, pool: str, images: int, units: float, deadline_s: float, arrived: float) -> Iterator[Admitted]:
         """Count one request of ``pool`` (``images`` and ``units`` of work, arrived at ``arrived``) for as
-        long as the block runs, or refuse it. A block that ends without error was answered: its time
-        teaches the estimate."""
+        long as the block runs (or, past it, until ``Admitted.keep_until``'s answer), or refuse it. A
+        block that ends without error was answered: its time teaches the estimate."""
         if self._stage.value == DRAINING:
             raise Refused("draining", "shutting down: not taking new work")
-        counts, queued_images, queued = self.counts[pool], self.images[pool], self.units[pool]
-        counts[self.slot] += 1
-        queued_images[self.slot] += images
-        queued[self.slot] += units
+        counts, queued_images, queued, slot = self.counts[pool], self.images[pool], self.units[pool], self.slot
+        counts[slot] += 1
+        queued_images[slot] += images
+        queued[slot] += units
+
+        def release() -> None:
+            counts[slot] -= 1
+            queued_images[slot] -= images
+            queued[slot] -= units
+
+        admitted = Admitted(release)
         try:
             predicted = self._check(pool, deadline_s, (1, images, units))
-            yield
+            yield admitted
             now = time.monotonic()
             self._sojourn[pool].add(now - arrived, now)
             self._learn(pool, now - arrived, predicted)
         finally:
-            counts[self.slot] -= 1
-            queued_images[self.slot] -= images
-            queued[self.slot] -= units
+            if not admitted.kept:
+                release()
 
     def _learn(self, pool: str, took: float, predicted: float) -> None:
         """How far off the estimate was (the workers' rate is measured, but contention for the cores
@@ -153,6 +164,24 @@ class Admission:
     def in_flight(self) -> int:
         """Requests admitted and not yet answered, every pool and API server together."""
         return sum(sum(counts) for counts in self.counts.values())
+
+
+class Admitted:
+    """A request's place in the counts, released when its ``admit`` block ends, or later."""
+
+    __slots__ = ("kept", "release")
+
+    def __init__(self, release: Callable[[], None]):
+        self.release, self.kept = release, False
+
+    def keep_until(self, pending: Pending) -> None:
+        """The client was answered (or left) before the worker: the place is released once the worker
+        answers or drops the request, not when the block ends."""
+        self.kept = True
+        if pending.answered:
+            self.release()
+        else:
+            pending.then = self.release
 
 
 class Sojourn:

@@ -10,6 +10,16 @@ from starlette.datastructures import Headers
 from service.errors import HttpError
 
 
+def given_key(headers: Headers, header: str) -> str:
+    """The key a request carries: its own header (``X-API-Key``, ``X-Admin-Key``), else ``Authorization:
+    Bearer <key>`` (the scheme's name in any case, RFC 7235); an ``Authorization`` of any other form
+    carries none."""
+    if given := headers.get(header):
+        return given
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
 class ApiKey:
     def __init__(self, key: SecretStr | None):
         self._key = None if key is None else key.get_secret_value().encode()
@@ -18,7 +28,6 @@ class ApiKey:
         """Accept ``X-API-Key`` or ``Authorization: Bearer``, compared in constant time; 401 otherwise."""
         if self._key is None:
             return
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), self._key):
+        if not hmac.compare_digest(given_key(headers, "x-api-key").encode(), self._key):
             raise HttpError(401, "missing or wrong API key: send it as X-API-Key (or Authorization: Bearer)",
                             {"WWW-Authenticate": "Bearer"})

@@ -11,6 +11,7 @@ slow client never holds a place in the queue and the request's cost (``work_unit
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AbstractContextManager
 from typing import Any
@@ -19,9 +20,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from service.config import Settings
-from service.errors import HttpError, retry_later
+from service.errors import HttpError, retry_later, shown
 from service.http import inputs
-from service.http.admission import Admission
+from service.http.admission import Admission, Admitted
 from service.http.auth import ApiKey
 from service.http.dispatch import Dispatcher
 from service.http.prepare import Preparer
@@ -29,7 +30,10 @@ from service.http.versioning import VersionControl
 from service.pipes import Pending, WorkerDied
 from service.work import Work
 
-OFFLOAD_BYTES = 256 * 1024  # bodies bigger than this are parsed and prepared in a thread
+_MILLISECONDS = re.compile(r"[0-9]{1,9}")
+# Bodies bigger than this are parsed and prepared in a thread: JSON of 16 pixel instances (64 KiB) takes
+# milliseconds to parse, and the event loop would answer nobody meanwhile.
+OFFLOAD_BYTES = 32 * 1024
 
 
 class DataPlane:
@@ -39,9 +43,8 @@ class DataPlane:
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
 
     async def read(self, request: Request, pool: str) -> bytes:
-        """The API key, a refusal at once if ``pool``'s queue stands too long, then the whole body (413 past
-        the limit)."""
-        self.api_key.check(request.headers)
+        """A refusal at once if ``pool``'s queue stands too long, then the whole body (413 past the limit).
+        The API key was checked first, by the endpoint."""
         self.admission.precheck(pool)
         return await inputs.read_body(request, self.settings)
 
@@ -51,46 +54,49 @@ class DataPlane:
         asked = request.headers.get("x-request-timeout-ms")
         if asked is None:
             return timeout
-        try:
-            wanted = float(asked) / 1000
-        except ValueError:
-            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds, got {asked!r}") from None
+        if not _MILLISECONDS.fullmatch(asked):
+            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds (ASCII digits, e.g. 250), "
+                                 f"got {shown(asked)}")
+        wanted = int(asked) / 1000
         if not wanted > 0:
-            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {asked!r}")
+            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {shown(asked)}")
         return min(timeout, wanted)
 
     async def parse(self, request: Request, body: bytes, options_model: type[BaseModel]) -> inputs.Parsed:
         """The schema stage (a big body in a thread, to keep the event loop answering)."""
-        if len(body) > OFFLOAD_BYTES:
+        if len(body) > OFFLOAD_BYTES or inputs.heavy(request.headers, body):
             return await asyncio.to_thread(inputs.parse, request.headers, body, options_model, self.settings)
         return inputs.parse(request.headers, body, options_model, self.settings)
 
     def admit(self, request: Request, pool: str, images: int, units: float, deadline_s: float
-              ) -> AbstractContextManager[None]:
+              ) -> AbstractContextManager[Admitted]:
         return self.admission.admit(pool, images, units, deadline_s, arrival(request))
 
     async def prepare(self, parsed: inputs.Parsed, big: bool, arrived: float) -> Work:
         """Preprocessing: the request's ``Work``, or an ``InputError`` naming the bad instance."""
-        if big:  # big images take long to decode: keep the event loop answering
-            return await asyncio.to_thread(self.preparer.prepare_now, parsed, arrived)
-        # prepared at the end of this event-loop iteration, together with the other requests read in it
-        return await self.preparer.prepare(parsed, arrived)
+        return await self.preparer.prepare(parsed, arrived, big)
 
-    async def compute(self, pool: str, work: Work, deadline_s: float, pinned: int | None = None
-                      ) -> tuple[Any, int, int]:
+    async def compute(self, pool: str, work: Work, deadline_s: float, admitted: Admitted,
+                      pinned: int | None = None) -> tuple[Any, int, int]:
         """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
-        its answer, the size of the batch it was part of, and the version that computed it."""
+        its answer, the size of the batch it was part of, and the version that computed it. Past the
+        deadline the client gets 504, the worker drops the work if it has not begun it, and the request
+        keeps its place in the admission counts until the worker says so."""
         work.version = self.versions.route(pinned)
-        uid, pending = self.dispatcher.submit(pool, work)
         timeout = deadline_s
+        work.deadline = work.arrived + timeout  # the client's clock started when its request arrived
+        remaining = work.deadline - time.monotonic()
+        if remaining <= 0:  # reading and preparing it took all its time: nothing to compute
+            raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
+        _, pending = self.dispatcher.submit(pool, work)
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
-        timer = asyncio.get_running_loop().call_later(timeout, pending.event.set)
+        timer = asyncio.get_running_loop().call_later(remaining, pending.event.set)
         try:
             await pending.event.wait()
         finally:
             timer.cancel()
-            if not pending.answered:  # timed out or cancelled: an answer that comes later has nobody to go to
-                self.dispatcher.forget(uid)
+            if not pending.answered:  # timed out or cancelled: counted until the worker answers or drops it
+                admitted.keep_until(pending)
         if not pending.answered:
             raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         return result(pending)

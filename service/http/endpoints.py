@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import imaging
-from service.errors import HttpError
+from service.errors import HttpError, shown
 from service.http import v2
 from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
 from service.http.fastpath import Endpoint, failed
@@ -36,25 +38,35 @@ class Native:
         self.plane, self.pool, self.options_model = plane, pool, options_model
 
     async def __call__(self, request: Request) -> Response:
+        self.plane.api_key.check(request.headers)
+        return await self.keyed(request)
+
+    async def keyed(self, request: Request) -> Response:
+        """The route once its caller's key was checked (first, before anything else is read)."""
         plane = self.plane
         pinned = pinned_version(request.query_params.get("version"), "version")
         deadline = plane.deadline(request)
         body = await plane.read(request, self.pool)
         parsed = await plane.parse(request, body, self.options_model)
         images = len(parsed.instances)
-        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()), deadline):
+        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()),
+                         deadline) as admitted:
             work = await plane.prepare(parsed, len(body) > OFFLOAD_BYTES, arrival(request))
-            answer, batch_size, version = await plane.compute(self.pool, work, deadline, pinned)
+            answer, batch_size, version = await plane.compute(self.pool, work, deadline, admitted, pinned)
         computed(request, batch_size, version)
         return Response(content=answer, media_type="application/json")
 
 
+_VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²" and Arabic-Indic digits
+
+
 def pinned_version(text: str | None, where: str) -> int | None:
+    """A version given in a query (422 when malformed) or a path (404: no such resource): 1 to 9 ASCII digits."""
     if text is None:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise HttpError(422 if where == "version" else 404, f"{where} must be a version number (1, 2, ...), "
-                                                            f"got {text!r}")
+    if not _VERSION.fullmatch(text) or int(text) < 1:
+        raise HttpError(422 if where == "version" else 404,
+                        f"{where} must be a version number (1 to 9 digits: 1, 2, ...), got {shown(text)}")
     return int(text)
 
 
@@ -74,7 +86,7 @@ class Served:
         """404 for a model in the path that is not served here; the version in the path, if any."""
         name = request.path_params.get("name", self.name)
         if name != self.name:
-            raise HttpError(404, f"unknown model {name!r}: this server serves {self.name!r}")
+            raise HttpError(404, f"unknown model {shown(name)}: this server serves {self.name!r}")
         return pinned_version(request.path_params.get("version"), "the version in the path")
 
     def loaded(self, pinned: int | None) -> list[int]:
@@ -109,8 +121,9 @@ class KServeV1:
 
     def _checked(self, native: Native) -> Endpoint:
         async def endpoint(request: Request) -> Response:
+            native.plane.api_key.check(request.headers)
             self.served.check(request)
-            return await native(request)
+            return await native.keyed(request)
         return endpoint
 
     async def models(self, request: Request) -> JSONResponse:
@@ -146,19 +159,25 @@ class OpenInferenceV2:
         return JSONResponse({"name": self.served.name, "ready": ready}, status_code=200 if ready else 503)
 
     async def _infer(self, request: Request) -> Response:
-        pinned = self.served.check(request)
         plane = self.plane
+        plane.api_key.check(request.headers)
+        pinned = self.served.check(request)
         deadline = plane.deadline(request)
         body = await plane.read(request, "/predict")
-        tensors = v2.parse_infer(body, request.headers.get("inference-header-content-length"), plane.settings)
-        with plane.admit(request, "/predict", tensors.count, 0.0, deadline):
+        header_length = request.headers.get("inference-header-content-length")
+        big = len(body) > OFFLOAD_BYTES
+        if big:  # decoding a big body's JSON or tensors takes milliseconds: keep the event loop answering
+            tensors = await asyncio.to_thread(v2.parse_infer, body, header_length, plane.settings)
+        else:
+            tensors = v2.parse_infer(body, header_length, plane.settings)
+        with plane.admit(request, "/predict", tensors.count, 0.0, deadline) as admitted:
             arrived = arrival(request)
             if tensors.pixels is not None:
                 work = self._pixels(tensors, arrived)
             else:
-                work = await self._images(tensors, arrived)
+                work = await self._images(tensors, arrived, big)
             work.options["output"] = "tensor"
-            answer, batch_size, version = await plane.compute("/predict", work, deadline, pinned)
+            answer, batch_size, version = await plane.compute("/predict", work, deadline, admitted, pinned)
         computed(request, batch_size, version)
         probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES)
         return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), probabilities))
@@ -171,9 +190,9 @@ class OpenInferenceV2:
         imaging.check_frames(frames)
         return Work(frames.reshape(tensors.count, INPUT_SIZE), {}, arrived)
 
-    async def _images(self, tensors: v2.InferRequest, arrived: float) -> Work:
+    async def _images(self, tensors: v2.InferRequest, arrived: float, big: bool) -> Work:
         """``image`` goes through /predict's preprocessing, with /predict's default options."""
-        return await self.plane.preparer.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), arrived)
+        return await self.plane.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), big, arrived)
 
 
 _PREDICT_DEFAULTS = PredictOptions()  # read, never changed: the preparer dumps each request's options afresh

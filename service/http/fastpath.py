@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import HttpError
+from service.errors import HttpError, shown
 
 log = logging.getLogger("digitserve")
 Endpoint = Callable[[Request], Awaitable[Response]]
+MAX_DETAIL = 1000  # characters of an error's detail: the rest is cut (details may quote what a client sent)
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,38 @@ class Post:
         return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/:]+)", re.escape(self.path)))
 
 
+class ErrorJSON(JSONResponse):
+    """An error's JSON: ASCII only (escapes for the rest), whatever a detail quotes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None,
                    key: str = "detail") -> JSONResponse:
     """Every error is ``{"detail": "..."}`` with its status (and headers such as Retry-After); the KServe
-    protocols say ``{"error": "..."}`` instead."""
-    return JSONResponse({key: detail}, status_code=status, headers=headers)
+    protocols say ``{"error": "..."}`` instead. ASCII, at most MAX_DETAIL characters of detail, and
+    ``nosniff``: nothing a client sent comes back big, or as anything but JSON."""
+    if not detail.isascii():
+        detail = detail[:MAX_DETAIL].encode("ascii", "backslashreplace").decode()
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + "... (cut)"
+    return ErrorJSON({key: detail}, status_code=status, headers={**NOSNIFF, **(headers or {})})
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's handler for anything unexpected: the JSON 500 (``FastPath`` logs it)."""
+    return error_response(500, "internal server error")
+
+
+def log_unexpected(scope: Scope, error: BaseException) -> None:
+    """A bug of ours, in one bounded line: what, where in our code, on which request (no traceback dump: a
+    client must not be able to fill the log, and one line per failure keeps alerts counting right)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = next((f"{'/'.join(frame.filename.rsplit('/', 2)[-2:])}:{frame.lineno}" for frame in reversed(frames)
+                  if "/service/" in frame.filename), "?")
+    log.error("unexpected %s while handling %s %s: %s (at %s)", type(error).__name__, scope.get("method"),
+              shown(scope.get("path", ""), 80), shown(str(error), 200), where)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -76,8 +108,27 @@ class FastPath:
             state = scope.setdefault("state", {})
             state["endpoint"], state["route"] = route.label, route
             await self.fast(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._full_stack(scope, receive, send)
         else:
             await self.full_stack(scope, receive, send)
+
+    async def _full_stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's stack answers its own 500 (``server_error``) and raises the error again, for the
+        server to log with its traceback: logged here instead, in one line."""
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.full_stack(scope, receive, sending)
+        except Exception as e:
+            log_unexpected(scope, e)
+            if not started:
+                await error_response(500, "internal server error")(scope, receive, send)
 
     def _match(self, scope: Scope) -> Post | None:
         path = scope["path"]
@@ -98,8 +149,8 @@ class FastPath:
         except ClientDisconnect:  # gone before its body arrived (or timed out reading it): nobody to answer
             scope["state"].setdefault("status", 499)
             return
-        except Exception:  # a bug of ours: log it and answer, as FastAPI's stack would
-            log.exception("unexpected error while handling %s", scope["path"])
+        except Exception as e:  # a bug of ours: log it and answer, as FastAPI's stack would
+            log_unexpected(scope, e)
             response = error_response(500, "internal server error")
         await response(scope, receive, send)
 

@@ -22,12 +22,16 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
 from service.config import Limits
-from service.errors import InputError
+from service.errors import InputError, shown
 from service.http.schemas import INSTANCES, Instance
 from service.imaging import Raw
 
 Options = TypeVar("Options", bound=BaseModel)
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+# Multipart bodies with more delimiters than this are parsed in a thread: the email parser costs about half
+# a millisecond per part.
+LIGHT_MULTIPART_PARTS = 2
 
 
 @dataclass
@@ -52,7 +56,7 @@ def describe(error: ValidationError, prefix: str = "") -> str:
 async def read_body(request: Request, limits: Limits) -> bytes:
     """The body, refused with 413 as soon as it passes the limit (by header or by counting)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_payload_bytes:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limits.max_payload_bytes:
         raise InputError(413, f"payload is {declared} bytes; the limit is {limits.max_payload_bytes}")
     chunks, size = [], 0
     while True:  # the ASGI messages themselves: Request.stream() is an async generator around this loop
@@ -66,6 +70,14 @@ async def read_body(request: Request, limits: Limits) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def heavy(headers: Headers, body: bytes) -> bool:
+    """Whether parsing this body takes long enough to belong in a thread (beside big bodies): a multipart
+    body of several parts."""
+    content_type = headers.get("content-type", "")
+    return (content_type[:19].lower() == "multipart/form-data"
+            and body.count(b"\r\n--") > LIGHT_MULTIPART_PARTS)
 
 
 def parse(headers: Headers, body: bytes, options_model: type[Options], limits: Limits) -> Parsed:
@@ -109,24 +121,40 @@ def _parse_json(body: bytes, options_model: type[Options],
 
 def _parse_multipart(headers: Headers, body: bytes, options_model: type[Options],
                      limits: Limits) -> tuple[Sequence[Instance | bytes], BaseModel]:
-    """Form parts: one or more ``file`` parts (curl -F file=@digit.png) and option fields."""
+    """Form parts: one or more ``file`` parts (curl -F file=@digit.png) and option fields. The parts are
+    counted (their delimiters) before any is parsed: past the instance limit and the options, 413."""
+    content_type = headers.get("content-type", "")
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        raise InputError(400, "multipart/form-data needs a boundary: Content-Type: multipart/form-data; "
+                              "boundary=...")
+    delimiter = b"--" + (found.group(1) or found.group(2)).encode("latin-1")
+    parts = body.count(delimiter) - 1  # the last delimiter closes the body
+    if parts < 1:
+        raise InputError(400, "multipart body has no part: it is empty, or no part starts with its boundary "
+                              "line (--boundary), or the closing --boundary-- line is missing")
+    most = limits.max_instances + len(options_model.model_fields)
+    if parts > most:
+        raise InputError(413, f"multipart body has {parts} parts; at most {most} are taken (max_instances "
+                              f"{limits.max_instances} files, and the options)")
     message = BytesParser(policy=policy.HTTP).parsebytes(
-        b"Content-Type: " + headers.get("content-type", "").encode("latin-1") + b"\r\n\r\n" + body
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
     )
     if not message.is_multipart():
-        raise InputError(400, "multipart body could not be parsed (missing or wrong boundary)")
+        raise InputError(400, "multipart body could not be parsed (is its Content-Type's boundary the one the "
+                              "body uses?)")
     files, fields = [], {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if part.get_filename() is not None:
             if name != "file":
-                raise InputError(422, f"unexpected file part {name!r}: name image parts 'file'")
+                raise InputError(422, f"unexpected file part {shown(str(name))}: name image parts 'file'")
             payload = part.get_payload(decode=True)
             files.append(payload if isinstance(payload, bytes) else b"")
         elif name:
             value = part.get_payload(decode=True)
             if not isinstance(value, bytes):
-                raise InputError(422, f"form field {name!r} must be plain text")
+                raise InputError(422, f"form field {shown(str(name))} must be plain text")
             fields[name] = value.decode("utf-8", "replace")
     if not files:
         raise InputError(422, "multipart body has no 'file' part (curl -F file=@digit.png)")

@@ -8,6 +8,11 @@ that keeps two or more over the mean answers its next request with ``Connection:
 (the same way uvicorn ends keep-alive at shutdown), and the client reconnects wherever the hash
 sends it. HTTP/1.1 lets a server end keep-alive after any response; clients reconnect on their own.
 
+Head size. A header field over ``MAX_FIELD_BYTES`` (name and value), or a request line and headers
+over ``MAX_HEAD_BYTES`` in all, gets 431 and the connection is closed, as soon as the bytes
+received say so: httptools itself would gather a header of any size (by repeated concatenation),
+and uvicorn a URL of any size.
+
 One write. uvicorn writes a response's head and its body separately: two send() calls, two
 packets and two wake-ups of the client for every response, the largest single cost left in an
 API server's profile under load. ``OneWrite`` sends them together.
@@ -23,9 +28,17 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
+
+MAX_FIELD_BYTES = 16 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HeadTooLarge(Exception):
+    """Raised in a parser callback: the request's head is over a limit (the detail says which)."""
 
 
 class ConnectionShares:
@@ -74,6 +87,8 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
             shares.open[shares.slot] += 1
             self.address: str | None = None  # counted in from_client, where the per-address cap is set
             self.read_timer: asyncio.TimerHandle | None = None
+            self.head_fed: int | None = 0  # bytes received while a request's head is being read (None: its body)
+            self.head_size = 0  # the request line's and the headers' bytes, as the parser hands them over
             if shares.open[shares.slot] > max_connections:
                 refused("too_many_connections")
                 self._close_with(503, f"too many connections: this server holds {max_connections}; retry")
@@ -101,12 +116,65 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.head_size = 0
             if self.read_timer is None:
                 self._start_reading()
 
         def on_message_complete(self) -> None:
             self._stop_reading()
+            self.head_fed = 0  # what comes next is the next request's head
             super().on_message_complete()
+
+        def data_received(self, data: bytes) -> None:
+            """uvicorn's, with 431 for a head over the limits: from a callback (``HeadTooLarge``), or here
+            for a head still incomplete after more bytes than the limit (held inside httptools meanwhile)."""
+            self._unset_keepalive_if_required()
+            if self.head_fed is not None:
+                self.head_fed += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as e:
+                if isinstance(e.__context__, HeadTooLarge):
+                    self._too_large(str(e.__context__))
+                    return
+                self._invalid()
+                return
+            except httptools.HttpParserError:
+                self._invalid()
+                return
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+                return
+            if self.head_fed is not None and self.head_fed > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._too_large(f"the request line and headers are over {MAX_HEAD_BYTES} bytes in all")
+
+        def _invalid(self) -> None:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+
+        def _too_large(self, detail: str) -> None:
+            refused("headers_too_large")
+            self._stop_reading()
+            self._close_with(431, detail)
+
+        def on_url(self, url: bytes) -> None:
+            self.head_size += len(url)
+            if self.head_size > MAX_HEAD_BYTES:
+                raise HeadTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes in all")
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            size = len(name) + len(value)
+            if size > MAX_FIELD_BYTES:
+                raise HeadTooLarge(f"a header field is {size} bytes; the limit is {MAX_FIELD_BYTES}")
+            self.head_size += size
+            if self.head_size > MAX_HEAD_BYTES:
+                raise HeadTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes in all")
+            super().on_header(name, value)
 
         def _start_reading(self) -> None:
             self.read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
@@ -132,7 +200,7 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
         def _close_with(self, status: int, detail: str) -> None:
             body = json.dumps({"detail": detail}).encode()
             head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n")
+                    f"x-content-type-options: nosniff\r\ncontent-length: {len(body)}\r\nconnection: close\r\n")
             retry = "retry-after: 1\r\n" if status == 503 else ""
             self.transport.write((head + retry + "\r\n").encode() + body)
             self.transport.close()
@@ -142,6 +210,7 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
             super().on_response_complete()
 
         def on_headers_complete(self) -> None:
+            self.head_fed = None
             super().on_headers_complete()
             if self.kept and self.cycle is not None and shares.over_share():
                 self.kept = False

@@ -1,9 +1,12 @@
 """The preprocessing stage in an API server: parsed requests -> ``Work`` (``service.imaging``).
 
-Under load an API server reads several requests per event-loop iteration, and framing costs per
-numpy call, not per pixel: the requests read in one iteration are prepared together, at its
-end, with one ``imaging.prepare_many``, for one more event-loop step each. A bad or blank
-picture still fails only its own request.
+First the pixels the request's pictures claim in their headers are counted (413 past
+``--max-request-pixels``). A request with many pixels (or a big body) is prepared in a thread, so
+that the event loop keeps answering while its pictures are decoded. The others are cheap: under
+load an API server reads several of them per event-loop iteration, and framing costs per numpy
+call, not per pixel, so the requests read in one iteration are prepared together, at its end,
+with one ``imaging.prepare_many``, for one more event-loop step each. A bad or blank picture
+still fails only its own request.
 """
 
 from __future__ import annotations
@@ -19,14 +22,24 @@ from service.http import inputs
 from service.model.fnn import INPUT_SIZE
 from service.work import Work, work_units
 
+# Pictures that claim more pixels than this in all take milliseconds to decode: in a thread. (A 280x280
+# canvas has 78,400; a phone photo 12 million, decoded at a quarter of its side.)
+OFFLOAD_PIXELS = 1_000_000
+
 
 class Preparer:
     def __init__(self, limits: Limits):
         self.limits = limits
         self._waiting: list[tuple[inputs.Parsed, float, asyncio.Future[Work]]] = []
 
-    def prepare(self, parsed: inputs.Parsed, arrived: float) -> asyncio.Future[Work]:
-        """A future of the request's ``Work``, or of the ``InputError`` of its first bad picture."""
+    async def prepare(self, parsed: inputs.Parsed, arrived: float, big_body: bool = False) -> Work:
+        """The request's ``Work``, or the ``InputError`` of its first bad picture (413 for too many pixels)."""
+        if imaging.request_pixels(parsed.instances, self.limits) > OFFLOAD_PIXELS or big_body:
+            return await asyncio.to_thread(self.prepare_now, parsed, arrived)
+        return await self._batched(parsed, arrived)
+
+    def _batched(self, parsed: inputs.Parsed, arrived: float) -> asyncio.Future[Work]:
+        """Prepared at the end of this event-loop iteration, with the other requests read in it."""
         future: asyncio.Future[Work] = asyncio.get_running_loop().create_future()
         self._waiting.append((parsed, arrived, future))
         if len(self._waiting) == 1:
@@ -34,7 +47,7 @@ class Preparer:
         return future
 
     def prepare_now(self, parsed: inputs.Parsed, arrived: float) -> Work:
-        """One request alone, prepared here (called in a thread for big bodies)."""
+        """One request alone, prepared here (in a thread: see ``prepare``)."""
         return _work(parsed, imaging.prepare(parsed.instances, self.limits), arrived)
 
     def _prepare_waiting(self) -> None:

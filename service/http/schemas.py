@@ -1,4 +1,7 @@
-"""The JSON request and response shapes of /predict and /explain."""
+"""The JSON request and response shapes of /predict and /explain (and the admin API's /admin/serve).
+
+The answers' models are what the OpenAPI document says of them (``service.http.openapi``): a field
+added to an answer belongs in its model here."""
 
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ class ExplainOptions(PredictOptions):
 class PredictRequest(BaseModel):
     """``{"instances": [...]}``; multipart/form-data with ``file`` parts is the other way in."""
 
+    model_config = ConfigDict(extra="forbid")
     instances: list[Instance] = Field(min_length=1)
 
 
@@ -77,6 +81,10 @@ class Prediction(BaseModel):
     label: int = Field(ge=0, le=9)
     confidence: float = Field(ge=0, le=1)
     probabilities: list[float] = Field(min_length=10, max_length=10)
+    box: list[int] = Field(min_length=4, max_length=4, description="[x, y, width, height] of the digit in the "
+                           "client's picture (pixels; for `pixels` instances, in the 28x28 frame)")
+    flags: list[str] = Field(description="what made the framing unsure (e.g. multiple_digits, low_contrast); "
+                                         "empty when nothing did")
 
 
 class PredictResponse(BaseModel):
@@ -130,3 +138,23 @@ class ExplainResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what is wrong, and for an image which instance")
+
+
+class KServeError(BaseModel):
+    """The KServe protocols' (V1, V2, the repository's) errors."""
+
+    error: str = Field(description="what is wrong")
+
+
+class Canary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    share: float = Field(gt=0, lt=1, description="of unpinned requests")
+
+
+class ServeBody(BaseModel):
+    """/admin/serve: the version to serve, and optionally a canary beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    canary: Canary | None = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class V2Error(HttpError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(status, message)
         self.message = message
+
+
+MAX_ID = 256
+_ID = re.compile(f"[\x20-\x7e]{{1,{MAX_ID}}}")
 
 
 def _bad(message: str) -> V2Error:
@@ -147,8 +152,8 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
         unknown = sorted(set(header) - _TOP_LEVEL)
         raise _bad(f"unknown field(s) {unknown} in the infer request (allowed: {', '.join(sorted(_TOP_LEVEL))})")
     request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _bad("'id' must be a string")
+    if request_id is not None and not (isinstance(request_id, str) and _ID.fullmatch(request_id)):
+        raise _bad(f"'id' must be a string of 1 to {MAX_ID} printable ASCII characters (it is echoed)")
     parameters = _parameters(header.get("parameters"), "the request")
     default_binary = parameters.get("binary_data_output", False)
     if not isinstance(default_binary, bool):
@@ -171,7 +176,8 @@ def _plain_binary(header: dict[str, object], body: bytes, start: int, limits: Li
     inputs, outputs, parameters, request_id = (header.get(key) for key in ("inputs", "outputs", "parameters", "id"))
     if type(inputs) is not list or len(inputs) != 1 or (outputs is not None and outputs != []):
         return None
-    if (request_id is not None and type(request_id) is not str) or not _TOP_LEVEL.issuperset(header):
+    if (request_id is not None and not (type(request_id) is str and _ID.fullmatch(request_id))) or \
+            not _TOP_LEVEL.issuperset(header):
         return None
     if parameters is None:
         default_binary = False

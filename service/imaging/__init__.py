@@ -12,6 +12,12 @@ lies at the centre. We do the same to whatever a client sends (``docs/pictures.m
 
 ``prepare`` and ``prepare_many`` run these for the API server; the worker applies
 ``normalize``. This package is the only place that knows these steps.
+
+Memory: a request holds one big picture at a time. ``request_pixels`` refuses a request whose
+pictures claim too many pixels in all, from their headers; each picture is decoded already made
+smaller where it is big (``decode``), and one still bigger than ``FRAMED_ALONE_PIXELS`` once
+decoded is framed at once, alone, so that only its 28x28 frame is kept. Small pictures (MNIST
+files, canvases) are kept and framed together, which is what makes many of them cheap.
 """
 
 from __future__ import annotations
@@ -24,17 +30,18 @@ import numpy as np
 
 from service.config import Limits
 from service.errors import InputError
-from service.imaging.decode import Picture, decode_image, decode_picture
+from service.imaging.decode import Picture, check_size, claimed_size, decode_image, decode_picture
 from service.imaging.frame import BlankImage, to_mnist, to_mnist_with_ink
 from service.imaging.ink import FAINT, MULTIPLE, Ink
 from service.imaging.pixels import check_frames, frame_note, normalize, validate_pixels
-from service.model.fnn import IMAGE_SIDE
+from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
 
 Raw: TypeAlias = "bytes | list[list[float]] | list[float]"  # as a client sends it: a picture, or pixels
 FLAGS = (MULTIPLE, FAINT)
+FRAMED_ALONE_PIXELS = 320 * 320  # a decoded picture bigger than this is framed as soon as it is decoded
 
 __all__ = ["FLAGS", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
-           "prepare", "prepare_many", "to_mnist", "validate_pixels"]
+           "prepare", "prepare_many", "request_pixels", "to_mnist", "validate_pixels"]
 
 
 class Note(TypedDict):
@@ -79,6 +86,28 @@ class _Decoded:
         for index, digit in zip(indices, inks):
             self.notes[index] = {"box": _client_box(digit.box, self.pictures[index]), "flags": digit.flags}
         return Prepared(self.frames, self.notes)  # type: ignore[arg-type]  # every instance has its note now
+
+
+def request_pixels(instances: Sequence[Raw], limits: Limits) -> int:
+    """The pixels a request's instances claim in all, read from the pictures' headers (a ``pixels``
+    instance: 784): 413 for a picture over the per-picture limits, naming it, or for all of them past
+    ``--max-request-pixels``, before a single picture is decoded."""
+    total = 0
+    for index, item in enumerate(instances):
+        if not isinstance(item, bytes):
+            total += INPUT_SIZE
+            continue
+        width, height = claimed_size(item)
+        if width and height:
+            try:
+                check_size(width, height, limits)
+            except InputError as e:
+                raise e.at(f"instance {index}") from None
+        total += width * height
+    if total > limits.max_request_pixels:
+        raise InputError(413, f"the request's pictures hold {total} pixels in all; the limit is "
+                              f"{limits.max_request_pixels} (max_request_pixels): send fewer or smaller pictures")
+    return total
 
 
 def prepare(instances: Sequence[Raw], limits: Limits) -> Prepared:
@@ -128,14 +157,21 @@ def _frame_alone(decoded: _Decoded) -> Prepared | InputError:
 
 
 def _decode(instances: Sequence[Raw], limits: Limits) -> _Decoded:
-    """Every instance checked: pixels validated into their frames, pictures decoded one by one."""
+    """Every instance checked: pixels validated into their frames, pictures decoded one by one (a big
+    one framed at once, so that its pixels are dropped before the next is decoded)."""
     frames = np.empty((len(instances), IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
     pictures: dict[int, Picture] = {}
     notes: list[Note | None] = [None] * len(instances)
     for index, item in enumerate(instances):
         try:
             if isinstance(item, bytes):
-                pictures[index] = decode_picture(item, limits)
+                picture = decode_picture(item, limits)
+                if picture.gray.size <= FRAMED_ALONE_PIXELS:
+                    pictures[index] = picture
+                    continue
+                framed, (digit,) = to_mnist_with_ink([picture.gray])
+                frames[index] = framed[0]
+                notes[index] = {"box": _client_box(digit.box, picture), "flags": digit.flags}
             else:
                 frames[index] = validate_pixels(item)
                 box, flags = frame_note(frames[index])

@@ -1,9 +1,12 @@
 """Encoded bytes -> a grey picture (float32 0..255), checked against the limits before any pixel is decoded.
 
 8-bit PNGs (MNIST files, canvases, screenshots) go through libspng, everything else through Pillow.
-A JPEG far bigger than framing needs (a phone photo) is decoded at 1/2, 1/4 or 1/8 scale by the
-JPEG decoder itself (``Image.draft``), which costs a fraction of a full decode; ``Picture.size``
-keeps the client's size so that boxes found in the smaller copy can be given in the client's pixels.
+A picture far bigger than framing needs (a phone photo, a 4000x4000 canvas) is made smaller while
+it is decoded: a JPEG at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself (``Image.draft``), which
+costs a fraction of a full decode; any other by an integer factor (the mean of each block of
+pixels), a strip of rows at a time, so that no full-size float copy of it is ever held. A digit a
+tenth of such a picture's side still spans 64 pixels. ``Picture.size`` keeps the client's size so
+that boxes found in the smaller copy can be given in the client's pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +26,10 @@ from PIL import Image, ImageOps
 from service.config import Limits
 from service.errors import InputError
 
-# A JPEG whose longer side is at least twice this is decoded smaller, down to no less than this: a digit
+# A picture whose longer side is at least twice this is decoded smaller, down to no less than this: a digit
 # a tenth of the picture's side still spans 64 pixels, three times the 20 of MNIST's box.
 DRAFT_SIDE = 640
+STRIP_ROWS = 64  # rows of the smaller picture made at a time from the full-size pixels
 
 _SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP",
                b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
@@ -47,6 +52,19 @@ class Picture:
     size: tuple[int, int]
 
 
+def claimed_size(data: bytes) -> tuple[int, int]:
+    """The (width, height) an encoded picture claims in its header ((0, 0) when it cannot be read:
+    decoding it will say what is wrong)."""
+    if data.startswith(_PNG) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:
+        return 0, 0
+
+
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     """Encoded bytes -> float32 (H, W) grayscale in 0..255. Rejects from the header before decoding pixels."""
     return decode_picture(data, limits).gray
@@ -56,8 +74,8 @@ def decode_picture(data: bytes, limits: Limits) -> Picture:
     """``decode_image``, with the client's size kept beside pixels that may be a JPEG's reduced decode."""
     if not data:
         raise InputError(400, "image is empty (0 bytes)")
-    if (pixels := _plain_png(data, limits)) is not None:
-        return Picture(pixels, (pixels.shape[1], pixels.shape[0]))
+    if (picture := _plain_png(data, limits)) is not None:
+        return picture
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
     except Exception:
@@ -66,7 +84,7 @@ def decode_picture(data: bytes, limits: Limits) -> Picture:
             raise InputError(400, f"image data is truncated or corrupt (it starts like a {kind} file)") from None
         raise InputError(400, "bytes are not an image in a format we can read "
                               "(PNG, JPEG, GIF, BMP, WebP, TIFF...)") from None
-    _check_size(*image.size, limits)
+    check_size(*image.size, limits)
     size = image.size
     try:
         _draft(image)
@@ -74,7 +92,7 @@ def decode_picture(data: bytes, limits: Limits) -> Picture:
             if image.getexif().get(0x0112) in _TURNED:
                 size = size[::-1]
             image = ImageOps.exif_transpose(image)
-        return Picture(_to_gray(image), size)
+        return Picture(_shrunk_gray(image), size)
     except InputError:
         raise
     except Exception as e:  # truncated or corrupt data surfaces as many exception types in Pillow
@@ -91,7 +109,7 @@ def _draft(image: Image.Image) -> None:
     image.draft("L", (math.ceil(width * DRAFT_SIDE / longest), math.ceil(height * DRAFT_SIDE / longest)))
 
 
-def _check_size(width: int, height: int, limits: Limits) -> None:
+def check_size(width: int, height: int, limits: Limits) -> None:
     """The size limits, applied to what the header claims, before a single pixel is decoded."""
     if width < 1 or height < 1:
         raise InputError(400, f"image has zero size ({width}x{height})")
@@ -103,7 +121,7 @@ def _check_size(width: int, height: int, limits: Limits) -> None:
         )
 
 
-def _plain_png(data: bytes, limits: Limits) -> np.ndarray | None:
+def _plain_png(data: bytes, limits: Limits) -> Picture | None:
     """An 8-bit gray, gray+alpha, RGB or RGBA PNG with no transparency key and no EXIF, decoded by libspng.
 
     That is what MNIST files, canvases and screenshots are, and libspng decodes them 5x faster than
@@ -118,14 +136,44 @@ def _plain_png(data: bytes, limits: Limits) -> np.ndarray | None:
         return None
     if {b"tRNS", b"eXIf"} & _checked_chunks(data):
         return None
-    _check_size(width, height, limits)
+    check_size(width, height, limits)
     try:
         pixels = pyspng.load(data, _SPNG_FORMATS[colour])
     except RuntimeError:  # truncated data, a broken zlib stream or filter byte...
         raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)") from None
+    return Picture(_in_strips(pixels, shrink_factor(width, height), _spng_gray), (width, height))
+
+
+def shrink_factor(width: int, height: int) -> int:
+    """By how much a picture of this size is made smaller before framing (1: not at all): the largest
+    integer that keeps DRAFT_SIDE pixels on its longer side."""
+    longest = max(width, height)
+    return longest // DRAFT_SIDE if longest >= 2 * DRAFT_SIDE else 1
+
+
+def _in_strips(pixels: np.ndarray, factor: int, gray: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``gray(pixels)`` made ``factor`` times smaller (each block's mean, partial blocks at the edges
+    included), a strip of rows at a time: only a strip is ever held as floats."""
+    if factor == 1:
+        return gray(pixels)
+    step = factor * STRIP_ROWS
+    return np.concatenate([_block_means(gray(pixels[top: top + step]), factor)
+                           for top in range(0, len(pixels), step)])
+
+
+def _block_means(plane: np.ndarray, factor: int) -> np.ndarray:
+    height, width = plane.shape
+    rows, cols = np.arange(0, height, factor), np.arange(0, width, factor)
+    sums = np.add.reduceat(np.add.reduceat(plane, rows, axis=0), cols, axis=1)
+    counts = np.minimum(factor, height - rows)[:, None] * np.minimum(factor, width - cols)[None, :]
+    return (sums / counts).astype(np.float32)
+
+
+def _spng_gray(pixels: np.ndarray) -> np.ndarray:
+    """libspng's L, RGB or RGBA pixels -> float32 luminance, transparency on white (as ``_to_gray``)."""
     if pixels.ndim == 2:
         return pixels.astype(np.float32)
-    # Channel by channel and in place: a 16-megapixel canvas needs a few float planes, not float RGBA copies.
+    # Channel by channel and in place: a big canvas needs a few float planes, not float RGBA copies.
     gray = pixels[..., 0] * _LUMA[0] + pixels[..., 1] * _LUMA[1] + pixels[..., 2] * _LUMA[2]
     if pixels.shape[2] == 4:  # transparency on white, as _to_gray does
         gray -= 255
@@ -151,6 +199,24 @@ def _checked_chunks(png: bytes) -> set[bytes]:
             return kinds
         at = end + 4
     raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)")
+
+
+def _shrunk_gray(image: Image.Image) -> np.ndarray:
+    """``_to_gray``, made ``shrink_factor`` times smaller first where the picture is big: by Pillow's
+    ``reduce`` (which weighs colours by their alpha), or in strips for 16-bit grey, which it cannot reduce."""
+    factor = shrink_factor(*image.size)
+    if factor == 1:
+        return _to_gray(image)
+    if image.mode.startswith("I;16"):
+        return _in_strips(np.asarray(image), factor, lambda rows: rows.astype(np.float32) * np.float32(255 / 65535))
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode == "1":
+        image = image.convert("L")
+    try:
+        return _to_gray(image.reduce(factor))
+    except ValueError:  # a mode reduce does not take (HSV, LAB...): by way of RGBA
+        return _to_gray(image.convert("RGBA").reduce(factor))
 
 
 def _to_gray(image: Image.Image) -> np.ndarray:

@@ -111,7 +111,7 @@ def _model_dir(store: Path, name: str) -> Path:
 def list_versions(store: Path, name: str) -> list[int]:
     """Complete versions only: integer folder names; temporary folders are invisible."""
     model_dir = _model_dir(store, name)
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
 
 
 def resolve_version(store: Path, name: str, version: int | None = None) -> Path:

@@ -9,8 +9,9 @@ previous forward runs, so batches form by themselves), and then waits at most
 ``batch_timeout`` for more only while the batch is not full, holds fewer images than a
 full-speed forward, and more requests are in flight than it holds (some may still be being
 decoded; under load there always are): a lone request never waits, and multi-image requests
-do not wait for each other in lock-step. Requests whose deadline passed while queued are
-answered 504 here and never computed.
+do not wait for each other in lock-step. Requests whose deadline passed while queued (the
+service's request timeout, or the client's own ``X-Request-Timeout-Ms``: ``Work.deadline``) are
+answered 504 here and never computed; their API server counts them as admitted until then.
 
 Stages: the same LitAPI stages in the same order (decode_request, batch, predict, unbatch,
 encode_response), without what a profile under load showed costing a sixth of the worker's
@@ -129,7 +130,8 @@ def collect(stages: Stages, requests: RequestPipes) -> Collected:
         if isinstance(work, Control):
             controls.append((server, uid, work))
             return payloads, timed_out, controls
-        if timeout is not None and time.monotonic() - queued_at > timeout:
+        now = time.monotonic()
+        if now > work.deadline or (timeout is not None and now - queued_at > timeout):
             timed_out.append((server, uid))
         else:
             payloads.append((server, uid, work))

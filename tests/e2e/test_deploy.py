@@ -214,10 +214,6 @@ def mounts(service: dict) -> dict[str, str]:
     return pairs
 
 
-def published_ports(service: dict) -> set[tuple[int, int]]:
-    return {(published, target) for _, published, target in published_on(service)}
-
-
 def published_on(service: dict) -> set[tuple[str, int, int]]:
     """(host address, published port, container port) of each port a service publishes ("" = every address)."""
     triples = set()
@@ -350,7 +346,9 @@ class TestCompose:
         api = compose["services"]["api"]
         store_path = image_env()["DIGITSERVE_STORE"]
         assert api["build"]["context"] == str(ROOT)
-        assert (8000, 8000) in published_ports(api)
+        assert published_on(api) == {("127.0.0.1", 8000, 8000)}, "the api is published on this host only"
+        assert api["read_only"] is True and "/tmp" in str(api["tmpfs"])
+        assert api["cap_drop"] == ["ALL"] and api["security_opt"] == ["no-new-privileges:true"]
         assert mounts(api)["model_store"] == store_path
         assert api["restart"] == "unless-stopped"
         assert duration_s(api["stop_grace_period"]) > float(api["environment"]["DIGITSERVE_REQUEST_TIMEOUT_S"])

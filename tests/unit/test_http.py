@@ -190,7 +190,8 @@ def test_explain_options_are_validated_against_the_limits():
 
 def test_response_schema_accepts_what_a_worker_answers():
     PredictResponse.model_validate({"model": {"name": "mnist-fnn", "version": 1},
-                                    "predictions": [{"label": 7, "confidence": 0.9, "probabilities": [0.01] * 10}]})
+                                    "predictions": [{"label": 7, "confidence": 0.9, "probabilities": [0.01] * 10,
+                                                     "box": [3, 4, 20, 20], "flags": []}]})
 
 
 @pytest.mark.parametrize(("args", "says"), [
