@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting %s v%d on %s: %d API servers, %d predict and %d explain workers", model.name,
              model.version, device, settings.api_servers, settings.workers, settings.explain_workers)
     try:
-        server.serve(started=lambda: ready.announce_when_ready(settings, server.app))
+        server.serve(started=lambda: ready.announce_when_ready(settings))
     except OSError as e:  # taken in the moment since check_free
         print(f"error: {cannot_listen(settings, e)}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The one line that says the service is ready, once /health first answers 200: where the page and the
-API docs are, and how to stop it. Until then the service answers 503 (workers still loading)."""
+OpenAPI document are (no Swagger page: it would load a CDN's script), and how to stop it. Until then the
+service answers 503 (workers still loading)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import http.client
 import logging
 import threading
 import time
-
-from fastapi import FastAPI
 
 from service.config import Settings
 
@@ -23,22 +22,16 @@ def base_url(settings: Settings) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
 
 
-def docs_path(app: FastAPI) -> str:
-    """The interactive API docs where they are served, else the OpenAPI document itself."""
-    paths = {getattr(route, "path", None) for route in app.routes}
-    return "/docs" if "/docs" in paths else "/openapi.json"
-
-
-def announce_when_ready(settings: Settings, app: FastAPI) -> threading.Thread:
+def announce_when_ready(settings: Settings) -> threading.Thread:
     """Poll /health in a daemon thread (started after the API servers are forked); log the ready line
     once. The thread ends after it."""
-    url, docs = base_url(settings), docs_path(app)
+    url = base_url(settings)
 
     def wait() -> None:
         host = url.removeprefix("http://").rsplit(":", 1)[0].strip("[]")
         while not _healthy(host, settings.port):
             time.sleep(POLL_S)
-        log.info("ready: the page is %s/ and the API docs %s%s; Ctrl+C stops", url, url, docs)
+        log.info("ready: the page is %s/ and the API's OpenAPI document %s/openapi.json; Ctrl+C stops", url, url)
 
     thread = threading.Thread(target=wait, name="digitserve-ready", daemon=True)
     thread.start()
