@@ -32,7 +32,8 @@ def test_one_ready_line_once_healthy_with_the_page_the_docs_and_how_to_stop(tmp_
         output = wait_for("ready:", server)
         ready = [line for line in output.splitlines() if "ready:" in line]
         assert len(ready) == 1, output
-        assert f"http://localhost:{port}/ " in ready[0] and f"http://localhost:{port}/openapi.json" in ready[0], ready[0]
+        assert f"http://localhost:{port}/ " in ready[0], ready[0]
+        assert f"http://localhost:{port}/openapi.json" in ready[0], ready[0]
         assert "Ctrl+C" in ready[0]
         assert "Application startup complete" not in output and "Uvicorn running" not in output, output
         assert output.index("starting mnist-fnn") < output.index("ready:")
