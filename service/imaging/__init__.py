@@ -5,6 +5,7 @@ anti-aliasing) and placing that box in a 28x28 image so that the centre of mass 
 lies at the centre. We do the same to whatever a client sends (``docs/pictures.md``):
 
 - ``decode``: bytes -> a grey picture (transparency on white; a phone's JPEG decoded smaller);
+- ``margin``: a margin of the picture's own paper around a digit cropped tight;
 - ``ink``: where the digit's ink is, the way a document scanner finds it (local background,
   polarity, noise, threshold, connected components), and what made that uncertain;
 - ``frame``: MNIST's recipe on that ink (crop, fit in 20x20, centre of mass at the centre);
@@ -32,17 +33,19 @@ from service.model.fnn import IMAGE_SIDE
 
 Raw: TypeAlias = "bytes | list[list[float]] | list[float]"  # as a client sends it: a picture, or pixels
 FLAGS = (MULTIPLE, FAINT)
+NO_DIGIT = "no_digit"  # the flag of a picture in which no digit is found: answered, not refused
 
-__all__ = ["FLAGS", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
+__all__ = ["FLAGS", "NO_DIGIT", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
            "prepare", "prepare_many", "to_mnist", "validate_pixels"]
 
 
 class Note(TypedDict):
     """What the framing found in one instance: ``box`` [x, y, width, height] of the digit in the client's
     picture (pixels, EXIF orientation applied; for ``pixels`` instances, in the 28x28 frame), and
-    ``flags``, a subset of FLAGS in that order, empty when nothing made it unsure."""
+    ``flags``, a subset of FLAGS in that order, empty when nothing made it unsure; or, for a picture
+    in which no digit is found, ``box`` None and ``flags`` [NO_DIGIT] (its frame is black)."""
 
-    box: list[int]
+    box: list[int] | None
     flags: list[str]
 
 
@@ -73,17 +76,19 @@ class _Decoded:
     pictures: dict[int, Picture]
     notes: list[Note | None] = field(default_factory=list)
 
-    def framed(self, frames: np.ndarray, inks: Sequence[Ink]) -> Prepared:
+    def framed(self, frames: np.ndarray, inks: Sequence[Ink | None]) -> Prepared:
         indices = list(self.pictures)
         self.frames[indices] = frames
         for index, digit in zip(indices, inks):
-            self.notes[index] = {"box": _client_box(digit.box, self.pictures[index]), "flags": digit.flags}
+            self.notes[index] = (Note(box=None, flags=[NO_DIGIT]) if digit is None else
+                                 Note(box=_client_box(digit.box, self.pictures[index]), flags=digit.flags))
         return Prepared(self.frames, self.notes)  # type: ignore[arg-type]  # every instance has its note now
 
 
 def prepare(instances: Sequence[Raw], limits: Limits) -> Prepared:
-    """One request's instances -> float32 (n, 28, 28) in 0..1, MNIST-framed, with a note per instance;
-    the first bad one raises an ``InputError`` naming its instance."""
+    """One request's instances -> float32 (n, 28, 28) in 0..1, MNIST-framed, with a note per instance
+    (a picture without a digit is noted ``no_digit``); the first bad one raises an ``InputError``
+    naming its instance."""
     (outcome,) = prepare_many([instances], limits)
     if isinstance(outcome, InputError):
         raise outcome
@@ -94,8 +99,8 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
     """Several requests' instances at once, each request's frames (and notes) or its ``InputError``.
 
     Framing costs per numpy call, not per pixel, so the pictures of all the requests are framed
-    together: a handful of single-image requests cost about what one does. A bad or blank
-    picture fails only its own request (its request is then framed alone).
+    together: a handful of single-image requests cost about what one does. A bad picture fails
+    only its own request; a blank one is an answer (``no_digit``), not a failure.
     """
     outcomes: list[_Decoded | InputError] = []
     for instances in requests:
@@ -104,10 +109,7 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
         except InputError as e:
             outcomes.append(e)
     decoded = [d for d in outcomes if isinstance(d, _Decoded)]
-    try:
-        frames, inks = to_mnist_with_ink([picture.gray for d in decoded for picture in d.pictures.values()])
-    except BlankImage:  # rare: request by request, so that only the blank picture's request fails
-        return [_frame_alone(d) if isinstance(d, _Decoded) else d for d in outcomes]
+    frames, inks = to_mnist_with_ink([picture.gray for d in decoded for picture in d.pictures.values()])
     done: list[Prepared | InputError] = []
     start = 0
     for outcome in outcomes:
@@ -118,13 +120,6 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
         else:
             done.append(outcome)
     return done
-
-
-def _frame_alone(decoded: _Decoded) -> Prepared | InputError:
-    try:
-        return decoded.framed(*to_mnist_with_ink([picture.gray for picture in decoded.pictures.values()]))
-    except BlankImage as blank:
-        return blank.at(f"instance {list(decoded.pictures)[blank.position]}")
 
 
 def _decode(instances: Sequence[Raw], limits: Limits) -> _Decoded:

@@ -1,0 +1,79 @@
+"""A margin of paper around a picture cropped tight, so that its digit is found like any other.
+
+People crop a digit to its box: the strokes touch the picture's edges, the paper is a minority of
+the picture, and bold strokes are as wide as the paper between them. Every later step assumes
+what MNIST's pictures and photos give: paper all around the digit. A stroke that runs along the
+edge looks like the edge of a shadow, and a stroke wider than the background's window looks like
+paper, so such a picture was found blank or read wrong.
+
+So a picture whose border holds ink gets a margin of its own paper first. Along the border, the
+paper is the side of the border's two levels (Otsu's split) that holds most of it (the lighter one
+when neither clearly does: a picture is more often dark ink on light paper); each border pixel of
+the other side takes the paper's level interpolated from its neighbours along the border, and the
+margin repeats that paper outwards (so a gradient along the edge goes on), with the picture's own
+noise. The steps after it then see an ordinary picture: a paper of one grey (``ink.flat_inks``), or a
+photo (``photo.photo_ink``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.imaging.ink import MIN_CONTRAST
+
+MARGIN_SHARE = 0.25  # the margin on each side, a share of the picture's longer side
+MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on the ink's side ...
+NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and MIN_CONTRAST)
+AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
+
+
+def pad(gray: np.ndarray, noise: float) -> tuple[np.ndarray, int]:
+    """``gray`` with a margin of paper around it and the margin's width, or ``gray`` and 0 when its border
+    holds no ink (it has a margin already). ``noise``: the picture's noise (standard deviation)."""
+    height, width = gray.shape
+    ring = np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])  # clockwise, once each
+    split = _otsu(ring)
+    dark = ring < split
+    share = float(dark.mean())
+    if min(share, 1 - share) < MIN_INK_SHARE:
+        return gray, 0
+    low, high = float(np.median(ring[dark])), float(np.median(ring[~dark]))
+    if high - low < max(MIN_CONTRAST, NOISE_SEPARATION * noise):
+        return gray, 0
+    paper = ~dark if share < AMBIGUOUS else dark
+    positions = np.arange(len(ring))
+    filled = np.interp(positions, positions[paper], ring[paper], period=len(ring)).astype(np.float32)
+    framed = gray.copy()
+    top, right, bottom = width - 1, width + height - 2, 2 * width + height - 3  # where each side starts
+    framed[0, :-1], framed[:-1, -1] = filled[:top], filled[top:right]
+    framed[-1, :0:-1], framed[:0:-1, 0] = filled[right:bottom], filled[bottom:]
+    margin = max(2, round(MARGIN_SHARE * max(height, width)))
+    padded = np.pad(framed, margin, mode="edge")
+    padded[margin: margin + height, margin: margin + width] = gray
+    if noise >= 0.5:  # the paper's own noise, so that the margin does not read as a smooth paper
+        rng = np.random.default_rng(0)
+        outside = np.ones(padded.shape, bool)
+        outside[margin: margin + height, margin: margin + width] = False
+        padded[outside] += rng.standard_normal(int(outside.sum()), dtype=np.float32) * np.float32(noise)
+    return padded, margin
+
+
+def unpad(box: tuple[int, int, int, int], margin: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A box (x, y, width, height) in the padded picture -> in the picture, clipped to it."""
+    x, y, w, h = box
+    left, top = min(max(x - margin, 0), shape[1] - 1), min(max(y - margin, 0), shape[0] - 1)
+    right, bottom = max(min(x + w - margin, shape[1]), left + 1), max(min(y + h - margin, shape[0]), top + 1)
+    return left, top, right - left, bottom - top
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of ``values``: the split that maximises the variance between the two sides."""
+    ranked = np.sort(values.astype(np.float64))
+    n = len(ranked)
+    below = np.cumsum(ranked)[:-1]
+    count = np.arange(1, n)
+    mean_low, mean_high = below / count, (ranked.sum() - below) / (n - count)
+    between = count * (n - count) * (mean_high - mean_low) ** 2
+    between[ranked[1:] == ranked[:-1]] = -1  # a split between equal values splits nothing
+    best = int(np.argmax(between))
+    return float((ranked[best] + ranked[best + 1]) / 2)
