@@ -62,6 +62,7 @@ FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds",
                             "Duration of one model forward (explain: the whole attribution)",
                             ["endpoint", "version"], buckets=FORWARD_BUCKETS)
 PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
+FLAGS = Counter("digitserve_flags_total", "Instances answered with a flag, by flag and version", ["flag", "version"])
 CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
                        buckets=CONFIDENCE_BUCKETS)
 SERVING = Gauge("digitserve_serving_version", "The model version requests are routed to (unpinned, not canary)",
@@ -150,6 +151,10 @@ def observe_predictions(version: str, probs: np.ndarray) -> None:
         if count:
             labelled(PREDICTIONS, str(label), version).inc(int(count))
     observe_many(labelled(CONFIDENCE, version), probs.max(1))
+
+
+def count_flag(flag: str, version: str, count: int = 1) -> None:
+    labelled(FLAGS, flag, version).inc(count)
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

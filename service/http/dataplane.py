@@ -15,9 +15,11 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from service import answers, metrics
 from service.config import Settings
 from service.errors import HttpError, retry_later
 from service.http import inputs
@@ -79,8 +81,13 @@ class DataPlane:
     async def compute(self, pool: str, work: Work, deadline_s: float, pinned: int | None = None
                       ) -> tuple[Any, int, int]:
         """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
-        its answer, the size of the batch it was part of, and the version that computed it."""
+        its answer, the size of the batch it was part of, and the version that computed it. A request
+        whose pictures all have no digit is answered here, without a worker (batch size 0)."""
         work.version = self.versions.route(pinned)
+        if work.notes and (missing := sum(map(answers.no_digit, work.notes))):
+            metrics.count_flag(answers.NO_DIGIT, str(work.version), missing)
+            if missing == len(work.notes):
+                return self._nothing_found(work), 0, work.version
         uid, pending = self.dispatcher.submit(pool, work)
         timeout = deadline_s
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
@@ -94,6 +101,14 @@ class DataPlane:
         if not pending.answered:
             raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         return result(pending)
+
+    def _nothing_found(self, work: Work) -> bytes:
+        """The answer of a worker to a request without a digit: no rows (V2's tensors), or the JSON of
+        its no_digit rows."""
+        if work.options.get("output") == "tensor":
+            return b""
+        rows = answers.spliced([], work.notes, work.options)
+        return orjson.dumps({"model": {"name": self.settings.model, "version": work.version}, "predictions": rows})
 
 
 def arrival(request: Request) -> float:

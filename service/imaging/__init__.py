@@ -23,6 +23,7 @@ from typing import Any, TypeAlias, TypedDict
 
 import numpy as np
 
+from service.answers import NO_DIGIT
 from service.config import Limits
 from service.errors import InputError
 from service.imaging.decode import Picture, decode_image, decode_picture
@@ -33,7 +34,6 @@ from service.model.fnn import IMAGE_SIDE
 
 Raw: TypeAlias = "bytes | list[list[float]] | list[float]"  # as a client sends it: a picture, or pixels
 FLAGS = (MULTIPLE, FAINT)
-NO_DIGIT = "no_digit"  # the flag of a picture in which no digit is found: answered, not refused
 
 __all__ = ["FLAGS", "NO_DIGIT", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
            "prepare", "prepare_many", "to_mnist", "validate_pixels"]
