@@ -13,6 +13,7 @@ from service.imaging import ink, margin, photo
 from service.model.fnn import IMAGE_SIDE
 
 BOX = 20  # MNIST fits each digit in a 20x20 box
+AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its paper are ink
 FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
 
 
@@ -87,20 +88,21 @@ def _flat_ink(one: np.ndarray, paper: np.ndarray) -> ink.Ink | None:
 
 
 def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
-    """A picture whose border is not one grey: a photo, or a digit cropped tight. Where the photo steps
-    find nothing, or ink that touches the picture's edge and spans most of it, and the border holds
-    ink, the picture is read again with a margin of its own paper (``margin``), and may then be on one
-    grey after all. (Only then: along the border of a photo, the edge of a shadow is not ink, and the
-    photo steps know it better than a margin does.)"""
+    """A picture whose border is not one grey: a photo, or a digit cropped tight. Where the border holds
+    ink and the photo steps find nothing, or ink that spans the picture from its edge, or "ink" at the
+    level of the border's paper, the picture is read again with a margin of its own paper
+    (``margin``), and may then be on one grey after all. (Only then: along the border of a photo, the
+    edge of a shadow is not ink, and the photo steps know it better than a margin does.)"""
     try:
         found = photo.photo_ink(gray)
     except ink.Blank:
         found = None
-    if found is not None and not _fills(found.box, gray.shape):
+    noise = photo.noise(gray)
+    border = margin.levels(gray, noise)
+    if border is None or (found is not None and not _fills(found.box, gray.shape)
+                          and _agrees(found, gray, *border)):
         return found
-    padded, width = margin.pad(gray, photo.noise(gray))
-    if not width:
-        return found
+    padded, width = margin.pad(gray, *border, noise)
     try:
         paper, flat = ink.paper_grey(padded[None])
         again = ink.flat_inks(padded[None], paper)[0] if flat[0] else photo.photo_ink(padded)
@@ -108,6 +110,17 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
         return found
     again.box = margin.unpad(again.box, width, gray.shape)
     return again
+
+
+def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float) -> bool:
+    """Whether the strokes found stand out from a light paper on the side of the border's dark ink: not
+    the paper between bold strokes, taken for light ink. (Where the border's lighter level is the ink's,
+    it may be the lit side of a shadow: the photo steps are trusted.)"""
+    if paper < border_ink:
+        return True
+    x, y, w, h = found.box
+    strokes = gray[y: y + h, x: x + w][found.strokes > 0.5]
+    return not len(strokes) or paper - float(np.median(strokes)) >= AGREES * (paper - border_ink)
 
 
 def _fills(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:

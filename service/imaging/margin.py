@@ -7,8 +7,9 @@ edge looks like the edge of a shadow, and a stroke wider than the background's w
 paper, so such a picture was found blank or read wrong.
 
 So a picture whose border holds ink gets a margin of its own paper first. Along the border, the
-paper is the side of the border's two levels (Otsu's split) that holds most of it (the lighter one
-when neither clearly does: a picture is more often dark ink on light paper); each border pixel of
+paper is the side of the border's two levels (Otsu's split; two levels, not a gradient) that holds
+most of it (the lighter one when neither clearly does: a picture is more often dark ink on light
+paper); each border pixel of
 the other side takes the paper's level interpolated from its neighbours along the border, and the
 margin repeats that paper outwards (so a gradient along the edge goes on), with the picture's own
 noise. The steps after it then see an ordinary picture: a paper of one grey (``ink.flat_inks``), or a
@@ -25,22 +26,29 @@ MARGIN_SHARE = 0.25  # the margin on each side, a share of the picture's longer 
 MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on the ink's side ...
 NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and MIN_CONTRAST)
 AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
+TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
 
 
-def pad(gray: np.ndarray, noise: float) -> tuple[np.ndarray, int]:
-    """``gray`` with a margin of paper around it and the margin's width, or ``gray`` and 0 when its border
-    holds no ink (it has a margin already). ``noise``: the picture's noise (standard deviation)."""
-    height, width = gray.shape
-    ring = np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])  # clockwise, once each
+def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
+    """The paper's and the ink's level along the border of a picture whose border holds ink, or None."""
+    ring = _ring(gray)
     split = _otsu(ring)
     dark = ring < split
     share = float(dark.mean())
     if min(share, 1 - share) < MIN_INK_SHARE:
-        return gray, 0
+        return None
     low, high = float(np.median(ring[dark])), float(np.median(ring[~dark]))
-    if high - low < max(MIN_CONTRAST, NOISE_SEPARATION * noise):
-        return gray, 0
-    paper = ~dark if share < AMBIGUOUS else dark
+    if high - low < max(MIN_CONTRAST, NOISE_SEPARATION * noise) or _between(ring, dark) < TWO_LEVELS:
+        return None
+    return (low, high) if share >= AMBIGUOUS else (high, low)
+
+
+def pad(gray: np.ndarray, paper_level: float, ink_level: float, noise: float) -> tuple[np.ndarray, int]:
+    """``gray`` with a margin of paper around it (``levels``), and the margin's width. ``noise``: the
+    picture's noise (standard deviation)."""
+    height, width = gray.shape
+    ring = _ring(gray)
+    paper = np.abs(ring - paper_level) < np.abs(ring - ink_level)
     positions = np.arange(len(ring))
     filled = np.interp(positions, positions[paper], ring[paper], period=len(ring)).astype(np.float32)
     framed = gray.copy()
@@ -64,6 +72,18 @@ def unpad(box: tuple[int, int, int, int], margin: int, shape: tuple[int, ...]) -
     left, top = min(max(x - margin, 0), shape[1] - 1), min(max(y - margin, 0), shape[0] - 1)
     right, bottom = max(min(x + w - margin, shape[1]), left + 1), max(min(y + h - margin, shape[0]), top + 1)
     return left, top, right - left, bottom - top
+
+
+def _ring(gray: np.ndarray) -> np.ndarray:
+    """The picture's border, clockwise from the top left corner, each pixel once."""
+    return np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])
+
+
+def _between(values: np.ndarray, side: np.ndarray) -> float:
+    """The share of the variance of ``values`` that lies between the two sides (Otsu's effectiveness)."""
+    total = float(values.var())
+    share = float(side.mean())
+    return share * (1 - share) * (float(values[side].mean()) - float(values[~side].mean())) ** 2 / max(total, 1e-9)
 
 
 def _otsu(values: np.ndarray) -> float:
