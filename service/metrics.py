@@ -227,6 +227,8 @@ def start(pools: list[str], serving: int) -> None:
             labelled(REFUSALS, pool.strip("/"), reason)
     for reason in ("read_timeout", "too_many_connections", "too_many_from_client"):
         labelled(REFUSALS, "connection", reason)
+    for flag in ("no_digit", "not_a_digit"):  # the drift alert divides by them
+        labelled(FLAGS, flag, str(serving))
     labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 
 
