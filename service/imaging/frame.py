@@ -14,6 +14,7 @@ from service.model.fnn import IMAGE_SIDE
 
 BOX = 20  # MNIST fits each digit in a 20x20 box
 AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its paper are ink
+CLEAN = 1.0  # grey levels of noise under which a picture is no photo (a render, a screenshot, a scan)
 FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
 
 
@@ -100,7 +101,7 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
     noise = photo.noise(gray)
     border = margin.levels(gray, noise)
     if border is None or (found is not None and not _fills(found.box, gray.shape)
-                          and _agrees(found, gray, *border)):
+                          and _agrees(found, gray, *border, noise)):
         return found
     padded, width = margin.pad(gray, *border, noise)
     try:
@@ -112,15 +113,15 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
     return again
 
 
-def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float) -> bool:
-    """Whether the strokes found stand out from a light paper on the side of the border's dark ink: not
-    the paper between bold strokes, taken for light ink. (Where the border's lighter level is the ink's,
-    it may be the lit side of a shadow: the photo steps are trusted.)"""
-    if paper < border_ink:
+def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float, noise: float) -> bool:
+    """Whether the strokes found stand out from the paper on the side of the border's ink: not the paper
+    between bold strokes, taken for ink. (Where the border's lighter level is the ink's in a photo, with
+    noise, it may be the lit side of a shadow: the photo steps are trusted.)"""
+    if paper < border_ink and noise >= CLEAN:
         return True
     x, y, w, h = found.box
     strokes = gray[y: y + h, x: x + w][found.strokes > 0.5]
-    return not len(strokes) or paper - float(np.median(strokes)) >= AGREES * (paper - border_ink)
+    return not len(strokes) or (float(np.median(strokes)) - paper) / (border_ink - paper) >= AGREES
 
 
 def _fills(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
