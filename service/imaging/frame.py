@@ -14,7 +14,6 @@ from service.model.fnn import IMAGE_SIDE
 
 BOX = 20  # MNIST fits each digit in a 20x20 box
 AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its paper are ink
-CLEAN = 1.0  # grey levels of noise under which a picture is no photo (a render, a screenshot, a scan)
 FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
 
 
@@ -101,7 +100,7 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
     noise = photo.noise(gray)
     border = margin.levels(gray, noise)
     if border is None or (found is not None and not _fills(found.box, gray.shape)
-                          and _agrees(found, gray, *border, noise)):
+                          and _agrees(found, gray, *border)):
         return found
     padded, width = margin.pad(gray, *border, noise)
     try:
@@ -113,15 +112,12 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
     return again
 
 
-def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float, noise: float) -> bool:
-    """Whether the strokes found stand out from the paper on the side of the border's ink: not the paper
-    between bold strokes, taken for ink. (Where the border's lighter level is the ink's in a photo, with
-    noise, it may be the lit side of a shadow: the photo steps are trusted.)"""
-    if paper < border_ink and noise >= CLEAN:
-        return True
+def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float) -> bool:
+    """Whether the strokes found stand out from the border's paper (on either side: the border's other
+    level may be a shadow's, or its lit side): not the paper between bold strokes, taken for ink."""
     x, y, w, h = found.box
     strokes = gray[y: y + h, x: x + w][found.strokes > 0.5]
-    return not len(strokes) or (float(np.median(strokes)) - paper) / (border_ink - paper) >= AGREES
+    return not len(strokes) or abs(float(np.median(strokes)) - paper) >= AGREES * abs(border_ink - paper)
 
 
 def _fills(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:

@@ -26,7 +26,8 @@ MARGIN_SHARE = 0.25  # the margin on each side, a share of the picture's longer 
 MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on the ink's side ...
 NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and MIN_CONTRAST)
 AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
-PAPER_BAND = 0.25  # border pixels this share of the ink's contrast from the paper's level are paper
+PAPER_BAND = 0.02  # border pixels this share of the ink's contrast from the paper's level (or noise) are paper
+NOISE_MARGIN = 3.0
 TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
 
 
@@ -49,7 +50,8 @@ def pad(gray: np.ndarray, paper_level: float, ink_level: float, noise: float) ->
     picture's noise (standard deviation)."""
     height, width = gray.shape
     ring = _ring(gray)
-    paper = np.abs(ring - paper_level) < PAPER_BAND * abs(ink_level - paper_level)  # not even a stroke's fringe
+    # the paper's own pixels: as far from its level as its noise takes them, not a stroke's fringe
+    paper = np.abs(ring - paper_level) <= max(NOISE_MARGIN * noise + 1, PAPER_BAND * abs(ink_level - paper_level))
     positions = np.arange(len(ring))
     filled = np.interp(positions, positions[paper], ring[paper], period=len(ring)).astype(np.float32)
     framed = gray.copy()

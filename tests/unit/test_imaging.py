@@ -470,7 +470,7 @@ def test_a_margin_is_added_only_where_the_border_holds_ink(mnist_test):
     padded, width = margin.pad(six, paper, ink_level, 0.0)
     assert width > 0 and padded.shape == (61 + 2 * width, 42 + 2 * width)
     np.testing.assert_array_equal(padded[width: width + 61, width: width + 42], six)
-    assert np.mean(np.abs(padded[:width] - 215) <= 2) > 0.95  # the margin is the paper's grey (a stroke's fringe aside)
+    assert np.abs(padded[:width] - 215).max() <= 4  # the margin is the paper's grey (Lanczos ringing aside)
 
 
 def test_blank_pictures_are_noted_no_digit_not_refused():
