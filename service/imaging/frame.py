@@ -99,6 +99,8 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
         found = None
     noise = photo.noise(gray)
     border = margin.levels(gray, noise)
+    if border is None and found is None:  # faint ink along the border (a blurred stroke cut by the crop)
+        border = margin.paper_only(gray)
     if border is None or (found is not None and not _fills(found.box, gray.shape)
                           and _agrees(found, gray, *border)):
         return found

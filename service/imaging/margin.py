@@ -45,6 +45,20 @@ def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
     return (low, high) if share >= AMBIGUOUS else (high, low)
 
 
+def paper_only(gray: np.ndarray) -> tuple[float, float] | None:
+    """Where the border is not two clear levels: its median as the paper, and the picture's ink level
+    (its 1st or 99th percentile, the farther from the paper), or None unless that ink lies beyond
+    every level of the border (as a gradient's or a shadow's ends do not: they reach the border)."""
+    ring = _ring(gray)
+    paper = float(np.median(ring))
+    step = max(1, max(gray.shape) // 256)
+    low, high = np.percentile(gray[::step, ::step], (1, 99))
+    edge_low, edge_high = np.percentile(ring, (2, 98))
+    if paper - low >= high - paper:
+        return (paper, float(low)) if edge_low - low >= MIN_CONTRAST else None
+    return (paper, float(high)) if high - edge_high >= MIN_CONTRAST else None
+
+
 def pad(gray: np.ndarray, paper_level: float, ink_level: float, noise: float) -> tuple[np.ndarray, int]:
     """``gray`` with a margin of paper around it (``levels``), and the margin's width. ``noise``: the
     picture's noise (standard deviation)."""
