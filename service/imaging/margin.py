@@ -6,14 +6,16 @@ what MNIST's pictures and photos give: paper all around the digit. A stroke that
 edge looks like the edge of a shadow, and a stroke wider than the background's window looks like
 paper, so such a picture was found blank or read wrong.
 
-So a picture whose border holds ink gets a margin of its own paper first. Along the border, the
-paper is the side of the border's two levels (Otsu's split; two levels, not a gradient) that holds
-most of it (the lighter one when neither clearly does: a picture is more often dark ink on light
-paper); each border pixel of
-the other side takes the paper's level interpolated from its neighbours along the border, and the
-margin repeats that paper outwards (so a gradient along the edge goes on), with the picture's own
-noise. The steps after it then see an ordinary picture: a paper of one grey (``ink.flat_inks``), or a
-photo (``photo.photo_ink``).
+So a picture whose border holds ink gets a margin of its own paper (``frame`` says when). Along
+the border, the paper is the side of its two levels (Otsu's split; two levels, not a gradient)
+that holds most of it, the lighter one when neither clearly does: a picture is more often dark ink
+on light paper (``levels``); or, where the ink along the border is too faint to make two levels (a
+blurred stroke cut by the crop), the border's median, if the picture's ink lies beyond every level
+of the border (``paper_only``). The border pixels within the paper's noise of its level are kept,
+the others take the level interpolated from their neighbours along the border, and the margin
+repeats that outwards (a gradient along the edge goes on), with the picture's own noise. The steps
+after it then see an ordinary picture: a paper of one grey (``ink.flat_inks``), or a photo
+(``photo.photo_ink``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 import numpy as np
 
 from service.imaging.ink import MIN_CONTRAST
+from service.imaging.photo import NOISE_MARGIN
 
 MARGIN_SHARE = 0.25  # the margin on each side, a share of the picture's longer side
 MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on the ink's side ...
 NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and MIN_CONTRAST)
 AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
 PAPER_BAND = 0.02  # border pixels this share of the ink's contrast from the paper's level (or noise) are paper
-NOISE_MARGIN = 3.0
 TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
 
 
@@ -66,6 +68,8 @@ def pad(gray: np.ndarray, paper_level: float, ink_level: float, noise: float) ->
     ring = _ring(gray)
     # the paper's own pixels: as far from its level as its noise takes them, not a stroke's fringe
     paper = np.abs(ring - paper_level) <= max(NOISE_MARGIN * noise + 1, PAPER_BAND * abs(ink_level - paper_level))
+    if not paper.any():  # no pixel that close (a median between two levels): the paper's side of the border
+        paper = np.abs(ring - paper_level) <= np.abs(ring - ink_level)
     positions = np.arange(len(ring))
     filled = np.interp(positions, positions[paper], ring[paper], period=len(ring)).astype(np.float32)
     framed = gray.copy()

@@ -93,6 +93,9 @@ def test_explain_answers_blank_pictures_with_a_row_of_nothing(served, digits):
     assert found["label"] == labels[0] and len(found["attributions"]) == 28
     assert {k: blank[k] for k in NO_DIGIT_ROW} == NO_DIGIT_ROW
     assert blank["method"] == "saliency" and blank["attributions"] is None and blank["input"] is None
+    with served.client() as client:  # only blank pictures: answered without a worker, the same row
+        alone = client.post("/explain", json={"instances": [{"image_b64": b64(WHITE)}], "method": "saliency"})
+    assert alone.status_code == 200 and alone.json()["predictions"] == [blank], alone.text
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
