@@ -33,6 +33,13 @@ PAPER_BAND = 0.02  # border pixels this share of the ink's contrast from the pap
 TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
 
 
+def noise(gray: np.ndarray) -> float:
+    """The picture's noise (standard deviation) at its own resolution, from differences of neighbours
+    along its border: cheap at any size, and robust to the few strokes that cross it."""
+    steps = np.diff(_ring(gray))
+    return float(1.4826 * np.median(np.abs(steps)) / np.sqrt(2)) if len(steps) else 0.0
+
+
 def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
     """The paper's and the ink's level along the border of a picture whose border holds ink, or None."""
     ring = _ring(gray)

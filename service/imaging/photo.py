@@ -242,13 +242,6 @@ def _spread(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def noise(gray: np.ndarray) -> float:
-    """A picture's noise (standard deviation) at its own resolution, measured on its analysis copy (whose
-    block means of factor x factor pixels divide white noise by the factor)."""
-    small, factor = _analysis_copy(gray)
-    return _noise(small) * factor
-
-
 def _noise(small: np.ndarray) -> float:
     """The picture's noise (standard deviation), from differences of neighbours: robust to the digit's
     and the shadows' edges, which are a minority of the pixels, and blind to gradients."""

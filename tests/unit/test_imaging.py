@@ -461,7 +461,7 @@ def test_a_margin_is_added_only_where_the_border_holds_ink(mnist_test):
 
     yy, xx = np.mgrid[0:120, 0:160]
     lamp = (200 - 60 * xx / 160 - 20 * yy / 120).astype(np.float32)
-    assert margin.levels(lamp, photo.noise(lamp)) is None
+    assert margin.levels(lamp, margin.noise(lamp)) is None
     canvas = 255 - on_canvas(mnist_test[0][0].numpy(), (60, 60), (16, 16)).astype(np.float32)
     assert margin.levels(canvas, 0.0) is None
     six = printed_six((42, 61), 12)
