@@ -63,6 +63,7 @@ FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds",
                             "Duration of one model forward (explain: the whole attribution)",
                             ["endpoint", "version"], buckets=FORWARD_BUCKETS)
 PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
+FLAGS = Counter("digitserve_flags_total", "Instances answered with a flag, by flag and version", ["flag", "version"])
 CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
                        buckets=CONFIDENCE_BUCKETS)
 SERVING = Gauge("digitserve_serving_version", "The model version requests are routed to (unpinned, not canary)",
@@ -156,6 +157,10 @@ def observe_predictions(version: str, probs: np.ndarray) -> None:
     observe_many(labelled(CONFIDENCE, version), probs.max(1))
 
 
+def count_flag(flag: str, version: str, count: int = 1) -> None:
+    labelled(FLAGS, flag, version).inc(count)
+
+
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     """``histogram.observe(v)`` for every value, with one write per bucket hit instead of two per value.
     In multiprocess mode each write takes a lock and packs into a memory-mapped file: per image, that
@@ -226,6 +231,8 @@ def start(pools: list[str], serving: int) -> None:
             labelled(REFUSALS, pool.strip("/"), reason)
     for reason in ("read_timeout", "too_many_connections", "too_many_from_client", "headers_too_large"):
         labelled(REFUSALS, "connection", reason)
+    for flag in ("no_digit", "not_a_digit"):  # the drift alert divides by them
+        labelled(FLAGS, flag, str(serving))
     labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 
 

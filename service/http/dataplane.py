@@ -16,9 +16,11 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from service import answers, metrics
 from service.config import Settings
 from service.errors import HttpError, retry_later, shown
 from service.http import inputs
@@ -79,10 +81,15 @@ class DataPlane:
     async def compute(self, pool: str, work: Work, deadline_s: float, admitted: Admitted,
                       pinned: int | None = None) -> tuple[Any, int, int]:
         """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
-        its answer, the size of the batch it was part of, and the version that computed it. Past the
+        its answer, the size of the batch it was part of, and the version that computed it. A request
+        whose pictures all have no digit is answered here, without a worker (batch size 0). Past the
         deadline the client gets 504, the worker drops the work if it has not begun it, and the request
         keeps its place in the admission counts until the worker says so."""
         work.version = self.versions.route(pinned)
+        if work.notes and (missing := sum(map(answers.no_digit, work.notes))):
+            metrics.count_flag(answers.NO_DIGIT, str(work.version), missing)
+            if missing == len(work.notes):
+                return self._nothing_found(work), 0, work.version
         timeout = deadline_s
         work.deadline = work.arrived + timeout  # the client's clock started when its request arrived
         remaining = work.deadline - time.monotonic()
@@ -100,6 +107,14 @@ class DataPlane:
         if not pending.answered:
             raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
         return result(pending)
+
+    def _nothing_found(self, work: Work) -> bytes:
+        """The answer of a worker to a request without a digit: no rows (V2's tensors), or the JSON of
+        its no_digit rows."""
+        if work.options.get("output") == "tensor":
+            return b""
+        rows = answers.spliced([], work.notes, work.options)
+        return orjson.dumps({"model": {"name": self.settings.model, "version": work.version}, "predictions": rows})
 
 
 def arrival(request: Request) -> float:

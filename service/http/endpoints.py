@@ -13,12 +13,11 @@ import asyncio
 import re
 from collections.abc import Callable
 
-import numpy as np
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import imaging
+from service import answers, imaging
 from service.errors import HttpError, shown
 from service.http import v2
 from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
@@ -26,7 +25,7 @@ from service.http.fastpath import Endpoint, failed
 from service.http.inputs import Parsed
 from service.http.schemas import PredictOptions
 from service.http.versioning import VersionControl
-from service.model.fnn import IMAGE_SIDE, INPUT_SIZE, NUM_CLASSES
+from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
 from service.work import Work, work_units
 
 
@@ -179,8 +178,8 @@ class OpenInferenceV2:
             work.options["output"] = "tensor"
             answer, batch_size, version = await plane.compute("/predict", work, deadline, admitted, pinned)
         computed(request, batch_size, version)
-        probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES)
-        return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), probabilities))
+        rows, no_digit = v2.answer_rows(answer, tensors.count, answers.found(work.notes) if work.notes else None)
+        return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), rows, no_digit))
 
     @staticmethod
     def _pixels(tensors: v2.InferRequest, arrived: float) -> Work:

@@ -5,8 +5,9 @@ First the pixels the request's pictures claim in their headers are counted (413 
 that the event loop keeps answering while its pictures are decoded. The others are cheap: under
 load an API server reads several of them per event-loop iteration, and framing costs per numpy
 call, not per pixel, so the requests read in one iteration are prepared together, at its end,
-with one ``imaging.prepare_many``, for one more event-loop step each. A bad or blank picture
-still fails only its own request.
+with one ``imaging.prepare_many``, for one more event-loop step each. A bad picture still fails
+only its own request; a picture without a digit is left out of the images a worker computes and
+answered from its note (``service.answers``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service import imaging
+from service import answers, imaging
 from service.config import Limits
 from service.http import inputs
 from service.model.fnn import INPUT_SIZE
@@ -67,7 +68,10 @@ class Preparer:
 
 
 def _work(parsed: inputs.Parsed, frames: imaging.Prepared, arrived: float) -> Work:
+    """The request's frames with a digit (a worker computes those only) and every instance's note."""
     options = parsed.options.model_dump()
     notes: list[dict[str, Any]] = [dict(note) for note in frames.notes]
-    return Work(np.asarray(frames).reshape(len(frames), INPUT_SIZE), options, arrived,
-                units=work_units(len(frames), options), notes=notes or None)
+    images = np.asarray(frames).reshape(len(frames), INPUT_SIZE)
+    if len(found := answers.found(notes)) < len(images):
+        images = images[found]
+    return Work(images, options, arrived, units=work_units(len(images), options), notes=notes or None)

@@ -77,14 +77,24 @@ class ModelRef(BaseModel):
     version: int
 
 
+Flag = Literal["multiple_digits", "low_contrast", "not_a_digit", "no_digit"]
+
+
 class Prediction(BaseModel):
-    label: int = Field(ge=0, le=9)
-    confidence: float = Field(ge=0, le=1)
-    probabilities: list[float] = Field(min_length=10, max_length=10)
-    box: list[int] = Field(min_length=4, max_length=4, description="[x, y, width, height] of the digit in the "
-                           "client's picture (pixels; for `pixels` instances, in the 28x28 frame)")
-    flags: list[str] = Field(description="what made the framing unsure (e.g. multiple_digits, low_contrast); "
-                                         "empty when nothing did")
+    """One instance's answer; for a picture in which no digit is found (``no_digit``), label, confidence,
+    probabilities and box are null and typicality is 0."""
+
+    label: int | None = Field(ge=0, le=9)
+    confidence: float | None = Field(ge=0, le=1)
+    probabilities: list[float] | None = Field(min_length=10, max_length=10)
+    typicality: float | None = Field(None, ge=0, le=1, description="share of held-out real digits less typical "
+                                     "than this input (a conformal p-value); null: the version has no calibration")
+    box: list[int] | None = Field(min_length=4, max_length=4, description="[x, y, width, height] of the digit in "
+                                  "the client's picture (pixels; for `pixels` instances, in the 28x28 frame); null "
+                                  "when no digit is found")
+    flags: list[Flag] = Field(description="what made the framing unsure (multiple_digits, low_contrast), that the "
+                                          "picture does not look like a digit (not_a_digit) or holds none (no_digit); "
+                                          "empty when nothing did")
 
 
 class PredictResponse(BaseModel):
@@ -121,11 +131,13 @@ class ConvergenceDelta(BaseModel):
 
 
 class Explanation(Prediction):
+    """An explained instance; for ``no_digit`` every field but ``method`` and the prediction's is null."""
+
     method: Method
-    target: int
-    attributions: list[list[float]] = Field(description="28x28, in the frame of `input`")
-    input: list[list[float]] = Field(description="the 28x28 image the model saw, 0..1")
-    layers: list[LayerSummary]
+    target: int | None
+    attributions: list[list[float]] | None = Field(description="28x28, in the frame of `input`")
+    input: list[list[float]] | None = Field(description="the 28x28 image the model saw, 0..1")
+    layers: list[LayerSummary] | None
     convergence_delta: ConvergenceDelta | None = Field(
         None, description="integrated gradients only: the completeness gap of these attributions")
     heatmap_png: str | None = Field(None, description="base64 PNG, with heatmap=true")

@@ -2,13 +2,18 @@
 
 A pure codec, so that the HTTP layer only routes and the rules live in one place that tests can hit without a
 server: :func:`parse_infer` turns a ``POST .../infer`` body (JSON, or JSON followed by binary tensors as the
-binary tensor data extension has it) into an :class:`InferRequest`; :func:`encode_infer` turns the model's
-probabilities into the answer body and its headers; :func:`server_metadata` and :func:`model_metadata` are
-``GET /v2`` and ``GET /v2/models/{m}``.
+binary tensor data extension has it) into an :class:`InferRequest`; :func:`answer_rows` reads a worker's
+rows (per image its 10 probabilities, then its typicality) back into the request's instances, and
+:func:`encode_infer` turns them into the answer body and its headers; :func:`server_metadata` and
+:func:`model_metadata` are ``GET /v2`` and ``GET /v2/models/{m}``.
 
 Tensors (DESIGN, "Open Inference Protocol"): exactly one input, ``pixels`` (FP32 in 0..1, or UINT8 in 0..255;
 ``[N,784]``, ``[N,28,28]`` or ``[N,1,28,28]``) or ``image`` (BYTES ``[N]``, encoded pictures); outputs
-``probabilities`` FP32 ``[N,10]``, ``label`` INT64 ``[N]``, ``confidence`` FP32 ``[N]``.
+``probabilities`` FP32 ``[N,10]``, ``label`` INT64 ``[N]``, ``confidence`` FP32 ``[N]``, ``typicality`` FP32 ``[N]``
+(DESIGN, "Not a digit"). A picture in which no digit is found answers ``label`` -1 and 0 for the
+others. A version without calibration has no typicality: the output is then left out unless asked
+for by name, and asked for, it is NaN (``null`` in JSON, which numpy reads as NaN) for every image
+with a digit.
 
 Statuses follow Triton, which answers 400 for every bad infer request it names (wrong datatype, wrong shape,
 missing, unknown or duplicate input, byte counts that do not add up); 413 is ours, for the same limits as
@@ -33,8 +38,10 @@ import orjson
 from service.errors import HttpError
 
 INPUTS: Final = ("pixels", "image")
-OUTPUTS: Final = ("probabilities", "label", "confidence")
-OUTPUT_DATATYPES: Final = {"probabilities": "FP32", "label": "INT64", "confidence": "FP32"}
+OUTPUTS: Final = ("probabilities", "label", "confidence", "typicality")
+OUTPUT_DATATYPES: Final = {"probabilities": "FP32", "label": "INT64", "confidence": "FP32", "typicality": "FP32"}
+ROW: Final = 11  # what a worker answers per image, float32: the 10 probabilities, then the typicality (NaN: none)
+NO_LABEL: Final = -1  # ``label`` of a picture in which no digit is found
 PIXEL_DATATYPES: Final = ("FP32", "UINT8")
 PIXEL_SHAPES: Final = ((784,), (28, 28), (1, 28, 28))  # what may follow N
 V2_DATATYPES: Final = frozenset(
@@ -102,8 +109,9 @@ class InferRequest:
     """A checked infer request: either ``pixels`` (float32 (N,28,28) in 0..1; binary FP32 pixels are a read-only
     view of the request's body, not a copy) or ``images`` (N encoded pictures).
 
-    ``outputs`` are the requested outputs in the order they were asked for (all three when none were);
-    ``binary[name]`` says whether that output goes back as binary data rather than JSON.
+    ``outputs`` are the requested outputs in the order they were asked for (all of them when none were:
+    ``chosen`` is then False); ``binary[name]`` says whether that output goes back as binary data rather
+    than JSON.
     """
 
     id: str | None
@@ -112,6 +120,7 @@ class InferRequest:
     images: list[bytes] | None = None
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     binary: dict[str, bool] = field(default_factory=dict)
+    chosen: bool = False
 
 
 @dataclass(slots=True)
@@ -163,9 +172,10 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
     chosen = _only_input(inputs)
     count = _batch_size(chosen, limits)
     outputs, binary = _outputs(header.get("outputs"), default_binary)
+    named = header.get("outputs") not in (None, [])
     if chosen.name == "pixels":
-        return InferRequest(request_id, count, _pixels(chosen, count), None, outputs, binary)
-    return InferRequest(request_id, count, None, _images(chosen, count, body), outputs, binary)
+        return InferRequest(request_id, count, _pixels(chosen, count), None, outputs, binary, named)
+    return InferRequest(request_id, count, None, _images(chosen, count, body), outputs, binary, named)
 
 
 def _plain_binary(header: dict[str, object], body: bytes, start: int, limits: Limits) -> InferRequest | None:
@@ -464,7 +474,7 @@ def _byte_elements(body: bytes, start: int, end: int, count: int) -> list[bytes]
 
 
 def _outputs(raw: object, default_binary: bool) -> tuple[list[str], dict[str, bool]]:
-    """Requested outputs (all three when none are listed) and, for each, binary or JSON."""
+    """Requested outputs (all of them when none are listed) and, for each, binary or JSON."""
     if raw is None or raw == []:
         return list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
     if not isinstance(raw, list):
@@ -499,33 +509,50 @@ def _binary_flag(parameters: dict[str, object], name: str, default: bool) -> boo
 # --------------------------------------------------------------------------------------------- encode
 
 
+def answer_rows(data: bytes, count: int, found: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's answer (float32, ``ROW`` values per image it computed) -> (count, ROW) rows, one per
+    instance, and which instances had no digit (``found``: the indexes of those the worker computed; None
+    for all). An instance without a digit has a row of zeros."""
+    computed = np.frombuffer(data, _FP32).reshape(-1, ROW)
+    if found is None or len(found) == count:
+        return computed, np.zeros(count, bool)
+    rows = np.zeros((count, ROW), _FP32)
+    rows[found] = computed
+    missing = np.ones(count, bool)
+    missing[found] = False
+    return rows, missing
+
+
 def encode_infer(
-    request: InferRequest, model_name: str, model_version: str, probabilities: np.ndarray
+    request: InferRequest, model_name: str, model_version: str, rows: np.ndarray, no_digit: np.ndarray | None = None
 ) -> tuple[bytes, dict[str, str]]:
-    """The answer to ``request`` from the model's (N,10) softmax: body and the headers to send with it.
+    """The answer to ``request`` from its (N, ``ROW``) rows (:func:`answer_rows`): body and the headers to send.
 
     Binary outputs follow the JSON header in the order of ``outputs``; then ``Inference-Header-Content-Length``
     says where they start and the body is ``application/octet-stream``, else it is plain ``application/json``.
     """
-    body, header_length = encode_answer(request, model_name, model_version, probabilities)
+    body, header_length = encode_answer(request, model_name, model_version, rows, no_digit)
     if header_length is None:
         return body, {"Content-Type": "application/json"}
     return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
 
 
 def encode_answer(
-    request: InferRequest, model_name: str, model_version: str, probabilities: np.ndarray
+    request: InferRequest, model_name: str, model_version: str, rows: np.ndarray, no_digit: np.ndarray | None = None
 ) -> tuple[bytes, int | None]:
     """:func:`encode_infer`'s body, and the length of its JSON header when binary outputs follow it (None when
     the body is all JSON), for an HTTP layer that writes its headers itself. Only the requested outputs are
-    computed."""
-    probs = np.ascontiguousarray(probabilities, dtype=_FP32)
-    if probs.shape != (request.count, 10):
-        raise ValueError(f"probabilities have shape {probs.shape}; the request needs ({request.count}, 10)")
+    computed; ``typicality``, when none were named, only where the version has it."""
+    table = np.ascontiguousarray(rows, dtype=_FP32)
+    if table.shape != (request.count, ROW):
+        raise ValueError(f"rows have shape {table.shape}; the request needs ({request.count}, {ROW})")
+    names = request.outputs
+    if not request.chosen and np.isnan(table[:, -1]).any():  # a version without calibration
+        names = [name for name in names if name != "typicality"]
     outputs: list[dict[str, object]] = []
     blobs: list[bytes] = []
-    for name in request.outputs:
-        array = _output(name, probs)
+    for name in names:
+        array = _output(name, table, no_digit)
         entry: dict[str, object] = {"name": name, "datatype": OUTPUT_DATATYPES[name], "shape": list(array.shape)}
         if request.binary.get(name, False):
             blob = array.tobytes()  # every output is little-endian, as the extension requires
@@ -545,14 +572,20 @@ def encode_answer(
     return b"".join(blobs), len(header)
 
 
-def _output(name: str, probs: np.ndarray) -> np.ndarray:
-    """One output tensor from the (N,10) little-endian float32 probabilities."""
+def _output(name: str, table: np.ndarray, no_digit: np.ndarray | None) -> np.ndarray:
+    """One output tensor from the (N, ``ROW``) little-endian float32 rows."""
+    probs = table[:, :10]
     if name == "probabilities":
-        return probs
+        return np.ascontiguousarray(probs)
     if name == "label":
-        return probs.argmax(axis=1).astype(_INT64, copy=False)
+        labels = probs.argmax(axis=1).astype(_INT64, copy=False)
+        if no_digit is not None and no_digit.any():
+            labels[no_digit] = NO_LABEL
+        return labels
     if name == "confidence":
         return np.maximum.reduce(probs, axis=1)  # probs.max(axis=1) without its Python wrapper; float32 as probs
+    if name == "typicality":
+        return np.ascontiguousarray(table[:, 10])
     raise KeyError(name)
 
 
@@ -584,5 +617,6 @@ def model_metadata(name: str, versions: list[str]) -> dict[str, object]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+            {"name": "typicality", "datatype": "FP32", "shape": [-1]},
         ],
     }

@@ -5,6 +5,7 @@ anti-aliasing) and placing that box in a 28x28 image so that the centre of mass 
 lies at the centre. We do the same to whatever a client sends (``docs/pictures.md``):
 
 - ``decode``: bytes -> a grey picture (transparency on white; a phone's JPEG decoded smaller);
+- ``margin``: a margin of the picture's own paper around a digit cropped tight;
 - ``ink``: where the digit's ink is, the way a document scanner finds it (local background,
   polarity, noise, threshold, connected components), and what made that uncertain;
 - ``frame``: MNIST's recipe on that ink (crop, fit in 20x20, centre of mass at the centre);
@@ -28,6 +29,7 @@ from typing import Any, TypeAlias, TypedDict
 
 import numpy as np
 
+from service.answers import NO_DIGIT
 from service.config import Limits
 from service.errors import InputError
 from service.imaging.decode import Picture, check_size, claimed_size, decode_image, decode_picture
@@ -40,16 +42,17 @@ Raw: TypeAlias = "bytes | list[list[float]] | list[float]"  # as a client sends 
 FLAGS = (MULTIPLE, FAINT)
 FRAMED_ALONE_PIXELS = 320 * 320  # a decoded picture bigger than this is framed as soon as it is decoded
 
-__all__ = ["FLAGS", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
+__all__ = ["FLAGS", "NO_DIGIT", "BlankImage", "Note", "Prepared", "Raw", "check_frames", "decode_image", "normalize",
            "prepare", "prepare_many", "request_pixels", "to_mnist", "validate_pixels"]
 
 
 class Note(TypedDict):
     """What the framing found in one instance: ``box`` [x, y, width, height] of the digit in the client's
     picture (pixels, EXIF orientation applied; for ``pixels`` instances, in the 28x28 frame), and
-    ``flags``, a subset of FLAGS in that order, empty when nothing made it unsure."""
+    ``flags``, a subset of FLAGS in that order, empty when nothing made it unsure; or, for a picture
+    in which no digit is found, ``box`` None and ``flags`` [NO_DIGIT] (its frame is black)."""
 
-    box: list[int]
+    box: list[int] | None
     flags: list[str]
 
 
@@ -80,11 +83,11 @@ class _Decoded:
     pictures: dict[int, Picture]
     notes: list[Note | None] = field(default_factory=list)
 
-    def framed(self, frames: np.ndarray, inks: Sequence[Ink]) -> Prepared:
+    def framed(self, frames: np.ndarray, inks: Sequence[Ink | None]) -> Prepared:
         indices = list(self.pictures)
         self.frames[indices] = frames
         for index, digit in zip(indices, inks):
-            self.notes[index] = {"box": _client_box(digit.box, self.pictures[index]), "flags": digit.flags}
+            self.notes[index] = _note(digit, self.pictures[index])
         return Prepared(self.frames, self.notes)  # type: ignore[arg-type]  # every instance has its note now
 
 
@@ -111,8 +114,9 @@ def request_pixels(instances: Sequence[Raw], limits: Limits) -> int:
 
 
 def prepare(instances: Sequence[Raw], limits: Limits) -> Prepared:
-    """One request's instances -> float32 (n, 28, 28) in 0..1, MNIST-framed, with a note per instance;
-    the first bad one raises an ``InputError`` naming its instance."""
+    """One request's instances -> float32 (n, 28, 28) in 0..1, MNIST-framed, with a note per instance
+    (a picture without a digit is noted ``no_digit``); the first bad one raises an ``InputError``
+    naming its instance."""
     (outcome,) = prepare_many([instances], limits)
     if isinstance(outcome, InputError):
         raise outcome
@@ -123,8 +127,8 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
     """Several requests' instances at once, each request's frames (and notes) or its ``InputError``.
 
     Framing costs per numpy call, not per pixel, so the pictures of all the requests are framed
-    together: a handful of single-image requests cost about what one does. A bad or blank
-    picture fails only its own request (its request is then framed alone).
+    together: a handful of single-image requests cost about what one does. A bad picture fails
+    only its own request; a blank one is an answer (``no_digit``), not a failure.
     """
     outcomes: list[_Decoded | InputError] = []
     for instances in requests:
@@ -133,10 +137,7 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
         except InputError as e:
             outcomes.append(e)
     decoded = [d for d in outcomes if isinstance(d, _Decoded)]
-    try:
-        frames, inks = to_mnist_with_ink([picture.gray for d in decoded for picture in d.pictures.values()])
-    except BlankImage:  # rare: request by request, so that only the blank picture's request fails
-        return [_frame_alone(d) if isinstance(d, _Decoded) else d for d in outcomes]
+    frames, inks = to_mnist_with_ink([picture.gray for d in decoded for picture in d.pictures.values()])
     done: list[Prepared | InputError] = []
     start = 0
     for outcome in outcomes:
@@ -147,13 +148,6 @@ def prepare_many(requests: Sequence[Sequence[Raw]], limits: Limits) -> list[Prep
         else:
             done.append(outcome)
     return done
-
-
-def _frame_alone(decoded: _Decoded) -> Prepared | InputError:
-    try:
-        return decoded.framed(*to_mnist_with_ink([picture.gray for picture in decoded.pictures.values()]))
-    except BlankImage as blank:
-        return blank.at(f"instance {list(decoded.pictures)[blank.position]}")
 
 
 def _decode(instances: Sequence[Raw], limits: Limits) -> _Decoded:
@@ -171,7 +165,7 @@ def _decode(instances: Sequence[Raw], limits: Limits) -> _Decoded:
                     continue
                 framed, (digit,) = to_mnist_with_ink([picture.gray])
                 frames[index] = framed[0]
-                notes[index] = {"box": _client_box(digit.box, picture), "flags": digit.flags}
+                notes[index] = _note(digit, picture)
             else:
                 frames[index] = validate_pixels(item)
                 box, flags = frame_note(frames[index])
@@ -179,6 +173,13 @@ def _decode(instances: Sequence[Raw], limits: Limits) -> _Decoded:
         except InputError as e:
             raise e.at(f"instance {index}") from None
     return _Decoded(frames, pictures, notes)
+
+
+def _note(digit: Ink | None, picture: Picture) -> Note:
+    """What the framing found in one picture: its digit's box and flags, or that it has none."""
+    if digit is None:
+        return Note(box=None, flags=[NO_DIGIT])
+    return Note(box=_client_box(digit.box, picture), flags=digit.flags)
 
 
 def _client_box(box: tuple[int, int, int, int], picture: Picture) -> list[int]:

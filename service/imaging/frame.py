@@ -9,14 +9,17 @@ import numpy as np
 from PIL import Image
 
 from service.errors import InputError
-from service.imaging import ink, photo
+from service.imaging import ink, margin, photo
 from service.model.fnn import IMAGE_SIDE
 
 BOX = 20  # MNIST fits each digit in a 20x20 box
+AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its paper are ink
+FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
 
 
 class BlankImage(InputError):
-    """An image in which no stroke stands out; ``position`` is its place in the list given to ``to_mnist``."""
+    """An image in which no stroke stands out; ``position`` is its place in the list given to ``to_mnist``.
+    (A request's pictures are answered ``no_digit`` instead: ``service.imaging.prepare``.)"""
 
     def __init__(self, position: int):
         super().__init__(422, "no digit found: the image is blank (no stroke stands out from the background)")
@@ -26,11 +29,16 @@ class BlankImage(InputError):
 def to_mnist(grays: Sequence[np.ndarray]) -> np.ndarray:
     """float32 (H, W) images in 0..255, any background -> float32 (N, 28, 28) in 0..1, white digits on black,
     MNIST-centred. Raises ``BlankImage`` for the first image without a stroke."""
-    return to_mnist_with_ink(grays)[0]
+    frames, found = to_mnist_with_ink(grays)
+    blank = next((position for position, digit in enumerate(found) if digit is None), None)
+    if blank is not None:
+        raise BlankImage(blank)
+    return frames
 
 
-def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink.Ink]]:
-    """``to_mnist``, and each image's ink (its box in the image and its flags).
+def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink.Ink | None]]:
+    """``to_mnist``, and each image's ink (its box in the image and its flags), or None where no stroke
+    stands out (its frame is left black).
 
     Images of one size go through the whole-image steps together: numpy's per-call overhead, not
     arithmetic, is what a small image costs, so a request's 32 digits cost little more than one.
@@ -39,16 +47,14 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
     for position, gray in enumerate(grays):
         sizes.setdefault(gray.shape, []).append(position)
     frames = np.zeros((len(grays), IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
-    found: list[ink.Ink] = []
+    found: list[ink.Ink | None] = []
     for positions in sizes.values():
         # np.array stacks same-size arrays in C, 2-4x faster than np.stack
         stack = np.array(grays) if len(sizes) == 1 else np.array([grays[p] for p in positions])
-        try:
-            digits = _inks(stack)
-        except ink.Blank as blank:
-            raise BlankImage(positions[blank.position]) from None
+        digits = _inks(stack)
         for position, digit in zip(positions, digits):
-            _place(frames[position], digit)
+            if digit is not None:
+                _place(frames[position], digit)
         found += digits
     if len(sizes) > 1:  # back in the order given
         order = [position for positions in sizes.values() for position in positions]
@@ -56,19 +62,71 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
     return frames, found
 
 
-def _inks(stack: np.ndarray) -> list[ink.Ink]:
-    """The ink of each image of one size: pictures on one exact paper grey together, the others alone."""
+def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
+    """The ink of each image of one size (None where there is none): pictures on one exact paper grey
+    together, the others alone."""
     paper, flat = ink.paper_grey(stack)
     if flat.all():
-        return ink.flat_inks(stack, paper)
-    found: list[ink.Ink] = []
-    flats = iter(ink.flat_inks(stack[flat], paper[flat]) if flat.any() else [])
-    for position, is_flat in enumerate(flat.tolist()):
-        try:
-            found.append(next(flats) if is_flat else photo.photo_ink(stack[position]))
-        except ink.Blank:
-            raise ink.Blank(position) from None
-    return found
+        return _flat_together(stack, paper)
+    flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
+    return [next(flats) if is_flat else _picture_ink(stack[position])
+            for position, is_flat in enumerate(flat.tolist())]
+
+
+def _flat_together(stack: np.ndarray, paper: np.ndarray) -> list[ink.Ink | None]:
+    try:
+        return list(ink.flat_inks(stack, paper))
+    except ink.Blank:  # rare: one by one, so that only the blank ones have none
+        return [_flat_ink(stack[i: i + 1], paper[i: i + 1]) for i in range(len(stack))]
+
+
+def _flat_ink(one: np.ndarray, paper: np.ndarray) -> ink.Ink | None:
+    try:
+        return ink.flat_inks(one, paper)[0]
+    except ink.Blank:
+        return None
+
+
+def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
+    """A picture whose border is not one grey: a photo, or a digit cropped tight. Where the border holds
+    ink and the photo steps find nothing, or ink that spans the picture from its edge, or "ink" at the
+    level of the border's paper, the picture is read again with a margin of its own paper
+    (``margin``), and may then be on one grey after all. (Only then: along the border of a photo, the
+    edge of a shadow is not ink, and the photo steps know it better than a margin does.)"""
+    try:
+        found = photo.photo_ink(gray)
+    except ink.Blank:
+        found = None
+    noise = margin.noise(gray)
+    border = margin.levels(gray, noise)
+    if border is None and found is None:  # faint ink along the border (a blurred stroke cut by the crop)
+        border = margin.paper_only(gray)
+    if border is None or (found is not None and not _fills(found.box, gray.shape)
+                          and _agrees(found, gray, *border)):
+        return found
+    padded, width = margin.pad(gray, *border, noise)
+    try:
+        paper, flat = ink.paper_grey(padded[None])
+        again = ink.flat_inks(padded[None], paper)[0] if flat[0] else photo.photo_ink(padded)
+    except ink.Blank:
+        return found
+    again.box = margin.unpad(again.box, width, gray.shape)
+    return again
+
+
+def _agrees(found: ink.Ink, gray: np.ndarray, paper: float, border_ink: float) -> bool:
+    """Whether the strokes found stand out from the border's paper (on either side: the border's other
+    level may be a shadow's, or its lit side): not the paper between bold strokes, taken for ink."""
+    x, y, w, h = found.box
+    strokes = gray[y: y + h, x: x + w][found.strokes > 0.5]
+    return not len(strokes) or abs(float(np.median(strokes)) - paper) >= AGREES * abs(border_ink - paper)
+
+
+def _fills(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
+    """Whether ink in ``box`` touches the picture's edge and spans most of its width or height."""
+    x, y, w, h = box
+    touches = x <= 0 or y <= 0 or x + w >= shape[1] or y + h >= shape[0]
+    return touches and (w >= FILLS * shape[1] or h >= FILLS * shape[0])
 
 
 def _place(out: np.ndarray, digit: ink.Ink) -> None:

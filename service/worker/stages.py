@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 import torch
 
-from service import logs, metrics
+from service import answers, logs, metrics
 from service.config import Settings
 from service.imaging import normalize
 from service.versions import Board, Runtimes, SetupFailures
@@ -59,6 +59,7 @@ class Answer:
     version: int
     batch_size: int
     options: dict[str, Any]
+    notes: list[dict[str, Any]] | None = None  # every instance's, those without a digit included
 
 
 class DigitAPI(ls.LitAPI):
@@ -114,17 +115,17 @@ class DigitAPI(ls.LitAPI):
 
     def predict(self, batch: Batch) -> list[Answer]:
         started = time.monotonic()
-        answers: list[Answer | None] = [None] * len(batch.inputs)
+        done: list[Answer | None] = [None] * len(batch.inputs)
         size = sum(len(g.x) for g in batch.groups)
         for group in batch.groups:
             version = group.held.loaded.version
             rows = self.compute(group, [batch.inputs[i] for i in group.requests])
             bounds = np.cumsum([0, *(len(batch.inputs[i].images) for i in group.requests)]).tolist()
             for i, (a, b) in zip(group.requests, itertools.pairwise(bounds)):
-                answers[i] = Answer(_noted(rows[a:b], batch.inputs[i].notes), version, size, batch.inputs[i].options)
+                done[i] = Answer(rows[a:b], version, size, batch.inputs[i].options, batch.inputs[i].notes)
             arrivals = [batch.inputs[i].arrived for i in group.requests]
             metrics.observe_forward(self.endpoint, str(version), arrivals, len(group.x), started)
-        return [answer for answer in answers if answer is not None]
+        return [answer for answer in done if answer is not None]
 
     def unbatch(self, output: list[Answer]) -> list[Answer]:
         return output
@@ -133,8 +134,9 @@ class DigitAPI(ls.LitAPI):
         """The JSON answer, the size of the forward it was part of, and the version (for the log and metrics)."""
         held = self.models.held.get(output.version)
         ref = held.ref if held is not None else {"name": self.settings.model, "version": output.version}
+        rows = answers.spliced(output.rows, output.notes, output.options)
         # orjson: 20x faster than json on a 32-image answer's 320 floats, which cost the worker a quarter of its time
-        return orjson.dumps({"model": ref, "predictions": output.rows}), output.batch_size, output.version
+        return orjson.dumps({"model": ref, "predictions": rows}), output.batch_size, output.version
 
     endpoint = ""  # the metrics' endpoint label of this pool
 
@@ -161,7 +163,7 @@ class PredictAPI(DigitAPI):
             probs = torch.softmax(logits, dim=1).cpu().numpy()
         metrics.observe_predictions(str(group.held.loaded.version), probs)
         if all(work.options.get("output") == "tensor" for work in requests):  # V2's: rows only, no JSON to build
-            return list(zip(itertools.repeat(None), probs))
+            return list(zip(itertools.repeat(None), tensor_rows(probs)))
         return list(zip(predictions(probs), probs))
 
     def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
@@ -171,7 +173,7 @@ class PredictAPI(DigitAPI):
             tensor = rows[0].astype(np.float32, copy=False) if one else np.concatenate(rows, dtype=np.float32)
             return tensor.tobytes(), output.batch_size, output.version
         return super().encode_response(Answer([answer for answer, _ in output.rows], output.version,
-                                              output.batch_size, output.options))
+                                              output.batch_size, output.options, output.notes))
 
 
 class ExplainAPI(DigitAPI):
@@ -203,13 +205,11 @@ class ExplainAPI(DigitAPI):
         return reports
 
 
-def _noted(rows: list[Any], notes: list[dict[str, Any]] | None) -> list[Any]:
-    """Each image's answer with what the framing found (its ``box`` in the client's picture, ``flags``)."""
-    for row, note in zip(rows, notes or ()):
-        answer = row[0] if isinstance(row, tuple) else row
-        if isinstance(answer, dict):
-            answer.update(note)
-    return rows
+def tensor_rows(probs: np.ndarray) -> np.ndarray:
+    """V2's rows (``service.http.v2``): per image its 10 probabilities, then its typicality (NaN: this
+    version has no calibration), float32."""
+    typicality = np.full((len(probs), 1), np.nan, np.float32)
+    return np.concatenate([probs.astype(np.float32, copy=False), typicality], axis=1)
 
 
 def predictions(probs: np.ndarray) -> list[dict[str, Any]]:

@@ -46,6 +46,8 @@ METRICS = {
     "digitserve_inference_duration_seconds": ("histogram", {"endpoint"}),
     "digitserve_predictions_total": ("counter", {"label"}),
     "digitserve_prediction_confidence": ("histogram", set()),
+    "digitserve_typicality": ("histogram", set()),
+    "digitserve_flags_total": ("counter", {"flag"}),
     "digitserve_model_info": ("gauge", {"name", "device", "pool", "runtime"}),
 }
 # ... and what carries no `version` label of its own making: the version state itself, admission, the workers and
@@ -449,7 +451,7 @@ class TestPrometheus:
         names = {r["alert"] for r in alert_rules()}
         assert names == {"DigitserveDown", "HighServerErrorRatio", "HighClientErrorRatio", "HighLatencyP99",
                          "BatchingSaturated", "LowConfidenceShare", "LabelDistributionShift", "WorkerRestarts",
-                         "Overloaded"}
+                         "Overloaded", "NotADigitShare"}
         for rule in alert_rules():
             assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
             assert rule["annotations"]["summary"], rule["alert"]

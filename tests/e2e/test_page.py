@@ -393,21 +393,24 @@ def test_upload_explains_and_the_method_switch_redraws(browser, server, mnist_pn
         assert page.is_hidden("#error") and t.errors == [], t.errors
 
 
-def test_blank_canvas_shows_the_api_detail_and_the_page_recovers(browser, server, mnist_test):
+def test_blank_canvas_says_no_digit_was_found_and_the_page_recovers(browser, server, mnist_test):
+    """A blank canvas is an answer (no_digit), not an error: the page says so, without an error banner."""
     images, labels = mnist_test
     with tab(browser, server) as t:
         t.open()
         page = t.page
         page.click("#clear")
         page.click("#predict")
-        page.wait_for_selector("#error:not([hidden])", timeout=45_000)
+        page.wait_for_selector("#verdict:not([hidden])", timeout=45_000)
         status, answer = api_predict(server, t.canvas_png("pad"))
-        assert status == 422 and answer["detail"].startswith("instance 0: ")
-        assert page.text_content("#error") == for_people(answer["detail"])
-        assert page.get_attribute("#error", "data-status") == "422"
-        assert page.text_content("#label") == "–"
-        # still a working page: draw a digit and the error is gone
+        assert status == 200 and answer["predictions"][0]["flags"] == ["no_digit"]
+        assert page.text_content("#verdict") == "No digit found in this picture."
+        assert page.get_attribute("#verdict", "data-flag") == "no_digit"
+        assert page.is_hidden("#error") and "instance 0" not in page.text_content("body")
+        assert page.text_content("#label") == "–" and page.text_content("#typicality") == ""
+        # draw a digit and the verdict is gone
         t.draw(digit_strokes(images[int(np.flatnonzero(labels.numpy() == 4)[0])].numpy()))
+        expect(page.locator("#verdict")).to_be_hidden(timeout=45_000)
         assert page.is_hidden("#error") and page.text_content("#label") != "–"
 
 

@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from service.http.v2 import (
     EXTENSIONS,
     OUTPUTS,
+    ROW,
     InferRequest,
     V2Error,
+    answer_rows,
     encode_infer,
     model_metadata,
     parse_infer,
@@ -77,6 +79,12 @@ def softmax(n: int) -> np.ndarray:
     logits = RNG.normal(size=(n, 10)).astype(np.float32)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def rows(probs: np.ndarray, typicality: np.ndarray | None = None) -> np.ndarray:
+    """A worker's rows: the probabilities, then the typicality (NaN: a version without calibration)."""
+    column = np.full(len(probs), np.nan, np.float32) if typicality is None else typicality.astype(np.float32)
+    return np.column_stack([probs, column]).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ requests tritonclient builds
@@ -173,16 +181,17 @@ def test_two_binary_inputs_split_in_order() -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_answer_read_by_tritonclient(binary: bool) -> None:
     request = InferRequest(id="abc", count=5, binary=dict.fromkeys(OUTPUTS, binary))
-    probs = softmax(5)
-    body, headers = encode_infer(request, "mnist-fnn", "3", probs)
+    probs, typicality = softmax(5), RNG.random(5).astype(np.float32)
+    body, headers = encode_infer(request, "mnist-fnn", "3", rows(probs, typicality))
     assert headers["Content-Type"] == ("application/octet-stream" if binary else "application/json")
     assert ("Inference-Header-Content-Length" in headers) == binary
     result = read_back(body, headers)
     response = result.get_response()
     assert (response["model_name"], response["model_version"], response["id"]) == ("mnist-fnn", "3", "abc")
     assert [o["name"] for o in response["outputs"]] == list(OUTPUTS)
-    assert [o["datatype"] for o in response["outputs"]] == ["FP32", "INT64", "FP32"]
-    got_probs, labels, confidence = (result.as_numpy(name) for name in OUTPUTS)
+    assert [o["datatype"] for o in response["outputs"]] == ["FP32", "INT64", "FP32", "FP32"]
+    got_probs, labels, confidence, got_typicality = (result.as_numpy(name) for name in OUTPUTS)
+    np.testing.assert_array_equal(got_typicality, typicality)
     assert got_probs is not None and labels is not None and confidence is not None
     assert got_probs.dtype == np.float32 and labels.dtype == np.int64 and confidence.dtype == np.float32
     np.testing.assert_array_equal(got_probs, probs)
@@ -196,7 +205,7 @@ def test_answer_mixed_and_selected_outputs() -> None:
         id=None, count=2, outputs=["confidence", "probabilities"], binary={"confidence": True, "probabilities": False}
     )
     probs = softmax(2)
-    body, headers = encode_infer(request, "mnist-fnn", "1", probs)
+    body, headers = encode_infer(request, "mnist-fnn", "1", rows(probs))
     result = read_back(body, headers)
     response = result.get_response()
     assert "id" not in response
@@ -211,15 +220,65 @@ def test_roundtrip_tritonclient_request_to_tritonclient_result() -> None:
     outputs = [httpclient.InferRequestedOutput("label"), httpclient.InferRequestedOutput("probabilities", False)]
     request = parse(*tritonclient_body([tensor("pixels", data, "FP32")], outputs=outputs, request_id="r"))
     probs = softmax(request.count)
-    result = read_back(*encode_infer(request, "mnist-fnn", "2", probs))
+    result = read_back(*encode_infer(request, "mnist-fnn", "2", rows(probs)))
     np.testing.assert_array_equal(result.as_numpy("label"), probs.argmax(axis=1))
     np.testing.assert_array_equal(result.as_numpy("probabilities"), probs)
     assert result.get_response()["id"] == "r"
 
 
-def test_encode_refuses_probabilities_of_the_wrong_shape() -> None:
+def test_encode_refuses_rows_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="shape"):
-        encode_infer(InferRequest(id=None, count=3), "mnist-fnn", "1", softmax(2))
+        encode_infer(InferRequest(id=None, count=3), "mnist-fnn", "1", rows(softmax(2)))
+    with pytest.raises(ValueError, match="shape"):  # the old layout: probabilities only
+        encode_infer(InferRequest(id=None, count=3), "mnist-fnn", "1", softmax(3))
+
+
+def test_a_workers_rows_are_eleven_values_per_image_and_no_digit_rows_go_back_in_place() -> None:
+    """The worker's bytes hold ``ROW`` = 11 float32 per image it computed (10 probabilities, then the
+    typicality); an instance without a digit gets a row of zeros, in its place."""
+    probs, typicality = softmax(2), np.array([0.25, 0.75], np.float32)
+    data = rows(probs, typicality).tobytes()
+    assert ROW == 11 and len(data) == 2 * 11 * 4
+    table, no_digit = answer_rows(data, 4, [0, 2])
+    assert table.shape == (4, 11) and no_digit.tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(table[[0, 2], :10], probs)
+    np.testing.assert_array_equal(table[[0, 2], 10], typicality)
+    assert not table[[1, 3]].any()
+    everything, none_missing = answer_rows(data, 2, None)
+    assert everything.shape == (2, 11) and not none_missing.any()
+    nothing, all_missing = answer_rows(b"", 3, [])
+    assert nothing.shape == (3, 11) and all_missing.all()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_no_digit_instances_answer_label_minus_one_and_zeros(binary: bool) -> None:
+    request = InferRequest(id=None, count=3, binary=dict.fromkeys(OUTPUTS, binary))
+    probs = softmax(2)
+    table, no_digit = answer_rows(rows(probs, np.array([0.5, 0.004])).tobytes(), 3, [0, 2])
+    result = read_back(*encode_infer(request, "mnist-fnn", "1", table, no_digit))
+    assert result.as_numpy("label").tolist() == [int(probs[0].argmax()), -1, int(probs[1].argmax())]
+    np.testing.assert_array_equal(result.as_numpy("probabilities")[1], np.zeros(10, np.float32))
+    assert result.as_numpy("confidence")[1] == 0 and result.as_numpy("typicality")[1] == 0
+    np.testing.assert_allclose(result.as_numpy("typicality")[[0, 2]], [0.5, 0.004])
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_typicality_of_a_version_without_calibration(binary: bool) -> None:
+    """NaN typicality (no calibration): left out when no output was named; named, it is NaN (JSON null)."""
+    probs = softmax(2)
+    plain = read_back(*encode_infer(InferRequest(id=None, count=2, binary=dict.fromkeys(OUTPUTS, binary)),
+                                    "mnist-fnn", "1", rows(probs)))
+    assert [o["name"] for o in plain.get_response()["outputs"]] == ["probabilities", "label", "confidence"]
+    asked = InferRequest(id=None, count=2, outputs=["typicality"], binary={"typicality": binary}, chosen=True)
+    named = read_back(*encode_infer(asked, "mnist-fnn", "1", rows(probs)))
+    assert np.isnan(named.as_numpy("typicality")).all() and named.as_numpy("typicality").shape == (2,)
+
+
+def test_parse_says_whether_outputs_were_named() -> None:
+    assert not parse(pixels_json([1, 784], [0.5] * 784)).chosen
+    named = parse(json_body({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32",
+                                         "data": [0.5] * 784}], "outputs": [{"name": "typicality"}]}))
+    assert named.chosen and named.outputs == ["typicality"]
 
 
 def test_metadata() -> None:
@@ -242,6 +301,7 @@ def test_metadata() -> None:
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
         {"name": "label", "datatype": "INT64", "shape": [-1]},
         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+        {"name": "typicality", "datatype": "FP32", "shape": [-1]},
     ]
 
 

@@ -299,7 +299,10 @@
         if (generation === state.generation) {
           showPrediction(prediction, answer.model || {});
           clearError();
-          if (final && !predictor.again) {
+          if (final && flagged(prediction, 'no_digit')) {
+            state.lastSource = null;  // nothing to explain
+            showNoExplanation();
+          } else if (final && !predictor.again) {
             state.lastSource = source;
             explain(source);
           }
@@ -346,10 +349,24 @@
     }
   }
 
+  const flagged = (p, flag) => Array.isArray(p.flags) && p.flags.includes(flag);
+
+  function showVerdict(p) {  // no digit found, or one that does not look like a digit; and the typicality
+    const verdict = $('verdict');
+    const text = flagged(p, 'no_digit') ? 'No digit found in this picture.'
+      : flagged(p, 'not_a_digit') ? 'This does not look like a digit.' : '';
+    verdict.textContent = text;
+    verdict.hidden = !text;
+    verdict.dataset.flag = flagged(p, 'no_digit') ? 'no_digit' : flagged(p, 'not_a_digit') ? 'not_a_digit' : '';
+    const typical = typeof p.typicality === 'number' && !flagged(p, 'no_digit');
+    $('typicality').textContent = typical ? `typicality ${percent(p.typicality)} (how much it looks like the digits the model knows)` : '';
+  }
+
   function showPrediction(p, model) {
     $('result').removeAttribute('data-empty');
-    $('label').textContent = String(p.label);
-    $('confidence').textContent = percent(p.confidence);
+    showVerdict(p);
+    $('label').textContent = p.label === null || p.label === undefined ? '–' : String(p.label);
+    $('confidence').textContent = typeof p.confidence === 'number' ? percent(p.confidence) : '';
     const probabilities = Array.isArray(p.probabilities) ? p.probabilities : [];
     Array.from($('probabilities').children).forEach((item, digit) => {
       const value = Number(probabilities[digit] || 0);
@@ -363,6 +380,7 @@
 
   function showNoPrediction() {
     $('result').setAttribute('data-empty', '');
+    showVerdict({});
     $('label').textContent = '–';
     $('confidence').textContent = '';
     $('answered').textContent = '';

@@ -69,6 +69,7 @@ class Fnn:
                     "probabilities": probs,
                     "label": probs.argmax(axis=1).astype(np.int64),
                     "confidence": probs.max(axis=1).astype(np.float32),
+                    "typicality": np.full(len(probs), np.nan, np.float32),  # a version without calibration
                 }
             )
         return answers
@@ -115,6 +116,7 @@ def serve(weights: Path, http_port: int, grpc_port: int, metrics_port: int, work
                 Tensor(name="probabilities", dtype=np.float32, shape=(-1, 10)),
                 Tensor(name="label", dtype=np.int64, shape=(-1,)),
                 Tensor(name="confidence", dtype=np.float32, shape=(-1,)),
+                Tensor(name="typicality", dtype=np.float32, shape=(-1,)),
             ],
             config=ModelConfig(batching=False),
             strict=True,
