@@ -7,6 +7,11 @@ One check is left out: ``positive_data_acceptance`` (every schema-valid request 
 cannot say that a picture holds a digit, or that base64 decodes to an image: a schema-valid blank frame
 or a random base64 string is rightly refused 422 or 400 (documented statuses, which the other checks
 verify).
+
+The client deadline and the key's second header are sent, not fuzzed: a deadline shorter than the wait
+is rightly refused 503 (with `Retry-After`, documented), which the server-error check would count; and
+the keys are alternatives, so a malformed `Authorization` beside a right `X-API-Key` is rightly served,
+which the negative checks would count. Both are tested in test_hardening (and test_overload).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def test_schemathesis_finds_nothing(server, tmp_path):
     assert executable, "schemathesis is not installed: it is in the test extra (pip install -e .[test])"
     result = subprocess.run(
         [executable, "run", f"{server.url}/openapi.json", "-H", f"X-API-Key: {KEY}", "-H", f"X-Admin-Key: {ADMIN}",
+         "-H", f"Authorization: Bearer {KEY}", "-H", "X-Request-Timeout-Ms: 60000",
          "--max-examples", "10", "--max-time", str(BUDGET_S), "--no-shrink", "--seed", "28",
          "--exclude-checks", "positive_data_acceptance", "--request-timeout", "20", "--warnings", "off"],
         capture_output=True, text=True, timeout=BUDGET_S + 120, cwd=tmp_path)
