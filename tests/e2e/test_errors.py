@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from harness.server import b64, encode
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A syntactically valid PNG whose header claims any size, with almost no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+from harness.server import b64, encode, png_claiming
 
 
 def seven() -> np.ndarray:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import struct
-import zlib
 
 import httpx
 import numpy as np
@@ -16,6 +14,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
+from harness.server import encode, png_claiming
 from service import cli, imaging
 from service.config import Limits, Settings
 from service.errors import HttpError, InputError
@@ -27,25 +26,10 @@ from service.imaging import decode
 from service.pipes import Pending
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header claiming any size, with almost no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
-
-
 def test_a_big_png_is_decoded_smaller_as_pillow_would_reduce_it():
     rng = np.random.default_rng(28)
     rgba = rng.integers(0, 256, (2600, 1950, 4), dtype=np.uint8)  # not a multiple of the factor: partial blocks
-    picture = decode.decode_picture(png(rgba), Limits())
+    picture = decode.decode_picture(encode(rgba), Limits())
     factor = decode.shrink_factor(1950, 2600)
     assert factor == 4 and picture.size == (1950, 2600) and picture.gray.shape == (650, 488)
     expected = decode._to_gray(Image.fromarray(rgba).reduce(factor))  # Pillow weighs colours by alpha too
@@ -55,7 +39,7 @@ def test_a_big_png_is_decoded_smaller_as_pillow_would_reduce_it():
 
 def test_pictures_of_ordinary_sizes_are_decoded_as_before():
     gray = np.random.default_rng(1).integers(0, 256, (1000, 1279), dtype=np.uint8)
-    picture = decode.decode_picture(png(gray), Limits())
+    picture = decode.decode_picture(encode(gray), Limits())
     assert picture.gray.shape == (1000, 1279) and np.array_equal(picture.gray, gray.astype(np.float32))
 
 
@@ -84,7 +68,7 @@ def test_the_pixels_of_a_request_are_counted_from_the_headers():
 def test_a_big_picture_is_framed_alone_and_boxed_in_the_clients_pixels():
     picture = np.full((2000, 2000), 255, np.uint8)
     picture[500:1500, 990:1010] = 0
-    (note,) = imaging.prepare([png(picture)], Limits()).notes
+    (note,) = imaging.prepare([encode(picture)], Limits()).notes
     x, y, w, h = note["box"]
     assert 980 <= x <= 990 and 490 <= y <= 500 and 1000 <= h <= 1020 and w <= 40, note
 
