@@ -11,12 +11,14 @@ import gc
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from service import metrics
 from service.config import Settings
 from service.errors import HttpError
 from service.model import store
+from service.model.calibration import calibrated
 from service.model.fnn import INPUT_SIZE
 from service.versions import Board
 from service.work import Control
@@ -32,6 +34,15 @@ class Held:
     loaded: store.LoadedModel
     ref: dict[str, object]
     explainer: Explainer | None
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden layer and the logits of normalised images, from one forward pass."""
+        return self.loaded.model.features(x)
+
+    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (calibrated where the version is) and typicality (None where it has no calibration)."""
+        probabilities, typicality = calibrated(self.loaded.calibration, *self.features(x))
+        return probabilities.cpu().numpy(), None if typicality is None else typicality.cpu().numpy()
 
 
 class Models:

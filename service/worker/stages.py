@@ -140,8 +140,9 @@ class PredictAPI(DigitAPI):
     """``/predict``: probabilities for every image, no hooks, under inference mode.
 
     A request whose options say ``"output": "tensor"`` (the Open Inference Protocol's, set by the API
-    server) is answered with its raw float32 probabilities, which the API server encodes as V2
-    tensors; every other gets the JSON of /predict."""
+    server) is answered with raw float32 rows of ``TENSOR_ROW`` values per image (the probabilities, then
+    the typicality, NaN where the version has none), which the API server encodes as V2 tensors; every
+    other gets the JSON of /predict."""
 
     endpoint = "predict"
 
@@ -150,11 +151,16 @@ class PredictAPI(DigitAPI):
 
     def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         with torch.inference_mode():
-            probs = torch.softmax(group.held.loaded.model(group.x), dim=1).cpu().numpy()
-        metrics.observe_predictions(str(group.held.loaded.version), probs)
+            probs, typicality = group.held.outputs(group.x)
+        version = str(group.held.loaded.version)
+        metrics.observe_predictions(version, probs)
+        metrics.observe_typicality(version, typicality, self.settings.not_a_digit_below)
+        for work in requests:
+            metrics.observe_flags(version, [flag for note in work.notes or () for flag in note.get("flags", ())])
+        tensors = tensor_rows(probs, typicality)
         if all(work.options.get("output") == "tensor" for work in requests):  # V2's: rows only, no JSON to build
-            return list(zip(itertools.repeat(None), probs))
-        return list(zip(predictions(probs), probs))
+            return list(zip(itertools.repeat(None), tensors))
+        return list(zip(predictions(probs, typicality, self.settings.not_a_digit_below), tensors))
 
     def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
         if output.options.get("output") == "tensor":  # the request's rows, float32, one after the other
@@ -192,21 +198,48 @@ class ExplainAPI(DigitAPI):
                                           quadrature)
             for row, report in zip(rows, explained):
                 reports[row] = report
+        with torch.inference_mode():  # the answer's part of the report, as /predict gives it
+            probs, typicality = group.held.outputs(group.x)
+        for report, answer in zip(reports, predictions(probs, typicality, self.settings.not_a_digit_below)):
+            report.update(answer)
         return reports
 
 
 def _noted(rows: list[Any], notes: list[dict[str, Any]] | None) -> list[Any]:
-    """Each image's answer with what the framing found (its ``box`` in the client's picture, ``flags``)."""
+    """Each image's answer with what the framing found (its ``box`` in the client's picture, ``flags``);
+    the framing's flags come first, the model's (``not_a_digit``) after them."""
     for row, note in zip(rows, notes or ()):
         answer = row[0] if isinstance(row, tuple) else row
         if isinstance(answer, dict):
+            flags = [*note.get("flags", ()), *answer.get("flags", ())]
             answer.update(note)
+            if flags or "flags" in note:
+                answer["flags"] = flags
     return rows
 
 
-def predictions(probs: np.ndarray) -> list[dict[str, Any]]:
-    """Each image's answer: the label, its confidence and all ten probabilities."""
+NOT_A_DIGIT = "not_a_digit"
+TENSOR_ROW = 11  # values per image in a tensor answer: ten probabilities and the typicality
+
+
+def predictions(probs: np.ndarray, typicality: np.ndarray | None = None, below: float = 0.0) -> list[dict[str, Any]]:
+    """Each image's answer: the label, its confidence, all ten probabilities, and its typicality (None for
+    a version without calibration), flagged ``not_a_digit`` below the threshold."""
     labels = probs.argmax(1)
     confidences = probs[np.arange(len(probs)), labels]
-    return [{"label": label, "confidence": confidence, "probabilities": p}
-            for label, confidence, p in zip(labels.tolist(), confidences.tolist(), probs.tolist())]
+    typical = [None] * len(probs) if typicality is None else typicality.tolist()
+    answers = []
+    for label, confidence, p, t in zip(labels.tolist(), confidences.tolist(), probs.tolist(), typical):
+        answer = {"label": label, "confidence": confidence, "probabilities": p, "typicality": t}
+        if t is not None and t < below:
+            answer["flags"] = [NOT_A_DIGIT]
+        answers.append(answer)
+    return answers
+
+
+def tensor_rows(probs: np.ndarray, typicality: np.ndarray | None) -> np.ndarray:
+    """float32 (n, TENSOR_ROW): each image's probabilities, then its typicality (NaN without calibration)."""
+    rows = np.empty((len(probs), TENSOR_ROW), dtype=np.float32)
+    rows[:, :-1] = probs
+    rows[:, -1] = np.nan if typicality is None else typicality
+    return rows
