@@ -1,8 +1,8 @@
 """Pictures that are not digits, made here, for outlier exposure (trained towards a uniform answer).
 
 Kinds: letters and symbols from the allowed fonts (``printed``; letters a person would read as a digit,
-such as O, l and I, are left out), shapes, scribbles, textures, and crops of scikit-image's bundled
-photographs. Each is drawn as ink (or, for photographs, as grey levels) for ``dress`` to picture.
+such as O, l and I, are left out), shapes, scribbles, textures, crops of scikit-image's bundled
+photographs, and the faces it bundles. Each is drawn as ink (photographs: their grey levels) for ``dress``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ SYMBOLS = "+=#%&@$?*<>{}[]~^()§¶€£¥©®±×÷√∞≈≠≤≥←→↑�
 PHOTOS = ("astronaut", "camera", "coffee", "coins", "moon", "page", "hubble_deep_field", "immunohistochemistry",
           "text", "brick", "grass", "retina", "colorwheel", "logo")
 HELD_OUT_PHOTOS = ("chelsea", "rocket", "clock", "gravel")  # for evaluation only
-KINDS = ("letters", "symbols", "shapes", "scribbles", "textures", "photos")
+KINDS = ("letters", "symbols", "shapes", "scribbles", "textures", "photos", "faces")
+FACES, HELD_OUT_FACES = range(0, 80), range(80, 100)  # of scikit-image's lfw_subset (its first 100 are faces)
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,12 @@ class Sources:
 
     fonts: tuple[printed.Font, ...]
     photos: tuple[str, ...]
+    faces: range
 
     @classmethod
     def of(cls, held: bool) -> Sources:
         fonts = tuple(f for f in printed.fonts() if printed.held_out(f.family) == held)
-        return cls(fonts, HELD_OUT_PHOTOS if held else PHOTOS)
+        return cls(fonts, HELD_OUT_PHOTOS if held else PHOTOS, HELD_OUT_FACES if held else FACES)
 
 
 def _text(chars: str, sources: Sources, rng: np.random.Generator) -> np.ndarray | None:
@@ -130,6 +132,8 @@ def _photo(name: str) -> np.ndarray:
     import skimage.data
 
     image = np.asarray(getattr(skimage.data, name)())
+    if name == "lfw_subset":
+        return (image * 255).astype(np.float32)
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     if image.ndim == 3:
@@ -148,7 +152,16 @@ def photos(sources: Sources, rng: np.random.Generator) -> np.ndarray:
     return 1 - np.asarray(crop.resize((small, small), Image.Resampling.BILINEAR), dtype=np.float32) / 255
 
 
+def faces(sources: Sources, rng: np.random.Generator) -> np.ndarray:
+    """A face (Labeled Faces in the Wild, as scikit-image bundles it), cropped a little and enlarged."""
+    face = _photo("lfw_subset")[sources.faces[int(rng.integers(len(sources.faces)))]]
+    top, left = rng.integers(0, 4, 2)
+    crop = Image.fromarray(face[top:top + 21, left:left + 21])
+    side = int(rng.integers(40, 160))
+    return 1 - np.asarray(crop.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+
+
 MAKERS: dict[str, Callable[[Sources, np.random.Generator], np.ndarray | None]] = {
     "letters": letters, "symbols": symbols, "shapes": shapes, "scribbles": scribbles, "textures": textures,
-    "photos": photos,
+    "photos": photos, "faces": faces,
 }

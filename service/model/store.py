@@ -232,6 +232,7 @@ def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], m
         with open(weights, "rb") as f:
             os.fsync(f.fileno())
         record = {**metadata, "name": name, "sha256": sha256_file(weights)}
+        record.pop("calibration", None)  # describes only the file this call writes (metadata copied from a version)
         if calibration is not None:
             calibration_path = tmp / CALIBRATION_FILE
             torch.save({k: v.detach().cpu().contiguous() for k, v in calibration.tensors().items()}, calibration_path)

@@ -2,8 +2,8 @@
 
 ``build(kind, count, seed)`` gives uint8 (N, 28, 28) frames (white ink on black, as MNIST) and labels
 (the digit, or -1 for a non-digit). Sets are made in seeded chunks on worker processes, so a set is
-the same on any number of cores, and cached under ``~/.cache/digitserve/synth`` keyed by everything
-that made it (the arguments, the fonts, and this package's source); nothing is committed.
+the same on any number of cores, and cached under ``~/.cache/digitserve/synth`` keyed by what made it
+(the arguments, the fonts, ``RECIPE``); nothing is committed.
 
 Kinds: ``printed`` (digits from the training font families), ``dressed`` (MNIST digits given as
 ``source``, pictured), and the non-digit kinds of ``negatives.KINDS``; with the suffix ``-heldout``
@@ -28,6 +28,7 @@ from service.model import dress, negatives, printed
 
 CACHE = Path(os.environ.get("DIGITSERVE_CACHE", Path.home() / ".cache" / "digitserve")) / "synth"
 CHUNK = 256
+RECIPE = 1  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
 HELD_OUT = "-heldout"  # a kind's suffix: drawn from the held-out fonts and photographs (evaluation only)
 
 
@@ -73,7 +74,7 @@ def _chunk(kind: str, seed: int, chunk: int, count: int, source: Source | None) 
                 continue
         else:
             ink, label = _digit_ink(kind, chunk * CHUNK + i, rng, source)
-        if not kind.startswith("photos") or rng.random() < 0.3:
+        if not kind.startswith(("photos", "faces")) or rng.random() < 0.3:
             ink = dress.canvas(ink, rng, margin=(0.02, 0.3) if rng.random() < 0.3 else (0.15, 1.2))
         framed = dress.frame(dress.dress(ink, rng))
         if framed is None or (label < 0 and _narrow(framed)):
@@ -92,12 +93,9 @@ def _narrow(frame: np.ndarray) -> bool:
 
 
 def _key(kind: str, count: int, seed: int, source: Source | None) -> str:
-    digest = hashlib.sha256(f"{kind}|{count}|{seed}|{CHUNK}".encode())
+    digest = hashlib.sha256(f"{kind}|{count}|{seed}|{CHUNK}|{RECIPE}".encode())
     for font in printed.fonts():
         digest.update(font.path.encode())
-    for module in (dress, negatives, printed):
-        digest.update(Path(module.__file__ or "").read_bytes())
-    digest.update(Path(__file__).read_bytes())
     if source is not None:
         digest.update(source[0].tobytes())
         digest.update(source[1].tobytes())

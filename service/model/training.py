@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"non-digit pictures of each kind ({', '.join(negatives.KINDS)})")
     p.add_argument("--outlier-weight", type=float, default=0.5,
                    help="weight of the uniform-target loss on non-digits (0: no outlier exposure)")
-    p.add_argument("--typicality-score", choices=SCORES, default="mahalanobis",
+    p.add_argument("--typicality-score", choices=SCORES, default="energy",
                    help="what typicality is computed from (docs/typicality.md)")
     p.add_argument("--workers", type=int, default=None, help="processes making the picture sets (default: cores)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for per-epoch validation")

@@ -119,7 +119,7 @@ def test_the_store_refuses_a_tampered_calibration(tmp_path):
     data = bytearray(path.read_bytes())
     data[-40] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(store.StoreError, match="checksum mismatch for .*calibration.pt"):
+    with pytest.raises(store.StoreError, match=r"checksum mismatch for .*calibration\.pt"):
         store.load(tmp_path, "m")
     path.unlink()
     with pytest.raises(store.StoreError, match="calibration missing"):
