@@ -3,7 +3,8 @@
     python -m bench.evaluate [--store model_store] [--version N] [--count 2000] [--seed 1000] [--out FILE]
 
 Digit sets (accuracy, expected calibration error before/after the temperature, share flagged
-``not_a_digit``): real MNIST test; MNIST test digits dressed as photographs (``service.model.synth``);
+``not_a_digit``): real MNIST test; MNIST test digits on clean canvases and dressed as photographs
+(``service.model.synth``);
 photo-like pictures of MNIST test digits (``tests/photos.py``, another generator than training's);
 printed digits from the font families held out of training. Non-digit sets, per kind, drawn from the
 held-out fonts and photographs (``-heldout`` kinds): share recognised (flagged, or no digit found).
@@ -82,6 +83,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     digits_np, labels_np = test_images.numpy(), test_labels.numpy()
     digit_sets = {
         "mnist_test": (test_images, test_labels),
+        "canvas": synth.build("canvas", args.count, args.seed, (digits_np[:args.count], labels_np[:args.count])),
         "dressed": synth.build("dressed", args.count, args.seed, (digits_np[:args.count], labels_np[:args.count])),
         "photo_like": _photo_frames(digits_np, labels_np, args.photos, args.seed),
         "printed_heldout_fonts": synth.build("printed" + synth.HELD_OUT, args.count, args.seed),

@@ -160,7 +160,8 @@ class OpenInferenceV2:
             work.options["output"] = "tensor"
             answer, batch_size, version = await plane.compute("/predict", work, deadline, pinned)
         computed(request, batch_size, version)
-        probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES)
+        # the worker's rows: the probabilities, then the typicality (service.worker.stages.tensor_rows)
+        probabilities = np.frombuffer(answer, np.float32).reshape(tensors.count, NUM_CLASSES + 1)[:, :NUM_CLASSES]
         return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), probabilities))
 
     @staticmethod

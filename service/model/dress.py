@@ -26,8 +26,8 @@ def dress(ink: np.ndarray, rng: np.random.Generator, plain: float = 0.15) -> byt
     With probability ``plain`` the picture is clean (dark ink on even white paper, PNG), as a scan is."""
     h, w = ink.shape
     if rng.random() < plain:
-        gray = 255 * (1 - 0.9 * ink)
-        return _encode(np.repeat(gray[..., None], 3, 2) if rng.random() < 0.3 else gray, rng, jpeg=False)
+        return scan(ink) if rng.random() < 0.7 else _encode(np.repeat((255 * (1 - 0.9 * ink))[..., None], 3, 2),
+                                                             rng, jpeg=False)
     paper = rng.uniform(0.55, 0.95)
     pen = rng.uniform(0.0, 0.4) * paper
     if rng.random() < 0.3:  # pencil or a fading marker: a lighter, uneven stroke
@@ -51,6 +51,13 @@ def dress(ink: np.ndarray, rng: np.random.Generator, plain: float = 0.15) -> byt
     if rng.random() < 0.7:
         gray = gray + rng.normal(0, rng.uniform(1, 10), gray.shape)
     return _encode(gray, rng, jpeg=rng.random() < 0.6)
+
+
+def scan(ink: np.ndarray) -> bytes:
+    """The ink as a clean scan: dark on even white paper, PNG."""
+    out = io.BytesIO()
+    Image.fromarray((255 * (1 - 0.9 * np.clip(ink, 0, 1))).astype(np.uint8)).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def _light(h: int, w: int, rng: np.random.Generator) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.model.calibration import Calibration
+from service.model.calibration import Calibration, calibrated
 from service.model.fnn import FNN
 
 DEFAULT_NAME = "mnist-fnn"
@@ -77,6 +77,10 @@ class LoadedModel:
     metadata: Metadata
     model: FNN
     calibration: Calibration | None = None
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """What the service answers for normalised images: softmax(logits / T), T = 1 without calibration."""
+        return calibrated(self.calibration, *self.model.features(x))[0]
 
     @property
     def test_accuracy(self) -> float | None:

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing")
     p.add_argument("--store", type=Path, default=Path("model_store"), help="model store folder")
     p.add_argument("--name", default=store.DEFAULT_NAME, help="model name in the store")
-    p.add_argument("--epochs", type=int, default=60, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training split")
     p.add_argument("--quick", action="store_true",
                    help="a short run (tests, a first look): 2 epochs on 2,048 images and small picture sets")
     p.add_argument("--batch-size", type=int, default=128, help="training mini-batch size")
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=500, help="hidden units")
     p.add_argument("--augment", type=float, default=1.0,
                    help="strength of random affine distortions (0 disables; 1 = +-10 deg, +-10%% scale, +-2 px)")
-    p.add_argument("--elastic", type=float, default=34.0,
+    p.add_argument("--elastic", type=float, default=24.0,
                    help="elastic distortion: Simard's alpha, pixels before smoothing (0 disables)")
     p.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic distortion: smoothing, pixels")
     p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font families")
