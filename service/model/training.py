@@ -20,6 +20,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -89,11 +90,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0) - MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
 
 
+@dataclass(frozen=True)
 class Pictures:
     """The picture sets one epoch mixes into the MNIST batches: digits (label) and non-digits (uniform target)."""
 
-    def __init__(self, digits: torch.Tensor, labels: torch.Tensor, others: torch.Tensor):
-        self.digits, self.labels, self.others = digits, labels, others
+    digits: torch.Tensor  # uint8 (N, 28, 28) frames
+    labels: torch.Tensor
+    others: torch.Tensor
 
 
 def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, pictures: Pictures,
