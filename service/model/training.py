@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing")
     p.add_argument("--store", type=Path, default=Path("model_store"), help="model store folder")
     p.add_argument("--name", default=store.DEFAULT_NAME, help="model name in the store")
-    p.add_argument("--epochs", type=int, default=80, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=160, help="passes over the training split")
     p.add_argument("--quick", action="store_true",
                    help="a short run (tests, a first look): 2 epochs on 2,048 images and small picture sets")
     p.add_argument("--batch-size", type=int, default=128, help="training mini-batch size")
