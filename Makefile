@@ -54,7 +54,7 @@ train: $(STAMP)
 
 # The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.
 export: $(STAMP)
-	$(PY) -m service.export --store model_store --version $(or $(VERSION),1) --data-dir $(TRAIN_DATA) --download
+	$(PY) -m service.export --store model_store --version $(or $(VERSION),2) --data-dir $(TRAIN_DATA) --download
 
 # Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~10 min; BENCH_QUICK=1 ~3 min).
 bench: $(STAMP) system-deps

@@ -36,8 +36,9 @@ def found(notes: list[dict[str, Any]] | None) -> list[int]:
 
 def spliced(rows: list[dict[str, Any]], notes: list[dict[str, Any]] | None, options: dict[str, Any]
             ) -> list[dict[str, Any]]:
-    """The computed rows (one per instance with a digit) with each note merged in, and the no_digit rows
-    in their places: one row per instance, in request order."""
+    """The computed rows (one per instance with a digit) with each note merged in (its flags before the
+    model's, e.g. ``not_a_digit``), and the no_digit rows in their places: one row per instance, in
+    request order."""
     if not notes:
         return rows
     computed = iter(rows)
@@ -47,6 +48,6 @@ def spliced(rows: list[dict[str, Any]], notes: list[dict[str, Any]] | None, opti
             out.append(no_digit_row(options))
         else:
             row = next(computed)
-            row.update(note)
+            row.update(note, flags=[*note["flags"], *row.get("flags", ())])  # the framing's, then the model's
             out.append(row)
     return out

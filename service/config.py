@@ -85,6 +85,10 @@ class Settings(Limits):
                                         "(0: off)", json_schema_extra=group("model"))
     max_loaded_versions: int = Field(2, ge=1, le=8, description="model versions held at once in every worker",
                                      json_schema_extra=group("model"))
+    not_a_digit_below: float = Field(
+        0.01, ge=0, le=1, description="flag an answer not_a_digit when its typicality is below this: about this "
+                                      "share of real digits is flagged (docs/typicality.md; 0: never)",
+        json_schema_extra=group("model", "0..1"))
     admin_key: SecretStr | None = Field(
         None, description="turns the admin API on (/admin, /v2/repository); send it as X-Admin-Key or "
                           "Authorization: Bearer (never logged)", json_schema_extra=group("security"))

@@ -63,9 +63,13 @@ FORWARD_SECONDS = Histogram("digitserve_inference_duration_seconds",
                             "Duration of one model forward (explain: the whole attribution)",
                             ["endpoint", "version"], buckets=FORWARD_BUCKETS)
 PREDICTIONS = Counter("digitserve_predictions_total", "Images classified, by predicted label", ["label", "version"])
-FLAGS = Counter("digitserve_flags_total", "Instances answered with a flag, by flag and version", ["flag", "version"])
+FLAGS = Counter("digitserve_flags_total", "Instances answered with a flag (no_digit, not_a_digit, the framing's), "
+                "by flag and version", ["flag", "version"])
 CONFIDENCE = Histogram("digitserve_prediction_confidence", "Probability of the predicted label", ["version"],
                        buckets=CONFIDENCE_BUCKETS)
+TYPICALITY = Histogram("digitserve_typicality", "Typicality of each image /predict answered (versions with a "
+                       "calibration): uniform on 0..1 for real digits, near 0 for what is not a digit", ["version"],
+                       buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 SERVING = Gauge("digitserve_serving_version", "The model version requests are routed to (unpinned, not canary)",
                 multiprocess_mode="mostrecent")
 CANARY_SHARE = Gauge("digitserve_canary_share", "Share of unpinned requests routed to the canary version",
@@ -155,6 +159,21 @@ def observe_predictions(version: str, probs: np.ndarray) -> None:
         if count:
             labelled(PREDICTIONS, str(label), version).inc(int(count))
     observe_many(labelled(CONFIDENCE, version), probs.max(1))
+
+
+def observe_typicality(version: str, typicality: np.ndarray | None, below: float) -> None:
+    """A batch's typicality values, and how many were flagged not_a_digit (nothing for an uncalibrated version)."""
+    if typicality is None:
+        return
+    observe_many(labelled(TYPICALITY, version), typicality)
+    flagged = int(np.count_nonzero(typicality < below))
+    if flagged:
+        labelled(FLAGS, "not_a_digit", version).inc(flagged)
+
+
+def observe_flags(version: str, flags: list[str]) -> None:
+    for flag, count in collections.Counter(flags).items():
+        count_flag(flag, version, count)
 
 
 def count_flag(flag: str, version: str, count: int = 1) -> None:

@@ -16,6 +16,7 @@ from service.model import data, store
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_STORE = ROOT / "model_store"
+SERVED = str(max(store.list_versions(MODEL_STORE, store.DEFAULT_NAME)))  # the version a plain server serves
 
 
 def _data_dir() -> tuple[Path, bool]:

@@ -101,4 +101,14 @@ def info_payload(settings: Settings, device: str, versions: VersionControl, runt
             "max_queued_requests": settings.max_queued_requests,
         },
         "limits": {name: getattr(settings, name) for name in Limits.model_fields},
+        "typicality": {  # docs/typicality.md: versions without a calibration answer typicality null, never flag
+            "not_a_digit_below": settings.not_a_digit_below,
+            "calibrated": {str(v): _calibration(metadata_of(settings.store, settings.model, v)) for v in state.loaded},
+        },
     }
+
+
+def _calibration(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A version's calibration as /info shows it (its temperature and score), or None where it has none."""
+    record = meta.get("calibration")
+    return {"temperature": record.get("temperature"), "score": record.get("score")} if record else None

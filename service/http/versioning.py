@@ -205,7 +205,7 @@ def files_signature(store_dir: Path, name: str, version: int) -> list[list[int]]
     """Size and mtime of a version's files: a failed version is retried by the watcher once these change."""
     version_dir = Path(store_dir) / name / str(version)
     signature = []
-    for file in (store.WEIGHTS_FILE, store.METADATA_FILE):
+    for file in (store.WEIGHTS_FILE, store.METADATA_FILE, store.CALIBRATION_FILE):
         try:
             stat = (version_dir / file).stat()
             signature.append([stat.st_size, stat.st_mtime_ns])

@@ -33,8 +33,12 @@ class FNN(nn.Module):
         self.apply(initialize_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], self.input_size)
-        return self.fc2(self.relu(self.fc1(x)))
+        return self.features(x)[1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden layer (after the ReLU) and the logits, from one pass: the typicality score reads both."""
+        hidden = self.relu(self.fc1(x.reshape(x.shape[0], self.input_size)))
+        return hidden, self.fc2(hidden)
 
     def architecture(self) -> dict:
         """What metadata.json records so a loader can rebuild and check this exact net."""

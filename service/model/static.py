@@ -42,15 +42,15 @@ log = logging.getLogger("digitserve")
 
 
 class FeatureNet(nn.Module):
-    """What every runtime computes in one forward: the hidden layer (after the ReLU) and the logits."""
+    """What every runtime computes in one forward: ``FNN.features`` (the hidden layer after the ReLU, and
+    the logits) as a module's forward, which torch.export traces."""
 
     def __init__(self, fnn: FNN):
         super().__init__()
         self.fnn = fnn
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.fnn.relu(self.fnn.fc1(x.reshape(x.shape[0], self.fnn.input_size)))
-        return hidden, self.fnn.fc2(hidden)
+        return self.fnn.features(x)
 
 
 class Refused(Exception):

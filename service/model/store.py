@@ -1,8 +1,10 @@
-"""The versioned model store: ``<store>/<name>/<version>/{model.pt,metadata.json}``.
+"""The versioned model store: ``<store>/<name>/<version>/{model.pt,metadata.json[,calibration.pt]}``.
 
 Versions are integers, written to a hidden temporary folder and renamed into place, so a
 reader never sees a half-written version. Loading verifies the sha256 recorded in the
-metadata before unpickling anything, and only ever with ``weights_only=True``.
+metadata before unpickling anything, and only ever with ``weights_only=True``. A version's
+calibration (temperature and typicality reference, ``calibration``) is a file of its own with its
+sha256 in the metadata, checked the same way; a version without one serves uncalibrated.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.model.calibration import Calibration, calibrated
 from service.model.fnn import FNN
 
 DEFAULT_NAME = "mnist-fnn"
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
+CALIBRATION_FILE = "calibration.pt"
 _TMP_PREFIX = ".tmp-"
 
 
@@ -63,6 +67,16 @@ class Export(BaseModel):
     parity: StoredFile
 
 
+class CalibrationRecord(BaseModel):
+    """metadata.json's ``calibration``: the file's checksum and the two numbers that are not tensors."""
+
+    model_config = ConfigDict(extra="allow")
+    file: str = CALIBRATION_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    temperature: float = Field(gt=0)
+    score: str
+
+
 class Metadata(BaseModel):
     """The fields a loader relies on; everything else training records is kept as is."""
 
@@ -73,6 +87,7 @@ class Metadata(BaseModel):
     normalization: Normalization
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     export: Export | None = None
+    calibration: CalibrationRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,11 @@ class LoadedModel:
     path: Path
     metadata: Metadata
     model: FNN
+    calibration: Calibration | None = None
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """What the service answers for normalised images: softmax(logits / T), T = 1 without calibration."""
+        return calibrated(self.calibration, *self.model.features(x))[0]
 
     @property
     def test_accuracy(self) -> float | None:
@@ -160,7 +180,29 @@ def load(store: Path, name: str = DEFAULT_NAME, version: int | None = None,
             f"{arch.input_size}-{arch.hidden_size}-{arch.num_classes} but {weights} does not fit it: {e}"
         ) from None
     model.to(device).eval()
-    return LoadedModel(name=name, version=int(version_dir.name), path=version_dir, metadata=metadata, model=model)
+    return LoadedModel(name=name, version=int(version_dir.name), path=version_dir, metadata=metadata, model=model,
+                       calibration=_load_calibration(version_dir, metadata.calibration, device))
+
+
+def _load_calibration(version_dir: Path, record: CalibrationRecord | None,
+                      device: str | torch.device) -> Calibration | None:
+    """The version's calibration, verified like the weights; None for a version that has none."""
+    if record is None:
+        return None
+    path = version_dir / Path(record.file).name
+    if not path.is_file():
+        raise StoreError(f"calibration missing: {path} (metadata.json names it)")
+    actual = sha256_file(path)
+    if actual != record.sha256:
+        raise StoreError(f"checksum mismatch for {path}: metadata says sha256 {record.sha256}, file has {actual}; "
+                         "the file was changed or truncated after it was written")
+    try:
+        tensors = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(tensors, dict):
+            raise ValueError(f"expected a dict of tensors, found {type(tensors).__name__}")
+        return Calibration.from_tensors(tensors, record.temperature, record.score)
+    except Exception as e:  # corrupt archive, wrong content: the version cannot be served as it claims
+        raise StoreError(f"calibration corrupt or invalid: {path}: {e}") from None
 
 
 def load_best(store: Path, name: str, min_accuracy: float = 0.0) -> tuple[LoadedModel, dict[int, str]]:
@@ -220,8 +262,9 @@ def verified_file(version_dir: Path, stored: StoredFile, what: str = "file") -> 
     return path
 
 
-def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write a NEW version atomically and return its folder.
+def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
+                  calibration: Calibration | None = None) -> Path:
+    """Write a NEW version atomically (with its calibration, if given) and return its folder.
 
     Everything goes to a hidden temporary folder first; only a complete, fsynced version is
     renamed to its integer name. If anything fails, the temporary folder is removed.
@@ -236,6 +279,15 @@ def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], m
         with open(weights, "rb") as f:
             os.fsync(f.fileno())
         record = {**metadata, "name": name, "sha256": sha256_file(weights)}
+        record.pop("calibration", None)  # describes only the file this call writes (metadata copied from a version)
+        if calibration is not None:
+            calibration_path = tmp / CALIBRATION_FILE
+            torch.save({k: v.detach().cpu().contiguous() for k, v in calibration.tensors().items()}, calibration_path)
+            with open(calibration_path, "rb") as f:
+                os.fsync(f.fileno())
+            record["calibration"] = {"file": CALIBRATION_FILE, "sha256": sha256_file(calibration_path),
+                                     "temperature": calibration.temperature, "score": calibration.score_name,
+                                     "reference_size": len(calibration.reference)}
         while True:
             versions = list_versions(store, name)
             version = (versions[-1] + 1) if versions else 1

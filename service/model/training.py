@@ -1,11 +1,16 @@
-"""Train the FNN on real MNIST and write a new version into the model store.
+"""Train the FNN on real MNIST and pictures of digits, calibrate it, and write a new version into the store.
 
     python -m service.train --data-dir ../shared/datasets --store model_store
 
 Read top to bottom, like pytorch/examples' mnist/main.py: arguments, data, ``train()`` and
-``test()`` per epoch, then the store write. Augmentation (small random affine distortions,
-applied to whole batches with ``affine_grid``) and a one-cycle LR schedule are what take a
-784-500-10 net past the classic 98.4% of plain training.
+``test()`` per epoch, then calibration and the store write (``docs/pictures.md``, ``docs/typicality.md``):
+
+- real MNIST, elastically distorted and affinely jittered batch by batch (``augment``, Simard 2003);
+- printed digits from the fonts on this machine and MNIST digits dressed as photographs (``synth``),
+  framed by the service's own preprocessing, so the model learns on the frames it is served;
+- non-digits (letters, symbols, shapes, scribbles, textures, photographs) with a uniform target
+  (outlier exposure, Hendrycks et al. 2019), so that what is not a digit does not look like one;
+- a calibration split of MNIST train, never fitted on: the temperature and the typicality reference.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from service.device import resolve_device
-from service.model import data, static, store
+from service.model import augment, data, negatives, static, store, synth
+from service.model.calibration import SCORES, Calibration, expected_calibration_error, mahalanobis_fit
 from service.model.fnn import FNN, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 
 
@@ -34,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing")
     p.add_argument("--store", type=Path, default=Path("model_store"), help="model store folder")
     p.add_argument("--name", default=store.DEFAULT_NAME, help="model name in the store")
-    p.add_argument("--epochs", type=int, default=40, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=160, help="passes over the training split")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (tests, a first look): 2 epochs on 2,048 images and small picture sets")
     p.add_argument("--batch-size", type=int, default=128, help="training mini-batch size")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
@@ -43,15 +52,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=500, help="hidden units")
     p.add_argument("--augment", type=float, default=1.0,
                    help="strength of random affine distortions (0 disables; 1 = +-10 deg, +-10%% scale, +-2 px)")
+    p.add_argument("--elastic", type=float, default=24.0,
+                   help="elastic distortion: Simard's alpha, pixels before smoothing (0 disables)")
+    p.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic distortion: smoothing, pixels")
+    p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font families")
+    p.add_argument("--dressed", type=int, default=10000, help="MNIST training digits pictured as photographs")
+    p.add_argument("--negatives", type=int, default=3000,
+                   help=f"non-digit pictures of each kind ({', '.join(negatives.KINDS)})")
+    p.add_argument("--outlier-weight", type=float, default=0.3,
+                   help="weight of the uniform-target loss on non-digits (0: no outlier exposure)")
+    p.add_argument("--typicality-score", choices=SCORES, default="energy",
+                   help="what typicality is computed from (docs/typicality.md)")
+    p.add_argument("--workers", type=int, default=None, help="processes making the picture sets (default: cores)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for per-epoch validation")
     p.add_argument("--limit", type=int, default=None, help="train on only this many images (fast runs, tests)")
     p.add_argument("--seed", type=int, default=1, help="random seed (runs on CPU are bit-for-bit repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (batches this small run fastest on one; the pictures use --workers)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--static-graph", choices=["compiled", "exported", "none"], default="compiled",
                    help="write the version's static graph too (service.model.static): AOTInductor-compiled (where a "
                         "C++ compiler works, else exported), exported uncompiled, or none")
     args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.limit = min(args.epochs, 2), args.limit or 2048
+    if args.limit is not None:  # picture sets in proportion to a small run
+        args.printed, args.dressed = min(args.printed, args.limit // 2), min(args.dressed, args.limit // 4)
+        args.negatives = min(args.negatives, args.limit // 8)
     for flag in ("epochs", "batch_size", "hidden_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -65,42 +93,80 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0) - MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
 
 
-def distort(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, scale, shear and shift of a normalised batch (background stays background)."""
-    n = x.shape[0]
-    u = lambda: torch.rand(n, generator=generator, device=x.device) * 2 - 1  # noqa: E731
-    angle = u() * math.radians(10) * strength
-    scale = 1 + u() * 0.1 * strength
-    shear = u() * 0.1 * strength
-    shift = u() * (2 / 14) * strength, u() * (2 / 14) * strength
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
-    background = -MNIST_MEAN / MNIST_STD
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
+@dataclass(frozen=True)
+class Pictures:
+    """The picture sets one epoch mixes into the MNIST batches: digits (label) and non-digits (uniform target)."""
+
+    digits: torch.Tensor  # uint8 (N, 28, 28) frames
+    labels: torch.Tensor
+    others: torch.Tensor
 
 
-def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace, epoch: int,
-          generator: torch.Generator) -> float:
+def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, pictures: Pictures,
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          args: argparse.Namespace, epoch: int, generator: torch.Generator) -> float:
+    """One pass over MNIST; each batch also takes its share of the pictures, so an epoch sees each once."""
     model.train()
     order = torch.randperm(len(x), generator=generator)
-    batches = range(0, len(x), args.batch_size)
-    bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.no_progress, leave=False)
+    steps = math.ceil(len(x) / args.batch_size)
+    digit_order = torch.randperm(len(pictures.digits), generator=generator)
+    other_order = torch.randperm(len(pictures.others), generator=generator)
+    per_digit, per_other = math.ceil(len(digit_order) / steps), math.ceil(len(other_order) / steps)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.no_progress, leave=False)
     total = 0.0
-    for start in bar:
-        idx = order[start:start + args.batch_size]
-        xb, yb = x[idx].to(device), y[idx].to(device)
-        if args.augment > 0:
-            xb = distort(xb, args.augment, generator)
+    for step in bar:
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        pick = digit_order[step * per_digit:(step + 1) * per_digit]
+        xb = torch.cat([x[idx], normalize(pictures.digits[pick])]).to(device)
+        yb = torch.cat([y[idx], pictures.labels[pick]]).to(device)
+        others = normalize(pictures.others[other_order[step * per_other:(step + 1) * per_other]]).to(device)
+        xb = torch.cat([xb, others])
+        if args.augment > 0 or args.elastic > 0:
+            xb = augment.distort(xb, generator, args.augment, args.elastic, args.elastic_sigma)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb, label_smoothing=args.label_smoothing)
+        logits = model(xb)
+        loss = F.cross_entropy(logits[:len(yb)], yb, label_smoothing=args.label_smoothing)
+        if len(others) and args.outlier_weight > 0:  # cross-entropy to the uniform distribution
+            loss = loss - args.outlier_weight * F.log_softmax(logits[len(yb):], 1).mean()
         loss.backward()
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(idx)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / len(x)
+
+
+def make_pictures(args: argparse.Namespace, digits: torch.Tensor, labels: torch.Tensor) -> tuple[Pictures, dict]:
+    """The picture sets for this run (made once per seed and cached, ``synth``) and what they hold."""
+    started = time.monotonic()
+    printed, printed_labels = synth.build("printed", args.printed, args.seed, workers=args.workers)
+    dressed, dressed_labels = synth.build("dressed", args.dressed, args.seed,
+                                          (digits[:args.dressed].numpy(), labels[:args.dressed].numpy()),
+                                          workers=args.workers)
+    others = [synth.build(kind, args.negatives, args.seed, workers=args.workers)[0] for kind in negatives.KINDS]
+    counts = {"printed": len(printed), "dressed": len(dressed),
+              **{kind: len(frames) for kind, frames in zip(negatives.KINDS, others)}}
+    print(f"pictures ({time.monotonic() - started:.0f} s): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    pictures = Pictures(torch.cat([printed, dressed]), torch.cat([printed_labels, dressed_labels]),
+                        torch.cat(others) if others else torch.zeros(0, 28, 28, dtype=torch.uint8))
+    return pictures, counts
+
+
+@torch.inference_mode()
+def features(model: FNN, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden layer and logits of normalised images, in chunks."""
+    model.eval()
+    parts = [model.features(x[i:i + 4096].to(device)) for i in range(0, len(x), 4096)]
+    return torch.cat([h.cpu() for h, _ in parts]), torch.cat([z.cpu() for _, z in parts])
+
+
+def calibrate(model: FNN, device: torch.device, fit: tuple[torch.Tensor, torch.Tensor],
+              held: tuple[torch.Tensor, torch.Tensor], score_name: str) -> Calibration:
+    """The score's parameters from training digits (``fit``), then T and the reference on the held split."""
+    hidden, _ = features(model, fit[0], device)
+    params = mahalanobis_fit(hidden, fit[1], NUM_CLASSES) if score_name == "mahalanobis" else {}
+    hidden, logits = features(model, held[0], device)
+    return Calibration.fit(score_name, params, hidden, logits, held[1])
 
 
 @torch.inference_mode()
@@ -115,6 +181,7 @@ def test(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     generator = torch.Generator().manual_seed(args.seed)
     device = resolve_device(args.device)
@@ -132,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train = normalize(train_images[train_idx]), train_labels[train_idx]
     x_val, y_val = normalize(train_images[val_idx]), train_labels[val_idx]
     x_test, y_test = normalize(test_images), test_labels
-    print(f"MNIST from {args.data_dir}: train {len(x_train)}, validation {len(x_val)}, test {len(x_test)}; "
-          f"device {device}")
+    print(f"MNIST from {args.data_dir}: train {len(x_train)}, calibration (validation) {len(x_val)}, "
+          f"test {len(x_test)}; device {device}")
+    pictures, picture_counts = make_pictures(args, train_images[train_idx], train_labels[train_idx])
 
     model = FNN(hidden_size=args.hidden_size).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -144,15 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     history = []
     started = time.monotonic()
     for epoch in range(1, args.epochs + 1):
-        loss = train(model, device, x_train, y_train, optimizer, scheduler, args, epoch, generator)
+        loss = train(model, device, x_train, y_train, pictures, optimizer, scheduler, args, epoch, generator)
         val_accuracy, _ = test(model, device, x_val, y_val)
-        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_accuracy": round(val_accuracy, 6)})
-        print(f"epoch {epoch}/{args.epochs}: train loss {loss:.4f}, validation accuracy {val_accuracy:.4%}")
+        epoch_test, _ = test(model, device, x_test, y_test)
+        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_accuracy": round(val_accuracy, 6),
+                        "test_accuracy": round(epoch_test, 6)})
+        print(f"epoch {epoch}/{args.epochs}: train loss {loss:.4f}, validation accuracy {val_accuracy:.4%}, "
+              f"test accuracy {epoch_test:.4%}", flush=True)
     training_seconds = time.monotonic() - started
 
     test_accuracy, confusion = test(model, device, x_test, y_test)
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     print(f"test accuracy: {test_accuracy:.4%} on {len(x_test)} MNIST test images ({training_seconds:.1f} s training)")
+    fit_digits = (torch.cat([x_train, normalize(pictures.digits)]), torch.cat([y_train, pictures.labels]))
+    calibration = calibrate(model, device, fit_digits, (x_val, y_val), args.typicality_score)
+    _, test_logits = features(model, x_test, device)
+    ece_before = expected_calibration_error(torch.softmax(test_logits, 1), y_test)
+    ece_after = expected_calibration_error(calibration.probabilities(test_logits), y_test)
+    print(f"calibration: temperature {calibration.temperature:.3f}; expected calibration error on MNIST test "
+          f"{ece_before:.2%} before, {ece_after:.2%} after; typicality from {calibration.score_name}")
 
     hyperparameters = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metadata = {
@@ -164,18 +242,22 @@ def main(argv: list[str] | None = None) -> int:
             "per_class_accuracy": {str(c): a for c, a in enumerate(per_class)},
             "confusion_matrix": confusion.tolist(),
             "final_val_accuracy": history[-1]["val_accuracy"],
+            "test_ece": {"before_temperature": round(ece_before, 6), "after_temperature": round(ece_after, 6)},
             "history": history,
         },
         "data": {"dataset": "MNIST", "train_images": len(x_train), "val_images": len(x_val),
-                 "sha256": data.raw_checksums(args.data_dir)},
-        "training": {**hyperparameters, "optimizer": "SGD (Nesterov) + OneCycleLR", "device": str(device)},
+                 "calibration_split": "the val_images: seed-split MNIST train, never fitted on",
+                 "pictures": picture_counts, "sha256": data.raw_checksums(args.data_dir)},
+        "training": {**hyperparameters, "optimizer": "SGD (Nesterov) + OneCycleLR", "device": str(device),
+                     "recipe": "MNIST with elastic distortion and affine jitter (Simard 2003); printed digits "
+                               "and dressed MNIST framed by service.imaging; outlier exposure on non-digits"},
         "seed": args.seed,
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "training_seconds": round(training_seconds, 2),
         "command": shlex.join(["python", "-m", "service.train", *(sys.argv[1:] if argv is None else argv)]),
     }
-    path = store.write_version(args.store, args.name, model.state_dict(), metadata)
+    path = store.write_version(args.store, args.name, model.state_dict(), metadata, calibration)
     print(f"wrote {path}")
     if args.static_graph != "none":  # the version is complete without it: --runtime export then serves it eager
         record = static.export(args.store, args.name, int(path.name), test_images, device.type,

@@ -12,12 +12,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from service import metrics
 from service.config import Settings
 from service.errors import HttpError
 from service.model import static, store
+from service.model.calibration import calibrated
 from service.model.fnn import INPUT_SIZE
 from service.versions import Board, Runtimes
 from service.work import Control
@@ -38,6 +40,11 @@ class Held:
     explainer: Explainer | None
     features: static.Features
     runtime: str
+
+    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (calibrated where the version is) and typicality (None where it has no calibration)."""
+        probabilities, typicality = calibrated(self.loaded.calibration, *self.features(x))
+        return probabilities.cpu().numpy(), None if typicality is None else typicality.cpu().numpy()
 
 
 class Models:

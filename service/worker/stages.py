@@ -149,8 +149,9 @@ class PredictAPI(DigitAPI):
     """``/predict``: probabilities for every image, no hooks, under inference mode.
 
     A request whose options say ``"output": "tensor"`` (the Open Inference Protocol's, set by the API
-    server) is answered with its raw float32 probabilities, which the API server encodes as V2
-    tensors; every other gets the JSON of /predict."""
+    server) is answered with raw float32 rows of ``TENSOR_ROW`` values per image (the probabilities, then
+    the typicality, NaN where the version has none), which the API server encodes as V2 tensors; every
+    other gets the JSON of /predict."""
 
     endpoint = "predict"
 
@@ -159,12 +160,17 @@ class PredictAPI(DigitAPI):
 
     def compute(self, group: Group, requests: list[Work]) -> list[Any]:
         with torch.inference_mode():
-            _, logits = group.held.features(group.x)
-            probs = torch.softmax(logits, dim=1).cpu().numpy()
-        metrics.observe_predictions(str(group.held.loaded.version), probs)
+            probs, typicality = group.held.outputs(group.x)
+        version = str(group.held.loaded.version)
+        metrics.observe_predictions(version, probs)
+        metrics.observe_typicality(version, typicality, self.settings.not_a_digit_below)
+        for work in requests:  # no_digit is counted where it is answered (service.http.dataplane)
+            metrics.observe_flags(version, [flag for note in work.notes or () if not answers.no_digit(note)
+                                            for flag in note["flags"]])
+        tensors = tensor_rows(probs, typicality)
         if all(work.options.get("output") == "tensor" for work in requests):  # V2's: rows only, no JSON to build
-            return list(zip(itertools.repeat(None), tensor_rows(probs)))
-        return list(zip(predictions(probs), probs))
+            return list(zip(itertools.repeat(None), tensors))
+        return list(zip(predictions(probs, typicality, self.settings.not_a_digit_below), tensors))
 
     def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
         if output.options.get("output") == "tensor":  # the request's rows, float32, one after the other
@@ -202,19 +208,35 @@ class ExplainAPI(DigitAPI):
                                           quadrature)
             for row, report in zip(rows, explained):
                 reports[row] = report
+        with torch.inference_mode():  # the answer's part of the report, as /predict gives it
+            probs, typicality = group.held.outputs(group.x)
+        for report, answer in zip(reports, predictions(probs, typicality, self.settings.not_a_digit_below)):
+            report.update(answer)
         return reports
 
 
-def tensor_rows(probs: np.ndarray) -> np.ndarray:
-    """V2's rows (``service.http.v2``): per image its 10 probabilities, then its typicality (NaN: this
-    version has no calibration), float32."""
-    typicality = np.full((len(probs), 1), np.nan, np.float32)
-    return np.concatenate([probs.astype(np.float32, copy=False), typicality], axis=1)
+NOT_A_DIGIT = "not_a_digit"
+TENSOR_ROW = 11  # values per image in a tensor answer: ten probabilities and the typicality
 
 
-def predictions(probs: np.ndarray) -> list[dict[str, Any]]:
-    """Each image's answer: the label, its confidence and all ten probabilities."""
+def predictions(probs: np.ndarray, typicality: np.ndarray | None = None, below: float = 0.0) -> list[dict[str, Any]]:
+    """Each image's answer: the label, its confidence, all ten probabilities, and its typicality (None for
+    a version without calibration), flagged ``not_a_digit`` below the threshold."""
     labels = probs.argmax(1)
     confidences = probs[np.arange(len(probs)), labels]
-    return [{"label": label, "confidence": confidence, "probabilities": p}
-            for label, confidence, p in zip(labels.tolist(), confidences.tolist(), probs.tolist())]
+    typical = [None] * len(probs) if typicality is None else typicality.tolist()
+    answers = []
+    for label, confidence, p, t in zip(labels.tolist(), confidences.tolist(), probs.tolist(), typical):
+        answer = {"label": label, "confidence": confidence, "probabilities": p, "typicality": t}
+        if t is not None and t < below:
+            answer["flags"] = [NOT_A_DIGIT]
+        answers.append(answer)
+    return answers
+
+
+def tensor_rows(probs: np.ndarray, typicality: np.ndarray | None) -> np.ndarray:
+    """float32 (n, TENSOR_ROW): each image's probabilities, then its typicality (NaN without calibration)."""
+    rows = np.empty((len(probs), TENSOR_ROW), dtype=np.float32)
+    rows[:, :-1] = probs
+    rows[:, -1] = np.nan if typicality is None else typicality
+    return rows

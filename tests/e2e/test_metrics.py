@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.server import ROOT, b64, encode, free_port, metric_samples, running
+from tests.conftest import SERVED
 
 # every endpoint label value there is (service/metrics.py): the protocols' routes, the page, and the refusals
 # of connections before any request
@@ -288,7 +289,7 @@ class TestCounts:
         result = prometheus.query("digitserve_model_info", traffic.at)
         assert sorted(({k: v for k, v in r["metric"].items() if k not in ("job", "instance")} for r in result),
                       key=lambda labels: labels["pool"]) == [
-            {"__name__": "digitserve_model_info", "name": "mnist-fnn", "version": "1", "device": "cpu",
+            {"__name__": "digitserve_model_info", "name": "mnist-fnn", "version": SERVED, "device": "cpu",
              "pool": pool, "runtime": "eager"} for pool in ("explain", "predict")]
         assert [float(r["value"][1]) for r in result] == [1, 1]
 
@@ -314,7 +315,7 @@ class TestMultiprocess:
     def test_sums_over_api_servers_and_workers(self, service, multiproc_dir, traffic, tmp_path):
         """Requests answered by 2 API-server processes and images run by 2 workers add up to what was sent."""
         sent_predict = sum(n for (endpoint, _), n in traffic.sent.items() if endpoint == "predict")
-        predict_images = {"endpoint": "predict", "version": "1"}.items()
+        predict_images = {"endpoint": "predict", "version": SERVED}.items()
         processes = per_process(multiproc_dir, tmp_path)
         answered = {pid: requests_by(text, "endpoint")[("predict",)] for pid, text in processes.items()}
         forwarded = {pid: metric_samples(text, "digitserve_batch_size_sum").get(tuple(sorted(predict_images)), 0)
@@ -352,8 +353,9 @@ class TestLabels:
         values; processes, workers, refusals and the wait estimate are the service's, not a version's."""
         state = ("digitserve_(serving_version|canary_share|worker_restarts_total|refusals_total|workers_ready|"
                  "queue_wait_estimate_seconds|process_.+)")
-        assert prometheus.query(f'{{__name__=~"digitserve_.+", __name__!~"{state}", version!="1"}}', traffic.at) == []
-        assert prometheus.query("digitserve_serving_version", traffic.at)[0]["value"][1] == "1"
+        others = f'{{__name__=~"digitserve_.+", __name__!~"{state}", version!="{SERVED}"}}'
+        assert prometheus.query(others, traffic.at) == []
+        assert prometheus.query("digitserve_serving_version", traffic.at)[0]["value"][1] == SERVED
 
 
 # ---------------------------------------------------------------- the exposition itself

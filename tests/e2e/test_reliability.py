@@ -149,7 +149,7 @@ def digits(mnist_test, default_model) -> tuple[np.ndarray, np.ndarray]:
     norm = default_model.metadata.normalization
     x = torch.from_numpy(normalize(images / np.float32(255), norm.mean, norm.std).reshape(len(images), -1))
     with torch.inference_mode():
-        probs = torch.softmax(default_model.model(x.float()), dim=1).numpy()
+        probs = default_model.probabilities(x.float()).numpy()
     keep = np.flatnonzero((probs.argmax(1) == labels) & (probs.max(1) > 0.9))[:64]
     assert len(keep) == 64
     return images[keep], labels[keep]

@@ -14,6 +14,7 @@ from PIL import Image
 from harness.server import b64, encode, metric_samples, running
 from service.config import Limits
 from service.imaging import decode_image, normalize, to_mnist
+from tests.conftest import SERVED
 
 
 def in_process(model, images01: np.ndarray) -> np.ndarray:
@@ -21,7 +22,7 @@ def in_process(model, images01: np.ndarray) -> np.ndarray:
     norm = model.metadata.normalization
     x = torch.from_numpy(normalize(images01.astype(np.float32), norm.mean, norm.std).reshape(len(images01), -1))
     with torch.inference_mode():
-        return torch.softmax(model.model(x), 1).numpy()
+        return model.probabilities(x).numpy()
 
 
 def probabilities(response) -> np.ndarray:
@@ -76,7 +77,7 @@ class TestBatching:
             after = metric_samples(client.get("/metrics").text, "digitserve_batch_size_bucket")
         for idx, response in results:
             np.testing.assert_allclose(probabilities(response), expected[idx], atol=1e-5)
-        key = lambda le: tuple(sorted({"endpoint": "predict", "le": le, "version": "1"}.items()))  # noqa: E731
+        key = lambda le: tuple(sorted({"endpoint": "predict", "le": le, "version": SERVED}.items()))  # noqa: E731
         forwards = after[key("+Inf")] - before.get(key("+Inf"), 0)
         single = after[key("1.0")] - before.get(key("1.0"), 0)
         images_sent = sum(len(idx) for idx, _ in requests)

@@ -73,7 +73,7 @@ def test_progress_and_final_accuracy_are_printed(two_runs):
     """Per-epoch progress (tqdm bar and summary line) and the final test accuracy, which is also stored."""
     root, (_, out, err), _ = two_runs
     assert "epoch 1/1" in err and "batch" in err  # the tqdm bar
-    assert re.search(r"^epoch 1/1: train loss [\d.]+, validation accuracy [\d.]+%$", out, re.M)
+    assert re.search(r"^epoch 1/1: train loss [\d.]+, validation accuracy [\d.]+%, test accuracy [\d.]+%$", out, re.M)
     printed = re.search(r"^test accuracy: ([\d.]+)% on 10000 MNIST test images", out, re.M)
     assert printed, out
     stored = store.load(root, version=1).test_accuracy
@@ -160,3 +160,16 @@ def test_process_killed_during_save_leaves_no_version(data_dir, tmp_path, os_cal
     assert store.list_versions(tmp_path, store.DEFAULT_NAME) == []
     with pytest.raises(store.StoreError, match="no versions"):
         store.load(tmp_path)
+
+
+def test_a_version_carries_its_calibration_and_picture_counts(two_runs):
+    """Training calibrates what it trained (temperature, typicality reference on the held-out split) and
+    says what pictures it mixed in."""
+    root = two_runs[0]
+    loaded = store.load(root, version=1)
+    assert loaded.calibration is not None and (loaded.path / store.CALIBRATION_FILE).is_file()
+    assert loaded.calibration.temperature > 0 and len(loaded.calibration.reference) == loaded.metadata.model_extra[
+        "data"]["val_images"]
+    pictures = loaded.metadata.model_extra["data"]["pictures"]
+    assert pictures["printed"] > 0 and pictures["dressed"] > 0 and pictures["letters"] > 0
+    assert "after_temperature" in loaded.metadata.model_extra["metrics"]["test_ece"]

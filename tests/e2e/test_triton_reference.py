@@ -76,15 +76,18 @@ def _version() -> int:
 
 
 def _torch_probabilities(pixels: np.ndarray) -> np.ndarray:
-    """The in-process model on the same checkpoint: Linear -> ReLU -> Linear on normalised input, softmax."""
+    """The in-process model on the same checkpoint: Linear -> ReLU -> Linear on normalised input, softmax of the
+    logits over the version's temperature."""
     folder = STORE / MODEL / str(_version())
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    norm = json.loads((folder / "metadata.json").read_text())["normalization"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    norm = metadata["normalization"]
+    temperature = (metadata.get("calibration") or {}).get("temperature", 1.0)
     net = torch.nn.Sequential(torch.nn.Linear(784, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10))
     net.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in state.items()})
     x = (torch.from_numpy(pixels).reshape(len(pixels), 784) - norm["mean"]) / norm["std"]
     with torch.no_grad():
-        return torch.softmax(net(x), dim=1).numpy()
+        return torch.softmax(net(x) / temperature, dim=1).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from harness.server import Server, metric_samples, running
 from service.imaging import normalize
+from tests.conftest import SERVED
 from tests.e2e.reference_triton import triton_reference
 
 MODEL = "mnist-fnn"
@@ -65,7 +66,7 @@ def expected(default_model, pixels01: np.ndarray) -> np.ndarray:
     norm = default_model.metadata.normalization
     x = torch.from_numpy(normalize(pixels01.astype(np.float32), norm.mean, norm.std))
     with torch.inference_mode():
-        return torch.softmax(default_model.model(x), dim=1).numpy()
+        return default_model.probabilities(x).numpy()
 
 
 def pixels_input(data: np.ndarray, datatype: str = "FP32", binary: bool = True) -> triton.InferInput:
@@ -89,7 +90,7 @@ def test_server_and_model_metadata(ours, reference):
     assert set(model) >= set(theirs) | {"name", "versions", "platform", "inputs", "outputs"}
     assert model["outputs"] == theirs["outputs"]
     assert model["inputs"][0] == theirs["inputs"][0]  # pixels FP32 [-1, 784]; ours also takes `image`
-    assert ours.get_model_metadata(MODEL, model_version="1")["versions"] == ["1"]
+    assert ours.get_model_metadata(MODEL, model_version=SERVED)["versions"] == [SERVED]
 
 
 def test_inputs_built_from_the_advertised_metadata_are_accepted(ours, digits):
@@ -118,7 +119,7 @@ def test_labels_equal_the_in_process_model_on_1000_test_digits(ours, digits, def
         answer = ours.infer(MODEL, [pixels_input(batch, binary=binary)], outputs=outputs, request_id=f"r{start}")
         np.testing.assert_array_equal(answer.as_numpy("label"), want[start: start + 50].argmax(1))
         np.testing.assert_allclose(answer.as_numpy("probabilities"), want[start: start + 50], atol=1e-6)
-        assert answer.get_response()["id"] == f"r{start}" and answer.get_response()["model_version"] == "1"
+        assert answer.get_response()["id"] == f"r{start}" and answer.get_response()["model_version"] == SERVED
     assert (want.argmax(1) == labels).mean() > 0.98
 
 
@@ -144,7 +145,7 @@ def test_bytes_images_are_preprocessed_like_predict(ours, server, digits):
 
 def test_a_pinned_version_and_an_unknown_one(ours, digits):
     data = (digits[0][:2].reshape(2, 784) / 255).astype(np.float32)
-    assert ours.infer(MODEL, [pixels_input(data)], model_version="1").get_response()["model_version"] == "1"
+    assert ours.infer(MODEL, [pixels_input(data)], model_version=SERVED).get_response()["model_version"] == SERVED
     with pytest.raises(InferenceServerException) as missing:
         ours.infer(MODEL, [pixels_input(data)], model_version="9")
     assert missing.value.status() == "404" and "version 9 " in missing.value.message()

@@ -78,7 +78,7 @@ def expected_labels(model: LoadedModel, frames: np.ndarray) -> np.ndarray:
     norm = model.metadata.normalization
     x = torch.from_numpy(imaging.normalize(frames.reshape(len(frames), -1), norm.mean, norm.std))
     with torch.inference_mode():
-        return torch.softmax(model.model(x), dim=1).numpy()
+        return model.probabilities(x).numpy()
 
 
 def admin(client: httpx.Client, path: str, **kwargs) -> dict:

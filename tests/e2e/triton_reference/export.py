@@ -36,7 +36,9 @@ def export(out: Path, store: Path = ROOT / "model_store", name: str = "mnist-fnn
     missing = [key for key in LAYERS if key not in state]
     if missing:
         raise KeyError(f"{folder / 'model.pt'} lacks {missing}")
-    norm = json.loads((folder / "metadata.json").read_text())["normalization"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    norm = metadata["normalization"]
+    temperature = (metadata.get("calibration") or {}).get("temperature", 1.0)  # digitserve answers softmax(z / T)
     arrays = {key.replace(".", "_"): state[key].detach().to(torch.float32).numpy() for key in LAYERS}
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
@@ -44,6 +46,7 @@ def export(out: Path, store: Path = ROOT / "model_store", name: str = "mnist-fnn
         **arrays,
         mean=np.float32(norm["mean"]),
         std=np.float32(norm["std"]),
+        temperature=np.float32(temperature),
         name=np.str_(name),
         version=np.int64(version),
     )

@@ -35,7 +35,8 @@ from pytriton.triton import Triton, TritonConfig
 
 
 class Fnn:
-    """784-500-10 Linear -> ReLU -> Linear on normalised input, then softmax; float32 like torch's CPU run."""
+    """784-500-10 Linear -> ReLU -> Linear on normalised input, then softmax(logits / T), T the version's
+    temperature (1 without calibration); float32 like torch's CPU run."""
 
     def __init__(self, weights: Path) -> None:
         with np.load(weights) as npz:
@@ -45,6 +46,7 @@ class Fnn:
             self.b2 = npz["fc2_bias"]
             self.mean = np.float32(npz["mean"])
             self.std = np.float32(npz["std"])
+            self.temperature = np.float32(npz["temperature"])
             self.name = str(npz["name"])
             self.version = int(npz["version"])
 
@@ -53,7 +55,7 @@ class Fnn:
             return np.zeros((0, 10), np.float32)
         x = (pixels.reshape(pixels.shape[0], 784).astype(np.float32) - self.mean) / self.std
         hidden = np.maximum(x @ self.w1 + self.b1, np.float32(0))
-        logits = hidden @ self.w2 + self.b2
+        logits = (hidden @ self.w2 + self.b2) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         probabilities: np.ndarray = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
