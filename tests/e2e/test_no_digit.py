@@ -117,9 +117,10 @@ def test_v2_answers_label_minus_one_for_blank_pictures(served, digits, binary):
     assert not answer.as_numpy("probabilities")[blank].any() and not answer.as_numpy("confidence")[blank].any()
     typicality = answer.as_numpy("typicality")
     assert typicality.shape == (5,) and typicality.dtype == np.float32 and not typicality[blank].any()
-    # the committed version has no calibration yet: its digits' typicality is NaN, and unasked it is left out
-    assert np.isnan(typicality[[0, 2, 4]]).all()
-    assert [o["name"] for o in default.get_response()["outputs"]] == ["probabilities", "label", "confidence"]
+    # the default version is calibrated: its digits have a typicality, given unasked too
+    assert ((typicality[[0, 2, 4]] > 0) & (typicality[[0, 2, 4]] <= 1)).all()
+    assert [o["name"] for o in default.get_response()["outputs"]] == ["probabilities", "label", "confidence",
+                                                                       "typicality"]
     assert default.as_numpy("label").tolist() == answer.as_numpy("label").tolist()
 
 

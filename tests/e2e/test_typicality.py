@@ -114,7 +114,7 @@ def test_metrics_count_typicality_and_flags(server, seven):
 
 
 def test_a_version_without_calibration_answers_null_and_never_flags(tmp_path, seven):
-    with running(tmp_path, "--version", "1") as old:
+    with running(tmp_path, "--model-version", "1") as old:
         for picture in (seven, _letter("K")):
             answer = _predict(old, picture)
             assert answer["typicality"] is None and FLAG not in answer["flags"]
