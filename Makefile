@@ -49,7 +49,7 @@ lint: $(STAMP)
 triton-venv:
 	bash .ci/triton-venv.sh
 
-train: $(STAMP)
+train: $(STAMP) system-deps
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
 
 # The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.

@@ -38,8 +38,12 @@ class Font:
 @cache
 def fonts() -> tuple[Font, ...]:
     """Every allowed text font on this machine that draws all ten digits, sorted by family and style."""
-    listing = subprocess.run(["fc-list", "--format", "%{family[0]}\t%{style[0]}\t%{file}\n"],
-                             capture_output=True, text=True, check=True).stdout
+    try:
+        listing = subprocess.run(["fc-list", "--format", "%{family[0]}\t%{style[0]}\t%{file}\n"],
+                                 capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise RuntimeError("fc-list not found: printed digits and letters need fontconfig and fonts "
+                           "(make system-deps), or train without them: --printed 0 --negatives 0") from None
     found: dict[str, Font] = {}
     for line in listing.splitlines():
         family, style, path = [*line.split("\t"), "", ""][:3]

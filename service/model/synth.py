@@ -116,6 +116,8 @@ def build(kind: str, count: int, seed: int, source: Source | None = None,
           workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """About ``count`` framed pictures of ``kind`` (those the preprocessing finds blank are left out):
     uint8 (N, 28, 28) and int64 labels. ``dressed`` pictures the first ``count`` of ``source``'s digits."""
+    if count <= 0:  # none asked for: nothing to render, so no font or photograph is needed either
+        return torch.empty((0, 28, 28), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     path = CACHE / f"{kind}-{_key(kind, count, seed, source)}.pt"
     if path.is_file():
         cached = torch.load(path, weights_only=True)
