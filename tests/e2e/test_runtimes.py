@@ -74,11 +74,12 @@ def digits(mnist_test) -> tuple[list[bytes], np.ndarray]:
 
 
 def eager(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-    """The eager module's probabilities, in this process, for (N, 784) pixels in 0..1."""
+    """The eager module's probabilities as the service answers them (calibrated), in this process, for
+    (N, 784) pixels in 0..1."""
     norm = model.metadata.normalization
     x = torch.from_numpy(imaging.normalize(pixels.astype(np.float32), norm.mean, norm.std))
     with torch.inference_mode():
-        return torch.softmax(model.model(x), dim=1).numpy()
+        return model.probabilities(x).numpy()
 
 
 def runtimes(server: Server) -> dict[str, dict[str, dict]]:

@@ -129,6 +129,7 @@ def test_model_metadata(client: httpclient.InferenceServerClient) -> None:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+            {"name": "typicality", "datatype": "FP32", "shape": [-1]},
         ],
     }
     assert client.get_model_metadata(MODEL, str(_version()))["name"] == MODEL

@@ -359,7 +359,7 @@
     verdict.hidden = !text;
     verdict.dataset.flag = flagged(p, 'no_digit') ? 'no_digit' : flagged(p, 'not_a_digit') ? 'not_a_digit' : '';
     const typical = typeof p.typicality === 'number' && !flagged(p, 'no_digit');
-    $('typicality').textContent = typical ? `typicality ${percent(p.typicality)} (how much it looks like the digits the model knows)` : '';
+    $('typicality').textContent = typical ? `typicality ${percent(p.typicality)}` : '';
   }
 
   function showPrediction(p, model) {
