@@ -19,6 +19,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.device import Accelerator
+from service.work import Pool
 
 # The --help groups, in order, and what each holds.
 GROUPS = {
@@ -70,6 +71,9 @@ class Settings(Limits):
     host: str = Field("127.0.0.1", description="IP address or host name to bind (0.0.0.0 or :: for every interface)",
                       json_schema_extra=group("server"))
     port: int = Field(8000, ge=1024, le=65535, description="port to bind", json_schema_extra=group("server", "PORT"))
+    grpc_port: int = Field(8001, ge=0, le=65535, description="port of the Open Inference Protocol's gRPC service "
+                                                             "(as Triton's); 0 turns it off",
+                           json_schema_extra=group("server", "PORT"))
     store: Path = Field(Path("model_store"), description="model store folder", json_schema_extra=group("model"))
     model: str = Field("mnist-fnn", min_length=1, description="model name in the store",
                        json_schema_extra=group("model", "NAME"))
@@ -178,14 +182,20 @@ class Settings(Limits):
     def _consistent(self) -> Settings:
         if self.batch_timeout_ms / 1000 >= self.request_timeout_s:
             raise ValueError("batch-timeout-ms must be shorter than request-timeout-s")
+        if self.grpc_port == self.port:
+            raise ValueError(f"grpc-port must differ from port ({self.port}): HTTP and gRPC each need their own")
         if self.admin_key is not None and self.api_key is not None and (
                 self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
             raise ValueError("admin-key must differ from api-key: a client's key must not change what is served")
         return self
 
-    def pools(self) -> dict[str, int]:
-        """The worker pools, by route, and how many workers each runs (per device)."""
-        return {"/predict": self.workers, "/explain": self.explain_workers}
+    def pools(self) -> dict[Pool, int]:
+        """The worker pools and how many workers each runs (per device)."""
+        return {Pool.PREDICT: self.workers, Pool.EXPLAIN: self.explain_workers}
+
+    def max_queue_wait_s(self, pool: Pool) -> float:
+        """How long a request of ``pool`` may wait for a worker before admission refuses it."""
+        return (self.max_queue_wait_ms if pool is Pool.PREDICT else self.explain_max_queue_wait_ms) / 1000
 
 
 @functools.lru_cache(maxsize=8)

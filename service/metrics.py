@@ -13,7 +13,6 @@ import collections
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,15 +33,16 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
+from service.http import calls
+from service.work import Pool
 
 ACCESS_LOG = logging.getLogger("digitserve.access")
 _PAGE, _TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
-_SANE_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # else replaced: it is echoed and logged
 ENDPOINTS = {"/predict": "predict", "/explain": "explain", "/health": "health", "/info": "info", "/metrics": "metrics",
              "/v2": "v2_server", "/v2/health/live": "v2_health", "/v2/health/ready": "v2_health",
              "/v1/models": "v1_model", "/": "page"}
 # the inference endpoints (one access-log line each); the fast path labels them as it routes them
-INFERENCE = frozenset({"predict", "explain", "v1_predict", "v1_explain", "v2_infer"})
+INFERENCE = frozenset({"predict", "explain", "v1_predict", "v1_explain", "v2_infer", "grpc_infer"})
 _MODEL_ROUTES = (("/v2/models/", "v2_model"), ("/v1/models/", "v1_model"), ("/page/", "page"))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -161,23 +161,15 @@ def observe_predictions(version: str, probs: np.ndarray) -> None:
     observe_many(labelled(CONFIDENCE, version), probs.max(1))
 
 
-def observe_typicality(version: str, typicality: np.ndarray | None, below: float) -> None:
-    """A batch's typicality values, and how many were flagged not_a_digit (nothing for an uncalibrated version)."""
-    if typicality is None:
-        return
+def observe_typicality(version: str, typicality: np.ndarray) -> None:
+    """A batch's typicality values (of a version with calibration)."""
     observe_many(labelled(TYPICALITY, version), typicality)
-    flagged = int(np.count_nonzero(typicality < below))
-    if flagged:
-        labelled(FLAGS, "not_a_digit", version).inc(flagged)
 
 
-def observe_flags(version: str, flags: list[str]) -> None:
-    for flag, count in collections.Counter(flags).items():
-        count_flag(flag, version, count)
-
-
-def count_flag(flag: str, version: str, count: int = 1) -> None:
-    labelled(FLAGS, flag, version).inc(count)
+def count_flags(version: str, flags: list[list[str]]) -> None:
+    """One answer's flags, per instance (counted where answers are made: the API server)."""
+    for flag, count in collections.Counter(flag for instance in flags for flag in instance).items():
+        labelled(FLAGS, flag, version).inc(count)
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
@@ -194,12 +186,12 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request once, with its real status, under a bounded set of endpoint labels;
-    gives it a request id (the client's ``X-Request-ID`` when it sent a sane one) returned as a header;
-    and writes one JSON log line per inference request (other endpoints: debug level).
-    Log lines carry no image data and no headers, so no API key. The ``version`` of an inference
-    request is the one that computed it (the endpoint puts it in the scope's state); of any other,
-    and of the in-flight gauge, the version served when it arrived (``serving()``)."""
+    """Opens every HTTP request's call record (``service.http.calls``) and books it once answered: counted
+    once, with its real status, under a bounded set of endpoint labels; a request id (the client's
+    ``X-Request-ID`` when it sent a sane one) returned as a header; one JSON log line per inference
+    request (other endpoints: debug level). Log lines carry no image data and no headers, so no API
+    key. The ``version`` of an inference request is the one that computed it; of any other, and of
+    the in-flight gauge, the version served when it arrived (``serving()``)."""
 
     def __init__(self, app: ASGIApp, serving: Callable[[], int]):
         self.app = app
@@ -209,45 +201,46 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = scope.get("state", {}).get("endpoint") or endpoint_of(scope["path"])
-        started = time.monotonic()
-        scope.setdefault("state", {})["arrived"] = started  # the queue's clock starts here (service.http.admission)
+        state = scope.setdefault("state", {})
+        route = state.get("route")
+        call = state["call"] = calls.opened(route.label if route is not None else endpoint_of(scope["path"]),
+                                            _header(scope, b"x-request-id"), self.serving())
         status = 500  # if the app fails before sending headers, that is what the client sees
-        request_id = _request_id(scope)
-
         started_response = False
 
         async def send_status(message: Message) -> None:
             nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", call.request_id.encode())]
             await send(message)
 
-        arrived_on = str(self.serving())
-        BOOK.started(endpoint, arrived_on)
+        BOOK.started(call)
         try:
             await self.app(scope, receive, send_status)
         finally:
-            state = scope.get("state", {})
-            version = str(state.get("version", arrived_on))
-            if not started_response:  # nothing was sent (a client gone, a read timed out): what the book says
-                status = state.get("status", status)
-            BOOK.answered(Answered(endpoint, version, status, time.monotonic() - started, time.time(), request_id,
-                                   scope["method"], state.get("batch_size"), arrived_on, state.get("detail"),
-                                   state.get("refusal")))
+            if not started_response and call.status is not None:  # nothing was sent (a client gone): what it says
+                status = call.status
+            BOOK.answered(call, scope["method"], status)
 
 
-def start(pools: list[str], serving: int) -> None:
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def start(pools: list[Pool], serving: int) -> None:
     """In the main process, at start: the series that dashboards and alerts read exist from the first
     scrape, at 0, not only once a refusal or a restart happened."""
     SERVING.set(serving)
     CANARY_SHARE.set(0)
     for pool in pools:
         for reason in ("died", "failed_start"):
-            labelled(WORKER_RESTARTS, pool.strip("/"), reason)
+            labelled(WORKER_RESTARTS, pool.label, reason)
         for reason in ("queue_full", "queue_wait", "deadline", "draining"):
-            labelled(REFUSALS, pool.strip("/"), reason)
+            labelled(REFUSALS, pool.label, reason)
     for reason in ("read_timeout", "too_many_connections", "too_many_from_client", "headers_too_large"):
         labelled(REFUSALS, "connection", reason)
     for flag in ("no_digit", "not_a_digit"):  # the drift alert divides by them
@@ -269,7 +262,7 @@ def endpoint_of(path: str) -> str:
 
 
 class Answered(NamedTuple):
-    """One answered HTTP request, as the metrics and the access log see it."""
+    """One answered request, as the metrics and the access log see it."""
 
     endpoint: str
     version: str
@@ -296,12 +289,17 @@ class RequestBook:
         self.changed: set[tuple[str, str]] = set()
         self.done: list[Answered] = []
 
-    def started(self, endpoint: str, version: str) -> None:
-        self._change((endpoint, version), 1)
+    def started(self, call: calls.Call) -> None:
+        self._change((call.endpoint, str(call.serving)), 1)
 
-    def answered(self, request: Answered) -> None:
-        self._change((request.endpoint, request.arrived_on), -1)
-        self.done.append(request)
+    def answered(self, call: calls.Call, method: str, status: int) -> None:
+        """``call`` was answered with ``status`` (an HTTP status; gRPC's codes are booked as the HTTP
+        status they stand for, so one alert reads both)."""
+        arrived_on = str(call.serving)
+        self._change((call.endpoint, arrived_on), -1)
+        self.done.append(Answered(call.endpoint, arrived_on if call.version is None else str(call.version), status,
+                                  time.monotonic() - call.arrived, time.time(), call.request_id, method,
+                                  call.batch_size, arrived_on, call.detail, call.refusal))
 
     def _change(self, key: tuple[str, str], by: int) -> None:
         if not self.changed:
@@ -342,13 +340,3 @@ def _log_line(r: Answered, level: str) -> str:
     if r.detail is not None:  # what was wrong (never image data or headers: details name the instance)
         fields["detail"] = r.detail[:300]
     return logs.access_line(r.at, level, fields)
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if _SANE_ID.fullmatch(text):
-                return text
-            break
-    return os.urandom(16).hex()  # random like uuid4().hex, without building a UUID object

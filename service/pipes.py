@@ -46,6 +46,7 @@ from queue import Empty
 from typing import Any
 
 from service.costs import Costs, Fit
+from service.work import Pool
 
 F_SETPIPE_SZ = 1031  # Linux fcntl command (not exported by Python's fcntl module)
 PIPE_BYTES = 1 << 20
@@ -195,7 +196,7 @@ class AnswerPipes:
     """Workers -> API servers. Worker slots number the pools' workers in order (the order the workers
     are started in): slot = the pool's offset + worker id."""
 
-    def __init__(self, pools: dict[str, int], consumers: int, magic: bytes):
+    def __init__(self, pools: dict[Pool, int], consumers: int, magic: bytes):
         self._offsets, offset = {}, 0
         for api_path, size in pools.items():
             self._offsets[api_path], offset = offset, offset + size
@@ -209,7 +210,7 @@ class AnswerPipes:
         self._held: dict[int, tuple[int, Pending]] = {}
 
     def slot(self, api_path: str, worker_id: int) -> int:
-        return self._offsets[api_path] + worker_id
+        return self._offsets[Pool(api_path)] + worker_id
 
     def bind(self, api_path: str, worker_id: int) -> None:
         """In a worker process: which worker this is, so that ``answer`` writes to its own pipes."""

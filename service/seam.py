@@ -54,7 +54,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,7 @@ from starlette.routing import Route
 from service import logs, metrics
 from service.config import Settings
 from service.errors import HttpError
+from service.grpc.front import GrpcServer
 from service.http import openapi
 from service.http.admission import Admission
 from service.http.dispatch import Dispatcher
@@ -81,6 +82,7 @@ from service.http.watcher import StoreWatcher
 from service.pipes import AnswerPipes, RequestPipes
 from service.supervisor import Supervisor
 from service.versions import Board
+from service.work import Pool
 from service.worker import batching
 
 LITSERVE_VERSION = "0.2.19"
@@ -94,7 +96,7 @@ class Parts:
 
     settings: Settings
     admission: Admission
-    requests: dict[str, RequestPipes]
+    requests: dict[Pool, RequestPipes]
     answers: AnswerPipes
     dispatcher: Dispatcher
     listeners: Listeners
@@ -106,15 +108,23 @@ class Parts:
     device: str
     board: Board
     watcher: StoreWatcher | None
+    grpc: GrpcServer | None
 
     def serving(self) -> int:
         return self.board.read().serving
 
-    def api_server_started(self) -> None:
-        """In each API server's event loop, once: answers flow to their requests; the first watches the store."""
+    async def api_server_started(self) -> None:
+        """In each API server's event loop, once: answers flow to their requests; the first watches the
+        store; the gRPC service listens."""
         self.dispatcher.watch()
         if self.watcher is not None and self.admission.slot == 0:
             self._watching = asyncio.get_running_loop().create_task(self.watcher.run())
+        if self.grpc is not None:
+            await self.grpc.start()
+
+    async def api_server_stopping(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
 
     def bind_api_server(self, slot: int) -> None:
         """Just before API server ``slot`` is forked: its socket and its slot in the shared state."""
@@ -137,24 +147,29 @@ class WorkerLoop(LitLoop):
 class _AnswerTransport(MessageTransport):
     """Our answer pipes where LitServe expects its transport. LitServe's lifespan starts one reader task
     per API server calling ``areceive(consumer_id)``: that is where the API server starts watching its
-    pipes (answers then go straight to the waiting requests, so the task itself only waits)."""
+    pipes (answers then go straight to the waiting requests, so the task itself only waits) and its
+    gRPC service, and, when the task is cancelled at shutdown, stops that service."""
 
-    def __init__(self, pipes: AnswerPipes, started: Callable[[], None]):
-        self.pipes, self.started = pipes, started
+    def __init__(self, pipes: AnswerPipes, started: Callable[[], Awaitable[None]],
+                 stopping: Callable[[], Awaitable[None]]):
+        self.pipes, self.started, self.stopping = pipes, started, stopping
 
     def send(self, item: Any, consumer_id: int) -> None:
         raise RuntimeError("digitserve's workers answer through AnswerPipes.answer, not LitServe's send")
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
-        self.started()
-        await asyncio.get_running_loop().create_future()  # until the task is cancelled at shutdown
+        await self.started()
+        try:
+            await asyncio.get_running_loop().create_future()  # until the task is cancelled at shutdown
+        finally:
+            await self.stopping()
 
     def close(self, **kwargs: Any) -> None:
         self.pipes.close()
 
     def __getstate__(self) -> dict[str, Any]:
         """A worker gets the pipes only (``started`` belongs to the API servers' side)."""
-        return {"pipes": self.pipes, "started": None}
+        return {"pipes": self.pipes, "started": None, "stopping": None}
 
 
 class _WorkerView:
@@ -211,7 +226,8 @@ class Server(ls.LitServer):
         logs.adopt_litserve()  # LitServe's run() has just given its logger a handler of its own
         manager = super()._init_manager(num_api_servers)
         self.litapi_request_queues.update(self.parts.requests)
-        self._transport = _AnswerTransport(self.parts.answers, self.parts.api_server_started)
+        self._transport = _AnswerTransport(self.parts.answers, self.parts.api_server_started,
+                                           self.parts.api_server_stopping)
         return manager
 
     def _start_server(self, port: int, num_api_servers: int, log_level: str, sockets: list[socket.socket],
@@ -233,7 +249,7 @@ class Server(ls.LitServer):
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
         name = f"{lit_api.api_path.split('/')[-1]}_{worker_id}"  # LitServe's key for the worker's state
         failed_setup = self.workers_setup_status.get(name) != WorkerSetupStatus.READY  # died before it was ready
-        if self.parts.supervisor.worker_died(lit_api.api_path, worker_id, failed_setup):
+        if self.parts.supervisor.worker_died(Pool(lit_api.api_path), worker_id, failed_setup):
             return super().launch_single_inference_worker(lit_api, worker_id)
         self._shutdown_event.set()  # the main thread stops the service; the monitor loop ends
         return self.inference_workers[self._slot(lit_api, worker_id)]  # the dead one: no replacement

@@ -21,6 +21,7 @@ from service.config import Settings
 from service.http.admission import Admission
 from service.pipes import AnswerPipes, RequestPipes
 from service.versions import SetupFailures
+from service.work import Pool
 
 log = logging.getLogger("digitserve")
 START_ATTEMPTS = 3  # a worker that fails its set-up this many times in a row stops the service
@@ -34,7 +35,7 @@ class Process(Protocol):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, admission: Admission, requests: dict[str, RequestPipes],
+    def __init__(self, settings: Settings, admission: Admission, requests: dict[Pool, RequestPipes],
                  answers: AnswerPipes, setup_failures: SetupFailures):
         self.settings, self.admission, self.requests, self.answers = settings, admission, requests, answers
         self.setup_failures = setup_failures
@@ -43,7 +44,7 @@ class Supervisor:
         self._stopped = False
         self._failed_starts: dict[tuple[str, int], int] = {}
 
-    def worker_died(self, pool: str, worker_id: int, failed_setup: bool) -> bool:
+    def worker_died(self, pool: Pool, worker_id: int, failed_setup: bool) -> bool:
         """Before a dead worker's replacement starts (so the main process is its pipes' only writer): new
         requests go to the pool's other workers, and the API servers answer every request they sent
         the dead one (503 + Retry-After, at once, rather than after the replacement's start-up).
@@ -54,7 +55,7 @@ class Supervisor:
         self.answers.worker_died(pool, worker_id)
         key = (pool, worker_id)
         self._failed_starts[key] = self._failed_starts.get(key, 0) + 1 if failed_setup else 0
-        metrics.labelled(metrics.WORKER_RESTARTS, pool.strip("/"), "failed_start" if failed_setup else "died").inc()
+        metrics.labelled(metrics.WORKER_RESTARTS, Pool(pool).label, "failed_start" if failed_setup else "died").inc()
         if self._failed_starts[key] >= START_ATTEMPTS:
             self.fail(f"{pool} worker {worker_id} failed to start {START_ATTEMPTS} times: "
                       f"{self.setup_failures.reason(pool)}")

@@ -1,17 +1,36 @@
-"""The unit of work an API server hands a model worker: one request's images, read and preprocessed."""
+"""What crosses between an API server and a model worker: the pools, a unit of work, its computed
+answer (numbers, never a protocol's bytes), and controls."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, Final
 
 import numpy as np
+
+# Per image, what a predict worker computes: ten (calibrated) probabilities, then the typicality (NaN for
+# a version without calibration). Every protocol's codec reads its answers from these rows.
+ROW: Final = 11
+
+
+class Pool(StrEnum):
+    """A pool of model workers. Its value is the LitServe ``api_path`` that names the pool."""
+
+    PREDICT = "/predict"
+    EXPLAIN = "/explain"
+
+    @property
+    def label(self) -> str:
+        """Its name in metrics, logs and /info: ``predict``, ``explain``."""
+        return self.value[1:]
 
 
 @dataclass(slots=True)
 class Work:
-    """One request's images in MNIST's frame (float32 (n, 784) in 0..1), its options, when it arrived, and
-    the model version that is to compute it (chosen by the API server: served, canary or pinned).
+    """One request's images in MNIST's frame (float32 (n, 784) in 0..1), what the worker needs of its
+    options (an explanation's method, steps...), when it arrived, and the model version that is to
+    compute it (chosen by the API server: served, canary or pinned).
 
     Normalising with the mean/std is left to the worker: it holds the model, whose metadata says which.
     """
@@ -21,19 +40,37 @@ class Work:
     arrived: float  # time.monotonic() at arrival (system-wide on Linux, so comparable across processes)
     version: int = 0
     units: float = 0.0  # its work units (``service.costs``): the worker fits its costs on them
-    notes: list[dict[str, Any]] | None = None  # per image, what the framing found (box, flags): for the answer
     deadline: float = float("inf")  # time.monotonic() past which nobody waits for the answer: not computed
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as raw bytes: 3-4x faster both ways than numpy's own pickling, on every request."""
         data = np.asarray(self.images, dtype=np.float32).tobytes()
-        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.notes,
-                       self.deadline)
+        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.deadline)
 
 
 def _work(data: bytes, n: int, options: dict[str, Any], arrived: float, version: int, units: float,
-          notes: list[dict[str, Any]] | None, deadline: float) -> Work:
-    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, notes, deadline)
+          deadline: float) -> Work:
+    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, deadline)
+
+
+@dataclass(slots=True)
+class Computed:
+    """A worker's answer to one ``Work``: a ``ROW`` of numbers per image, the version that computed them,
+    the size of the forward they were part of, and (explain workers) each image's report: its
+    attributions and hooked activations, plain numbers and lists."""
+
+    rows: np.ndarray
+    version: int
+    batch_size: int
+    reports: list[dict[str, Any]] | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        rows = np.asarray(self.rows, dtype=np.float32)
+        return _computed, (rows.tobytes(), self.version, self.batch_size, self.reports)
+
+
+def _computed(data: bytes, version: int, batch_size: int, reports: list[dict[str, Any]] | None) -> Computed:
+    return Computed(np.frombuffer(data, np.float32).reshape(-1, ROW), version, batch_size, reports)
 
 
 def work_units(images: int, options: dict[str, Any]) -> float:

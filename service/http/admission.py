@@ -39,6 +39,7 @@ from service.config import Settings
 from service.costs import Costs
 from service.errors import HttpError
 from service.pipes import Pending
+from service.work import Pool
 
 SERVING, LAME_DUCK, DRAINING = 0, 1, 2
 INTERVAL_S = 0.1  # the sojourn check judges each interval of this length ...
@@ -62,8 +63,7 @@ class Admission:
         context = mp.get_context("spawn")
         pools, servers = settings.pools(), settings.api_servers
         self.limit = settings.max_queued_requests
-        self.max_wait_s = {"/predict": settings.max_queue_wait_ms / 1000,
-                           "/explain": settings.explain_max_queue_wait_ms / 1000}
+        self.max_wait_s = {pool: settings.max_queue_wait_s(pool) for pool in pools}
         # per pool, per API server: requests, images and work units admitted and not yet answered
         self.counts: dict[str, Any] = {pool: context.RawArray("i", servers) for pool in pools}
         self.images: dict[str, Any] = {pool: context.RawArray("d", servers) for pool in pools}
@@ -91,7 +91,7 @@ class Admission:
         """From now on every API server refuses new work (503); what is admitted is still answered."""
         self._stage.value = DRAINING
 
-    def precheck(self, pool: str) -> None:
+    def precheck(self, pool: Pool) -> None:
         """Before a body is read: refuse at once while draining, or while what the pool already holds (or
         this API server's standing queue) is past the limit whatever the request is: reading and parsing
         its body would only add to the wait."""
@@ -104,7 +104,7 @@ class Admission:
                                         f"limit is {limit * 1000:.0f} ms); retry later", wait - limit)
 
     @contextmanager
-    def admit(self, pool: str, images: int, units: float, deadline_s: float, arrived: float) -> Iterator[Admitted]:
+    def admit(self, pool: Pool, images: int, units: float, deadline_s: float, arrived: float) -> Iterator[Admitted]:
         """Count one request of ``pool`` (``images`` and ``units`` of work, arrived at ``arrived``) for as
         long as the block runs (or, past it, until ``Admitted.keep_until``'s answer), or refuse it. A
         block that ends without error was answered: its time teaches the estimate."""
@@ -131,7 +131,7 @@ class Admission:
             if not admitted.kept:
                 release()
 
-    def _learn(self, pool: str, took: float, predicted: float) -> None:
+    def _learn(self, pool: Pool, took: float, predicted: float) -> None:
         """How far off the estimate was (the workers' rate is measured, but contention for the cores
         changes it): a decayed ratio of taken to predicted times, applied to the next estimates."""
         if predicted < 0.05:  # too short to say anything of the queue
@@ -139,7 +139,7 @@ class Admission:
         ratio = min(max(took / predicted, 0.5), 4.0)
         self._error[pool] += 0.3 * (ratio - self._error[pool])
 
-    def _check(self, pool: str, deadline_s: float, own: tuple[int, int, float]) -> float:
+    def _check(self, pool: Pool, deadline_s: float, own: tuple[int, int, float]) -> float:
         if self.in_flight() > self.limit:
             raise Refused("queue_full", f"overloaded: {self.limit} requests already waiting; retry shortly")
         predicted = self.wait_estimate(pool, own)
@@ -153,7 +153,7 @@ class Admission:
                                       f"of {deadline_s * 1000:.0f} ms; not computed", wait - deadline_s)
         return predicted
 
-    def wait_estimate(self, pool: str, own: tuple[int, int, float] = (0, 0, 0.0)) -> float:
+    def wait_estimate(self, pool: Pool, own: tuple[int, int, float] = (0, 0, 0.0)) -> float:
         """Seconds a request would wait before its own computation starts: what the pool holds (less
         ``own``, the request's own work, already counted) at its workers' fitted costs (0 until they
         fitted any), corrected by how far off this API server's recent estimates were."""

@@ -1,16 +1,17 @@
-"""The client API key: with ``DIGITSERVE_API_KEY`` set, /predict and /explain need it."""
+"""The client API key: with ``DIGITSERVE_API_KEY`` set, every inference call needs it, whatever its protocol
+(HTTP headers and gRPC metadata are both lower-case name -> value)."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from pydantic import SecretStr
-from starlette.datastructures import Headers
 
 from service.errors import HttpError
 
 
-def given_key(headers: Headers, header: str) -> str:
+def given_key(headers: Mapping[str, str], header: str) -> str:
     """The key a request carries: its own header (``X-API-Key``, ``X-Admin-Key``), else ``Authorization:
     Bearer <key>`` (the scheme's name in any case, RFC 7235); an ``Authorization`` of any other form
     carries none."""
@@ -24,7 +25,7 @@ class ApiKey:
     def __init__(self, key: SecretStr | None):
         self._key = None if key is None else key.get_secret_value().encode()
 
-    def check(self, headers: Headers) -> None:
+    def check(self, headers: Mapping[str, str]) -> None:
         """Accept ``X-API-Key`` or ``Authorization: Bearer``, compared in constant time; 401 otherwise."""
         if self._key is None:
             return

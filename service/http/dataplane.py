@@ -1,11 +1,17 @@
-"""The one path every protocol's inference takes: key, body, schema, admission, preprocessing, a worker.
+"""The one path every protocol's inference takes, protocol-neutral: key, admission, preprocessing, a worker.
 
-Native /predict and /explain, KServe V1 and the Open Inference Protocol (V2) are thin endpoint
-classes over this (``service.http.endpoints``), so they share the admission limits, the batcher,
-the worker pools and the metrics. A request flows one way: body (``inputs.read_body``) ->
-admission -> ``inputs.parse`` (schema) -> ``Preparer`` (imaging, into a ``Work``) ->
-``Dispatcher.submit`` -> the worker's answer. Admission comes once the body is read and parsed, so a
-slow client never holds a place in the queue and the request's cost (``work_units``) is known.
+Native /predict and /explain, KServe V1, the Open Inference Protocol's REST routes and its gRPC
+service are thin endpoints over this (``service.http.endpoints``, ``service.grpc.front``): each reads
+its request its own way into ``Inputs`` and encodes the ``Answer`` its own way; everything between
+is here, so they share the key, the limits, admission, the batcher, the worker pools, the versions
+and the metrics. A call flows one way: ``authorize`` -> ``precheck`` (before its body is read) ->
+the protocol's parsing (``parse``: in a thread when big) -> ``infer``: admission, then ``Preparer``
+(imaging, into a ``Work``), then ``Dispatcher.submit`` and the worker's numbers (``Computed``),
+then the ``Answer``. Admission comes once the body is read and parsed, so a slow client never
+holds a place in the queue and the request's cost is known.
+
+Nothing here knows HTTP or gRPC: what a call is (arrival, deadline, pool, pinned version, request
+id) is its ``Call`` record (``service.http.calls``).
 """
 
 from __future__ import annotations
@@ -13,29 +19,62 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from contextlib import AbstractContextManager
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import orjson
-from pydantic import BaseModel
-from starlette.requests import Request
+import numpy as np
 
-from service import answers, metrics
+from service import imaging, metrics
 from service.config import Settings
 from service.errors import HttpError, retry_later, shown
-from service.http import inputs
 from service.http.admission import Admission, Admitted
 from service.http.auth import ApiKey
+from service.http.calls import Call
 from service.http.dispatch import Dispatcher
 from service.http.prepare import Preparer
 from service.http.versioning import VersionControl
+from service.imaging import NO_DIGIT, Note
+from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
 from service.pipes import Pending, WorkerDied
-from service.work import Work
+from service.work import ROW, Computed, Pool, Work, work_units
 
 _MILLISECONDS = re.compile(r"[0-9]{1,9}")
 # Bodies bigger than this are parsed and prepared in a thread: JSON of 16 pixel instances (64 KiB) takes
 # milliseconds to parse, and the event loop would answer nobody meanwhile.
 OFFLOAD_BYTES = 32 * 1024
+NOT_A_DIGIT = "not_a_digit"
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Inputs:
+    """A request's instances, as any protocol hands them over: ``pictures`` (encoded pictures or
+    ``/predict`` pixel arrays, framed by ``service.imaging``) or ``frames`` (already in MNIST's frame,
+    float32 (n, 28, 28) in 0..1: V2's ``pixels``); the options a worker needs; the body's size (a big
+    one is prepared in a thread)."""
+
+    count: int
+    pictures: list[imaging.Raw] | None = None
+    frames: np.ndarray | None = None
+    options: dict[str, Any] | None = None
+    body_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Answer:
+    """A request's answer, for any protocol's codec: a ``ROW`` per instance (zeros where no digit was
+    found: ``no_digit``), each instance's flags (the framing's, then ``not_a_digit`` or ``no_digit``),
+    its framing note (``box``; None for frames), the explain worker's reports (one per instance with a
+    digit), the version that computed it and the size of the forward."""
+
+    rows: np.ndarray
+    no_digit: np.ndarray
+    flags: list[list[str]]
+    notes: list[Note] | None
+    version: int
+    batch_size: int
+    reports: list[dict[str, Any]] | None = None
 
 
 class DataPlane:
@@ -44,58 +83,68 @@ class DataPlane:
         self.settings, self.api_key, self.admission = settings, api_key, admission
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
 
-    async def read(self, request: Request, pool: str) -> bytes:
-        """A refusal at once if ``pool``'s queue stands too long, then the whole body (413 past the limit).
-        The API key was checked first, by the endpoint."""
-        self.admission.precheck(pool)
-        return await inputs.read_body(request, self.settings)
+    def authorize(self, call: Call, headers: Mapping[str, str]) -> None:
+        """The client's API key (``x-api-key``, or ``authorization: Bearer``), first, before anything else is read."""
+        self.api_key.check(headers)
+        call.authed = True
 
-    def deadline(self, request: Request) -> float:
-        """Seconds this request may take: ``--request-timeout-s``, or less if the client says so."""
+    def limit(self, call: Call, asked_s: float | None = None) -> None:
+        """The call's deadline: ``--request-timeout-s``, or less if the client asks (``asked_s``)."""
         timeout = self.settings.request_timeout_s
-        asked = request.headers.get("x-request-timeout-ms")
-        if asked is None:
-            return timeout
-        if not _MILLISECONDS.fullmatch(asked):
-            raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds (ASCII digits, e.g. 250), "
-                                 f"got {shown(asked)}")
-        wanted = int(asked) / 1000
-        if not wanted > 0:
-            raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {shown(asked)}")
-        return min(timeout, wanted)
+        call.deadline_s = timeout if asked_s is None else min(timeout, asked_s)
 
-    async def parse(self, request: Request, body: bytes, options_model: type[BaseModel]) -> inputs.Parsed:
-        """The schema stage (a big body in a thread, to keep the event loop answering)."""
-        if len(body) > OFFLOAD_BYTES or inputs.heavy(request.headers, body):
-            return await asyncio.to_thread(inputs.parse, request.headers, body, options_model, self.settings)
-        return inputs.parse(request.headers, body, options_model, self.settings)
+    def precheck(self, call: Call) -> None:
+        """A refusal at once if the pool's queue already stands too long (before the body is read)."""
+        self.admission.precheck(call.pool)
 
-    def admit(self, request: Request, pool: str, images: int, units: float, deadline_s: float
-              ) -> AbstractContextManager[Admitted]:
-        return self.admission.admit(pool, images, units, deadline_s, arrival(request))
+    @staticmethod
+    async def parse(size: int, heavy: bool, parse: Callable[..., T], *args: Any) -> T:
+        """A protocol's parsing of a body of ``size`` bytes: in a thread when it is big (or ``heavy``), to
+        keep the event loop answering."""
+        if size > OFFLOAD_BYTES or heavy:
+            return await asyncio.to_thread(parse, *args)
+        return parse(*args)
 
-    async def prepare(self, parsed: inputs.Parsed, big: bool, arrived: float) -> Work:
-        """Preprocessing: the request's ``Work``, or an ``InputError`` naming the bad instance."""
-        return await self.preparer.prepare(parsed, arrived, big)
+    async def infer(self, call: Call, inputs: Inputs) -> Answer:
+        """Admission, preprocessing and a worker of ``call.pool``: the request's ``Answer``. A request whose
+        pictures all have no digit is answered without a worker (batch size 0)."""
+        options = inputs.options or {}
+        with self.admission.admit(call.pool, inputs.count, work_units(inputs.count, options), call.deadline_s,
+                                  call.arrived) as admitted:
+            work, notes = await self._prepare(inputs, options, call.arrived)
+            version = self.versions.route(call.pinned)
+            if len(work.images):
+                computed = await self._compute(call, work, version, admitted)
+            else:  # no picture has a digit: nothing to compute
+                reports: list[dict[str, Any]] | None = [] if call.pool is Pool.EXPLAIN else None
+                computed = Computed(np.empty((0, ROW), np.float32), version, 0, reports)
+        answer = answer_of(inputs.count, computed, notes, self.settings.not_a_digit_below)
+        call.version, call.batch_size = answer.version, answer.batch_size
+        if any(answer.flags):
+            metrics.count_flags(str(answer.version), answer.flags)
+        return answer
 
-    async def compute(self, pool: str, work: Work, deadline_s: float, admitted: Admitted,
-                      pinned: int | None = None) -> tuple[Any, int, int]:
-        """A worker of ``pool`` computes ``work`` with the version the board routes it to (or ``pinned``):
-        its answer, the size of the batch it was part of, and the version that computed it. A request
-        whose pictures all have no digit is answered here, without a worker (batch size 0). Past the
-        deadline the client gets 504, the worker drops the work if it has not begun it, and the request
-        keeps its place in the admission counts until the worker says so."""
-        work.version = self.versions.route(pinned)
-        if work.notes and (missing := sum(map(answers.no_digit, work.notes))):
-            metrics.count_flag(answers.NO_DIGIT, str(work.version), missing)
-            if missing == len(work.notes):
-                return self._nothing_found(work), 0, work.version
-        timeout = deadline_s
-        work.deadline = work.arrived + timeout  # the client's clock started when its request arrived
+    async def _prepare(self, inputs: Inputs, options: dict[str, Any], arrived: float) -> tuple[Work, list[Note] | None]:
+        """The request's ``Work`` (its frames with a digit) and every instance's note, or an ``InputError``
+        naming the bad instance."""
+        if inputs.frames is not None:  # already in MNIST's frame: only the checks /predict's pixels get
+            frames = inputs.frames.reshape(inputs.count, IMAGE_SIDE, IMAGE_SIDE)
+            imaging.check_frames(frames)
+            return Work(frames.reshape(inputs.count, INPUT_SIZE), options, arrived), None
+        assert inputs.pictures is not None
+        return await self.preparer.prepare(inputs.pictures, options, arrived, inputs.body_bytes > OFFLOAD_BYTES)
+
+    async def _compute(self, call: Call, work: Work, version: int, admitted: Admitted) -> Computed:
+        """A worker computes ``work`` with ``version``. Past the deadline the client gets 504, the worker
+        drops the work if it has not begun it, and the request keeps its place in the admission counts
+        until the worker says so."""
+        work.version = version
+        work.units = work_units(len(work.images), work.options)
+        work.deadline = call.arrived + call.deadline_s  # the client's clock started when its request arrived
         remaining = work.deadline - time.monotonic()
         if remaining <= 0:  # reading and preparing it took all its time: nothing to compute
-            raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
-        _, pending = self.dispatcher.submit(pool, work)
+            raise HttpError(504, f"no answer within the request timeout of {call.deadline_s:g} s")
+        _, pending = self.dispatcher.submit(call.pool, work)
         # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
         timer = asyncio.get_running_loop().call_later(remaining, pending.event.set)
         try:
@@ -105,25 +154,42 @@ class DataPlane:
             if not pending.answered:  # timed out or cancelled: counted until the worker answers or drops it
                 admitted.keep_until(pending)
         if not pending.answered:
-            raise HttpError(504, f"no answer within the request timeout of {timeout:g} s")
-        return result(pending)
-
-    def _nothing_found(self, work: Work) -> bytes:
-        """The answer of a worker to a request without a digit: no rows (V2's tensors), or the JSON of
-        its no_digit rows."""
-        if work.options.get("output") == "tensor":
-            return b""
-        rows = answers.spliced([], work.notes, work.options)
-        return orjson.dumps({"model": {"name": self.settings.model, "version": work.version}, "predictions": rows})
+            raise HttpError(504, f"no answer within the request timeout of {call.deadline_s:g} s")
+        computed: Computed = result(pending)
+        return computed
 
 
-def arrival(request: Request) -> float:
-    """When the request arrived (the metrics middleware's clock; now, for a request that came another way)."""
-    return float(request.scope.get("state", {}).get("arrived") or time.monotonic())
+def answer_of(count: int, computed: Computed, notes: list[Note] | None, below: float) -> Answer:
+    """The worker's rows put back among the request's instances, and each instance's flags."""
+    if notes is None or len(computed.rows) == count:
+        rows, no_digit = computed.rows, np.zeros(count, bool)
+    else:
+        no_digit = np.fromiter((NO_DIGIT in note["flags"] for note in notes), bool, count)
+        rows = np.zeros((count, ROW), np.float32)
+        rows[~no_digit] = computed.rows
+    flags = [list(note["flags"]) for note in notes] if notes is not None else [[] for _ in range(count)]
+    with np.errstate(invalid="ignore"):  # NaN (no calibration) is never below
+        unlike = rows[:, -1] < below
+    if unlike.any():
+        for i in np.flatnonzero(unlike & ~no_digit).tolist():
+            flags[i].append(NOT_A_DIGIT)
+    return Answer(rows, no_digit, flags, notes, computed.version, computed.batch_size, computed.reports)
+
+
+def asked_timeout(text: str | None) -> float | None:
+    """``X-Request-Timeout-Ms`` (HTTP) in seconds, or None when absent; 400 when it is not a positive count."""
+    if text is None:
+        return None
+    if not _MILLISECONDS.fullmatch(text):
+        raise HttpError(400, f"X-Request-Timeout-Ms must be a number of milliseconds (ASCII digits, e.g. 250), "
+                             f"got {shown(text)}")
+    if int(text) == 0:
+        raise HttpError(400, f"X-Request-Timeout-Ms must be positive, got {shown(text)}")
+    return int(text) / 1000
 
 
 def result(pending: Pending) -> Any:
-    """A worker's answer, or the HTTP error its failure means: an ``HttpError`` the worker raised (e.g. 504)
+    """A worker's answer, or the error its failure means: an ``HttpError`` the worker raised (e.g. 504)
     passes through, a worker that died holding the request is a retryable 503, anything else a 500."""
     if pending.ok:
         return pending.response

@@ -10,11 +10,11 @@ import itertools
 import time
 
 from service.pipes import AnswerPipes, Pending, RequestPipes
-from service.work import Control, Work
+from service.work import Control, Pool, Work
 
 
 class Dispatcher:
-    def __init__(self, requests: dict[str, RequestPipes], answers: AnswerPipes):
+    def __init__(self, requests: dict[Pool, RequestPipes], answers: AnswerPipes):
         self.requests = requests
         self.answers = answers
         self.server = 0
@@ -28,14 +28,14 @@ class Dispatcher:
         """In the API server's event loop, at start-up: answers from now on go to their requests."""
         self.answers.watch(self.server)
 
-    def submit(self, pool: str, work: Work) -> tuple[int, Pending]:
+    def submit(self, pool: Pool, work: Work) -> tuple[int, Pending]:
         """Queue ``work`` for ``pool``; its answer will land in the returned ``Pending``."""
         uid, pending = next(self._uids), Pending()
         worker = self.requests[pool].put((self.server, uid, time.monotonic(), work))
         self.answers.sent(uid, pool, worker, pending)
         return uid, pending
 
-    def submit_to(self, pool: str, worker: int, command: Control) -> tuple[int, Pending]:
+    def submit_to(self, pool: Pool, worker: int, command: Control) -> tuple[int, Pending]:
         """A control for one given worker of ``pool`` (every worker must get it, not the next one up)."""
         uid, pending = next(self._uids), Pending()
         self.requests[pool].put((self.server, uid, time.monotonic(), command), worker)

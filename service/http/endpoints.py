@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable
 
@@ -17,43 +16,45 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import answers, imaging
 from service.errors import HttpError, shown
-from service.http import v2
-from service.http.dataplane import OFFLOAD_BYTES, DataPlane, arrival
+from service.http import inputs, native, v2
+from service.http.calls import Call
+from service.http.dataplane import DataPlane, Inputs, asked_timeout
 from service.http.fastpath import Endpoint, failed
-from service.http.inputs import Parsed
-from service.http.schemas import PredictOptions
 from service.http.versioning import VersionControl
-from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
-from service.work import Work, work_units
+from service.work import Pool
+
+
+def call_of(request: Request) -> Call:
+    """The request's call record, opened on arrival by the metrics middleware."""
+    call: Call = request.scope["state"]["call"]
+    return call
 
 
 class Native:
-    """One pool's route: the request's pictures or pixels in, the worker's JSON out. ``?version=N`` pins
-    the version that computes it."""
+    """One pool's route: the request's pictures or pixels in, JSON records out (``service.http.native``).
+    ``?version=N`` pins the version that computes it."""
 
-    def __init__(self, plane: DataPlane, pool: str, options_model: type[BaseModel]):
+    def __init__(self, plane: DataPlane, pool: Pool, options_model: type[BaseModel]):
         self.plane, self.pool, self.options_model = plane, pool, options_model
 
     async def __call__(self, request: Request) -> Response:
-        self.plane.api_key.check(request.headers)
+        self.plane.authorize(call_of(request), request.headers)
         return await self.keyed(request)
 
     async def keyed(self, request: Request) -> Response:
         """The route once its caller's key was checked (first, before anything else is read)."""
-        plane = self.plane
-        pinned = pinned_version(request.query_params.get("version"), "version")
-        deadline = plane.deadline(request)
-        body = await plane.read(request, self.pool)
-        parsed = await plane.parse(request, body, self.options_model)
-        images = len(parsed.instances)
-        with plane.admit(request, self.pool, images, work_units(images, parsed.options.model_dump()),
-                         deadline) as admitted:
-            work = await plane.prepare(parsed, len(body) > OFFLOAD_BYTES, arrival(request))
-            answer, batch_size, version = await plane.compute(self.pool, work, deadline, admitted, pinned)
-        computed(request, batch_size, version)
-        return Response(content=answer, media_type="application/json")
+        plane, call = self.plane, call_of(request)
+        call.pool = self.pool
+        call.pinned = pinned_version(request.query_params.get("version"), "version")
+        plane.limit(call, asked_timeout(request.headers.get("x-request-timeout-ms")))
+        plane.precheck(call)
+        body = await inputs.read_body(request, plane.settings)
+        parsed = await plane.parse(len(body), inputs.heavy(request.headers, body), inputs.parse, request.headers,
+                                   body, self.options_model, plane.settings)
+        options = parsed.options.model_dump()
+        answer = await plane.infer(call, Inputs(len(parsed.instances), parsed.instances, None, options, len(body)))
+        return Response(content=native.encode(answer, plane.settings.model, options), media_type="application/json")
 
 
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²" and Arabic-Indic digits
@@ -69,24 +70,21 @@ def pinned_version(text: str | None, where: str) -> int | None:
     return int(text)
 
 
-def computed(request: Request, batch_size: int, version: int) -> None:
-    """For the access log and the metrics: the forward's size and the version that computed the answer."""
-    state = request.scope.setdefault("state", {})
-    state["batch_size"], state["version"] = batch_size, version
-
-
 class Served:
     """Which model this server answers for, its loaded versions, and whether it is ready."""
 
     def __init__(self, name: str, versions: VersionControl, ready: Callable[[], bool]):
         self.name, self.versions, self.ready = name, versions, ready
 
-    def check(self, request: Request) -> int | None:
-        """404 for a model in the path that is not served here; the version in the path, if any."""
-        name = request.path_params.get("name", self.name)
+    def check(self, name: str, version: str | None) -> int | None:
+        """404 for a model that is not served here; the version asked for, if any (404 when malformed)."""
         if name != self.name:
             raise HttpError(404, f"unknown model {shown(name)}: this server serves {self.name!r}")
-        return pinned_version(request.path_params.get("version"), "the version in the path")
+        return pinned_version(version, "the version in the path")
+
+    def checked(self, request: Request) -> int | None:
+        """``check`` for the model and version in a request's path."""
+        return self.check(request.path_params.get("name", self.name), request.path_params.get("version"))
 
     def loaded(self, pinned: int | None) -> list[int]:
         """The loaded versions (a pinned one must be among them: 404/409 otherwise)."""
@@ -115,13 +113,13 @@ class KServeV1:
         self.model = kserve_errors(self._model)
 
     async def _model(self, request: Request) -> Response:
-        self.served.check(request)
+        self.served.checked(request)
         return JSONResponse({"name": self.served.name, "ready": self.served.ready()})
 
     def _checked(self, native: Native) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            native.plane.api_key.check(request.headers)
-            self.served.check(request)
+            native.plane.authorize(call_of(request), request.headers)
+            self.served.checked(request)
             return await native.keyed(request)
         return endpoint
 
@@ -149,52 +147,26 @@ class OpenInferenceV2:
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     async def _model(self, request: Request) -> Response:
-        loaded = self.served.loaded(self.served.check(request))
+        loaded = self.served.loaded(self.served.checked(request))
         return JSONResponse(v2.model_metadata(self.served.name, [str(v) for v in loaded]))
 
     async def _model_ready(self, request: Request) -> Response:
-        self.served.loaded(self.served.check(request))
+        self.served.loaded(self.served.checked(request))
         ready = self.served.ready()
         return JSONResponse({"name": self.served.name, "ready": ready}, status_code=200 if ready else 503)
 
     async def _infer(self, request: Request) -> Response:
-        plane = self.plane
-        plane.api_key.check(request.headers)
-        pinned = self.served.check(request)
-        deadline = plane.deadline(request)
-        body = await plane.read(request, "/predict")
-        header_length = request.headers.get("inference-header-content-length")
-        big = len(body) > OFFLOAD_BYTES
-        if big:  # decoding a big body's JSON or tensors takes milliseconds: keep the event loop answering
-            tensors = await asyncio.to_thread(v2.parse_infer, body, header_length, plane.settings)
-        else:
-            tensors = v2.parse_infer(body, header_length, plane.settings)
-        with plane.admit(request, "/predict", tensors.count, 0.0, deadline) as admitted:
-            arrived = arrival(request)
-            if tensors.pixels is not None:
-                work = self._pixels(tensors, arrived)
-            else:
-                work = await self._images(tensors, arrived, big)
-            work.options["output"] = "tensor"
-            answer, batch_size, version = await plane.compute("/predict", work, deadline, admitted, pinned)
-        computed(request, batch_size, version)
-        rows, no_digit = v2.answer_rows(answer, tensors.count, answers.found(work.notes) if work.notes else None)
-        return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(version), rows, no_digit))
-
-    @staticmethod
-    def _pixels(tensors: v2.InferRequest, arrived: float) -> Work:
-        """``pixels`` are already in MNIST's frame: no decoding at all, only the checks /predict's pixels get."""
-        assert tensors.pixels is not None
-        frames = tensors.pixels.reshape(tensors.count, IMAGE_SIDE, IMAGE_SIDE)
-        imaging.check_frames(frames)
-        return Work(frames.reshape(tensors.count, INPUT_SIZE), {}, arrived)
-
-    async def _images(self, tensors: v2.InferRequest, arrived: float, big: bool) -> Work:
-        """``image`` goes through /predict's preprocessing, with /predict's default options."""
-        return await self.plane.prepare(Parsed(list(tensors.images or []), _PREDICT_DEFAULTS), big, arrived)
-
-
-_PREDICT_DEFAULTS = PredictOptions()  # read, never changed: the preparer dumps each request's options afresh
+        plane, call = self.plane, call_of(request)
+        plane.authorize(call, request.headers)
+        call.pinned = self.served.checked(request)
+        plane.limit(call, asked_timeout(request.headers.get("x-request-timeout-ms")))
+        plane.precheck(call)
+        body = await inputs.read_body(request, plane.settings)
+        tensors = await plane.parse(len(body), False, v2.parse_infer, body,
+                                    request.headers.get("inference-header-content-length"), plane.settings)
+        answer = await plane.infer(call, v2.inputs(tensors, len(body)))
+        return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(answer.version), answer.rows,
+                                                answer.no_digit))
 
 
 class TensorResponse(Response):

@@ -105,8 +105,7 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and (route := self._match(scope)) is not None:
-            state = scope.setdefault("state", {})
-            state["endpoint"], state["route"] = route.label, route
+            scope.setdefault("state", {})["route"] = route
             await self.fast(scope, receive, send)
         elif scope["type"] == "http":
             await self._full_stack(scope, receive, send)
@@ -147,7 +146,7 @@ class FastPath:
         except HttpError as e:
             response = failed(scope, e)
         except ClientDisconnect:  # gone before its body arrived (or timed out reading it): nobody to answer
-            scope["state"].setdefault("status", 499)
+            scope["state"]["call"].status = 499
             return
         except Exception as e:  # a bug of ours: log it and answer, as FastAPI's stack would
             log_unexpected(scope, e)
@@ -157,6 +156,6 @@ class FastPath:
 
 def failed(scope: Scope, error: HttpError, key: str = "detail") -> JSONResponse:
     """The error's answer; its detail (for the access log) and, for a refusal, why (for the metrics)."""
-    state = scope.setdefault("state", {})
-    state["detail"], state["refusal"] = error.detail, getattr(error, "reason", None)
+    call = scope["state"]["call"]
+    call.detail, call.refusal = error.detail, getattr(error, "reason", None)
     return error_response(error.status, error.detail, error.headers, key)

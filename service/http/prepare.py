@@ -7,7 +7,7 @@ load an API server reads several of them per event-loop iteration, and framing c
 call, not per pixel, so the requests read in one iteration are prepared together, at its end,
 with one ``imaging.prepare_many``, for one more event-loop step each. A bad picture still fails
 only its own request; a picture without a digit is left out of the images a worker computes and
-answered from its note (``service.answers``).
+answered from its note (``service.http.dataplane``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from service import answers, imaging
+from service import imaging
 from service.config import Limits
-from service.http import inputs
+from service.imaging import NO_DIGIT, Note, Raw
 from service.model.fnn import INPUT_SIZE
-from service.work import Work, work_units
+from service.work import Work
+
+PreparedWork = tuple[Work, list[Note]]
 
 # Pictures that claim more pixels than this in all take milliseconds to decode: in a thread. (A 280x280
 # canvas has 78,400; a phone photo 12 million, decoded at a quarter of its side.)
@@ -31,47 +33,49 @@ OFFLOAD_PIXELS = 1_000_000
 class Preparer:
     def __init__(self, limits: Limits):
         self.limits = limits
-        self._waiting: list[tuple[inputs.Parsed, float, asyncio.Future[Work]]] = []
+        self._waiting: list[tuple[list[Raw], dict[str, Any], float, asyncio.Future[PreparedWork]]] = []
 
-    async def prepare(self, parsed: inputs.Parsed, arrived: float, big_body: bool = False) -> Work:
-        """The request's ``Work``, or the ``InputError`` of its first bad picture (413 for too many pixels)."""
-        if imaging.request_pixels(parsed.instances, self.limits) > OFFLOAD_PIXELS or big_body:
-            return await asyncio.to_thread(self.prepare_now, parsed, arrived)
-        return await self._batched(parsed, arrived)
+    async def prepare(self, pictures: list[Raw], options: dict[str, Any], arrived: float, big_body: bool = False
+                      ) -> PreparedWork:
+        """The request's ``Work`` and its notes, or the ``InputError`` of its first bad picture (413 for too
+        many pixels)."""
+        if imaging.request_pixels(pictures, self.limits) > OFFLOAD_PIXELS or big_body:
+            return await asyncio.to_thread(self.prepare_now, pictures, options, arrived)
+        return await self._batched(pictures, options, arrived)
 
-    def _batched(self, parsed: inputs.Parsed, arrived: float) -> asyncio.Future[Work]:
+    def _batched(self, pictures: list[Raw], options: dict[str, Any], arrived: float) -> asyncio.Future[PreparedWork]:
         """Prepared at the end of this event-loop iteration, with the other requests read in it."""
-        future: asyncio.Future[Work] = asyncio.get_running_loop().create_future()
-        self._waiting.append((parsed, arrived, future))
+        future: asyncio.Future[PreparedWork] = asyncio.get_running_loop().create_future()
+        self._waiting.append((pictures, options, arrived, future))
         if len(self._waiting) == 1:
             future.get_loop().call_soon(self._prepare_waiting)
         return future
 
-    def prepare_now(self, parsed: inputs.Parsed, arrived: float) -> Work:
+    def prepare_now(self, pictures: list[Raw], options: dict[str, Any], arrived: float) -> PreparedWork:
         """One request alone, prepared here (in a thread: see ``prepare``)."""
-        return _work(parsed, imaging.prepare(parsed.instances, self.limits), arrived)
+        return _work(imaging.prepare(pictures, self.limits), options, arrived)
 
     def _prepare_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
         outcomes: list[imaging.Prepared | Exception]
         try:
-            outcomes = list(imaging.prepare_many([parsed.instances for parsed, _, _ in waiting], self.limits))
+            outcomes = list(imaging.prepare_many([pictures for pictures, _, _, _ in waiting], self.limits))
         except Exception as e:  # a bug of ours: every request of the iteration answers it
             outcomes = [e] * len(waiting)
-        for (parsed, arrived, future), outcome in zip(waiting, outcomes):
+        for (_, options, arrived, future), outcome in zip(waiting, outcomes):
             if future.done():  # the request was cancelled meanwhile
                 continue
             if isinstance(outcome, Exception):
                 future.set_exception(outcome)
             else:
-                future.set_result(_work(parsed, outcome, arrived))
+                future.set_result(_work(outcome, options, arrived))
 
 
-def _work(parsed: inputs.Parsed, frames: imaging.Prepared, arrived: float) -> Work:
+def _work(frames: imaging.Prepared, options: dict[str, Any], arrived: float) -> PreparedWork:
     """The request's frames with a digit (a worker computes those only) and every instance's note."""
-    options = parsed.options.model_dump()
-    notes: list[dict[str, Any]] = [dict(note) for note in frames.notes]
+    notes = frames.notes
     images = np.asarray(frames).reshape(len(frames), INPUT_SIZE)
-    if len(found := answers.found(notes)) < len(images):
+    found = [i for i, note in enumerate(notes) if NO_DIGIT not in note["flags"]]
+    if len(found) < len(images):
         images = images[found]
-    return Work(images, options, arrived, units=work_units(len(images), options), notes=notes or None)
+    return Work(images, options, arrived), notes

@@ -55,12 +55,12 @@ class Routes:
         ready = GaugeMetricFamily("digitserve_workers_ready", "Workers of the pool ready to compute", labels=["pool"])
         states = self.workers.states()
         for pool, size in self.settings.pools().items():
-            name = pool.strip("/")
+            name = pool.label
             ready.add_metric([name], sum(1 for w in range(size) if states.get(f"{name}_{w}") == "ready"))
         wait = GaugeMetricFamily("digitserve_queue_wait_estimate_seconds",
                                  "How long a request admitted now would wait, by pool", labels=["pool"])
         for pool in self.settings.pools():
-            wait.add_metric([pool.strip("/")], self.admission.wait_estimate(pool))
+            wait.add_metric([pool.label], self.admission.wait_estimate(pool))
         return [ready, wait, *metrics.process_tree(os.getppid())]
 
 

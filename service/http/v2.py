@@ -2,9 +2,9 @@
 
 A pure codec, so that the HTTP layer only routes and the rules live in one place that tests can hit without a
 server: :func:`parse_infer` turns a ``POST .../infer`` body (JSON, or JSON followed by binary tensors as the
-binary tensor data extension has it) into an :class:`InferRequest`; :func:`answer_rows` reads a worker's
-rows (per image its 10 probabilities, then its typicality) back into the request's instances, and
-:func:`encode_infer` turns them into the answer body and its headers; :func:`server_metadata` and
+binary tensor data extension has it) into an :class:`InferRequest` (and :func:`inputs`, the data plane's
+view of it); :func:`encode_infer` turns the plane's rows (per instance its 10 probabilities, then its
+typicality) into the answer body and its headers; :func:`server_metadata` and
 :func:`model_metadata` are ``GET /v2`` and ``GET /v2/models/{m}``.
 
 Tensors (DESIGN, "Open Inference Protocol"): exactly one input, ``pixels`` (FP32 in 0..1, or UINT8 in 0..255;
@@ -36,11 +36,12 @@ import numpy as np
 import orjson
 
 from service.errors import HttpError
+from service.http.dataplane import Inputs
+from service.work import ROW
 
 INPUTS: Final = ("pixels", "image")
 OUTPUTS: Final = ("probabilities", "label", "confidence", "typicality")
 OUTPUT_DATATYPES: Final = {"probabilities": "FP32", "label": "INT64", "confidence": "FP32", "typicality": "FP32"}
-ROW: Final = 11  # what a worker answers per image, float32: the 10 probabilities, then the typicality (NaN: none)
 NO_LABEL: Final = -1  # ``label`` of a picture in which no digit is found
 PIXEL_DATATYPES: Final = ("FP32", "UINT8")
 PIXEL_SHAPES: Final = ((784,), (28, 28), (1, 28, 28))  # what may follow N
@@ -157,6 +158,13 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
     header = _load_json(bytes(body[:size]))
     if header_length is not None and (plain := _plain_binary(header, body, size, limits)) is not None:
         return plain
+    return checked(header, body, size, header_length is not None, limits)
+
+
+def checked(header: dict[str, object], body: bytes, start: int, binary: bool, limits: Limits) -> InferRequest:
+    """An infer request's JSON ``header`` (and, when ``binary``, its tensors' bytes: ``body[start:]``, in the
+    order of the inputs that declare ``binary_data_size``) checked -> :class:`InferRequest`. The REST
+    body's and the gRPC message's (``service.grpc.codec``) checks, in one place."""
     if not _TOP_LEVEL.issuperset(header):
         unknown = sorted(set(header) - _TOP_LEVEL)
         raise _bad(f"unknown field(s) {unknown} in the infer request (allowed: {', '.join(sorted(_TOP_LEVEL))})")
@@ -168,14 +176,14 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Infer
     if not isinstance(default_binary, bool):
         raise _bad("parameter 'binary_data_output' must be a boolean")
     inputs = _inputs(header.get("inputs"))
-    _attach_blobs(inputs, body, size, binary=header_length is not None)
+    _attach_blobs(inputs, body, start, binary=binary)
     chosen = _only_input(inputs)
     count = _batch_size(chosen, limits)
-    outputs, binary = _outputs(header.get("outputs"), default_binary)
+    outputs, as_binary = _outputs(header.get("outputs"), default_binary)
     named = header.get("outputs") not in (None, [])
     if chosen.name == "pixels":
-        return InferRequest(request_id, count, _pixels(chosen, count), None, outputs, binary, named)
-    return InferRequest(request_id, count, None, _images(chosen, count, body), outputs, binary, named)
+        return InferRequest(request_id, count, _pixels(chosen, count), None, outputs, as_binary, named)
+    return InferRequest(request_id, count, None, _images(chosen, count, body), outputs, as_binary, named)
 
 
 def _plain_binary(header: dict[str, object], body: bytes, start: int, limits: Limits) -> InferRequest | None:
@@ -509,24 +517,18 @@ def _binary_flag(parameters: dict[str, object], name: str, default: bool) -> boo
 # --------------------------------------------------------------------------------------------- encode
 
 
-def answer_rows(data: bytes, count: int, found: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """A worker's answer (float32, ``ROW`` values per image it computed) -> (count, ROW) rows, one per
-    instance, and which instances had no digit (``found``: the indexes of those the worker computed; None
-    for all). An instance without a digit has a row of zeros."""
-    computed = np.frombuffer(data, _FP32).reshape(-1, ROW)
-    if found is None or len(found) == count:
-        return computed, np.zeros(count, bool)
-    rows = np.zeros((count, ROW), _FP32)
-    rows[found] = computed
-    missing = np.ones(count, bool)
-    missing[found] = False
-    return rows, missing
+def inputs(request: InferRequest, body_bytes: int) -> Inputs:
+    """The data plane's view of a checked request: ``pixels`` are frames already; ``image`` pictures are
+    prepared as /predict's are, with its (empty) options."""
+    if request.pixels is not None:
+        return Inputs(request.count, frames=request.pixels, options={}, body_bytes=body_bytes)
+    return Inputs(request.count, pictures=list(request.images or ()), options={}, body_bytes=body_bytes)
 
 
 def encode_infer(
     request: InferRequest, model_name: str, model_version: str, rows: np.ndarray, no_digit: np.ndarray | None = None
 ) -> tuple[bytes, dict[str, str]]:
-    """The answer to ``request`` from its (N, ``ROW``) rows (:func:`answer_rows`): body and the headers to send.
+    """The answer to ``request`` from its (N, ``ROW``) rows (the data plane's ``Answer.rows``): body and headers.
 
     Binary outputs follow the JSON header in the order of ``outputs``; then ``Inference-Header-Content-Length``
     says where they start and the body is ``application/octet-stream``, else it is plain ``application/json``.
@@ -543,16 +545,9 @@ def encode_answer(
     """:func:`encode_infer`'s body, and the length of its JSON header when binary outputs follow it (None when
     the body is all JSON), for an HTTP layer that writes its headers itself. Only the requested outputs are
     computed; ``typicality``, when none were named, only where the version has it."""
-    table = np.ascontiguousarray(rows, dtype=_FP32)
-    if table.shape != (request.count, ROW):
-        raise ValueError(f"rows have shape {table.shape}; the request needs ({request.count}, {ROW})")
-    names = request.outputs
-    if not request.chosen and np.isnan(table[:, -1]).any():  # a version without calibration
-        names = [name for name in names if name != "typicality"]
     outputs: list[dict[str, object]] = []
     blobs: list[bytes] = []
-    for name in names:
-        array = _output(name, table, no_digit)
+    for name, array in tensors(request, rows, no_digit):
         entry: dict[str, object] = {"name": name, "datatype": OUTPUT_DATATYPES[name], "shape": list(array.shape)}
         if request.binary.get(name, False):
             blob = array.tobytes()  # every output is little-endian, as the extension requires
@@ -570,6 +565,19 @@ def encode_answer(
         return header, None
     blobs.insert(0, header)
     return b"".join(blobs), len(header)
+
+
+def tensors(request: InferRequest, rows: np.ndarray, no_digit: np.ndarray | None = None
+            ) -> list[tuple[str, np.ndarray]]:
+    """The requested outputs (name, little-endian array) from the (N, ``ROW``) rows, in the order asked;
+    ``typicality``, when no output was named, only where the version has it."""
+    table = np.ascontiguousarray(rows, dtype=_FP32)
+    if table.shape != (request.count, ROW):
+        raise ValueError(f"rows have shape {table.shape}; the request needs ({request.count}, {ROW})")
+    names = request.outputs
+    if not request.chosen and np.isnan(table[:, -1]).any():  # a version without calibration
+        names = [name for name in names if name != "typicality"]
+    return [(name, _output(name, table, no_digit)) for name in names]
 
 
 def _output(name: str, table: np.ndarray, no_digit: np.ndarray | None) -> np.ndarray:

@@ -29,7 +29,6 @@ from typing import Any, TypeAlias, TypedDict
 
 import numpy as np
 
-from service.answers import NO_DIGIT
 from service.config import Limits
 from service.errors import InputError
 from service.imaging.decode import Picture, check_size, claimed_size, decode_image, decode_picture
@@ -38,6 +37,7 @@ from service.imaging.ink import FAINT, MULTIPLE, Ink
 from service.imaging.pixels import check_frames, frame_note, normalize, validate_pixels
 from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
 
+NO_DIGIT = "no_digit"  # the flag of a picture in which no digit is found (DESIGN.md, "Not a digit")
 Raw: TypeAlias = "bytes | list[list[float]] | list[float]"  # as a client sends it: a picture, or pixels
 FLAGS = (MULTIPLE, FAINT)
 FRAMED_ALONE_PIXELS = 320 * 320  # a decoded picture bigger than this is framed as soon as it is decoded

@@ -22,7 +22,7 @@ from service.model import static, store
 from service.model.calibration import calibrated
 from service.model.fnn import INPUT_SIZE
 from service.versions import Board, Runtimes
-from service.work import Control
+from service.work import Control, Pool
 from service.worker.explain import Explainer
 
 log = logging.getLogger("digitserve")
@@ -128,7 +128,8 @@ class Models:
         return compiled, "export"
 
     def _info(self, name: str, version: int, runtime: str) -> Any:
-        return metrics.labelled(metrics.MODEL_INFO, name, str(version), self.device.type, self.pool.strip("/"), runtime)
+        pool = Pool(self.pool).label
+        return metrics.labelled(metrics.MODEL_INFO, name, str(version), self.device.type, pool, runtime)
 
     def _drop(self, version: int) -> None:
         held = self.held.pop(version)

@@ -4,8 +4,9 @@ Requests arrive already validated and preprocessed by the API server (``service.
 each is a ``Work`` of float32 (n, 784) images in 0..1 and the model version to compute it. A
 worker merges the requests of one version into one forward pass (a batch holds one group per
 version; a switch happens between batches, so usually there is one), normalises them with that
-version's own mean/std, and splits the answers back in order. Every answer says the version that
-computed it.
+version's own mean/std, and splits the answers back in order. An answer is numbers (``Computed``:
+a row of probabilities and typicality per image, and an explanation's report), with the version
+that computed it; what a protocol makes of them is its codec's business, in the API server.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from typing import Any
 
 import litserve as ls
 import numpy as np
-import orjson
 import torch
 
-from service import answers, logs, metrics
+from service import logs, metrics
 from service.config import Settings
 from service.imaging import normalize
 from service.versions import Board, Runtimes, SetupFailures
-from service.work import Control, Work
+from service.work import ROW, Computed, Control, Pool, Work
 from service.worker.models import Held, Models
 
 log = logging.getLogger("digitserve")
@@ -49,17 +49,6 @@ class Group:
 class Batch:
     groups: list[Group]
     inputs: list[Work]
-
-
-@dataclass(slots=True)
-class Answer:
-    """One request's answer rows (one per image) and the version that computed them."""
-
-    rows: list[Any]
-    version: int
-    batch_size: int
-    options: dict[str, Any]
-    notes: list[dict[str, Any]] | None = None  # every instance's, those without a digit included
 
 
 class DigitAPI(ls.LitAPI):
@@ -113,73 +102,58 @@ class DigitAPI(ls.LitAPI):
             groups.append(Group(held, x, requests))
         return Batch(groups, inputs)
 
-    def predict(self, batch: Batch) -> list[Answer]:
+    def predict(self, batch: Batch) -> list[Computed]:
         started = time.monotonic()
-        done: list[Answer | None] = [None] * len(batch.inputs)
+        done: list[Computed | None] = [None] * len(batch.inputs)
         size = sum(len(g.x) for g in batch.groups)
         for group in batch.groups:
             version = group.held.loaded.version
-            rows = self.compute(group, [batch.inputs[i] for i in group.requests])
+            rows, reports = self.compute(group, [batch.inputs[i] for i in group.requests])
             bounds = np.cumsum([0, *(len(batch.inputs[i].images) for i in group.requests)]).tolist()
             for i, (a, b) in zip(group.requests, itertools.pairwise(bounds)):
-                done[i] = Answer(rows[a:b], version, size, batch.inputs[i].options, batch.inputs[i].notes)
+                done[i] = Computed(rows[a:b], version, size, None if reports is None else reports[a:b])
             arrivals = [batch.inputs[i].arrived for i in group.requests]
             metrics.observe_forward(self.endpoint, str(version), arrivals, len(group.x), started)
         return [answer for answer in done if answer is not None]
 
-    def unbatch(self, output: list[Answer]) -> list[Answer]:
+    def unbatch(self, output: list[Computed]) -> list[Computed]:
         return output
 
-    def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
-        """The JSON answer, the size of the forward it was part of, and the version (for the log and metrics)."""
-        held = self.models.held.get(output.version)
-        ref = held.ref if held is not None else {"name": self.settings.model, "version": output.version}
-        rows = answers.spliced(output.rows, output.notes, output.options)
-        # orjson: 20x faster than json on a 32-image answer's 320 floats, which cost the worker a quarter of its time
-        return orjson.dumps({"model": ref, "predictions": rows}), output.batch_size, output.version
+    def encode_response(self, output: Computed) -> Computed:
+        """Numbers, as computed: each protocol's codec encodes them in the API server."""
+        return output
 
     endpoint = ""  # the metrics' endpoint label of this pool
 
     @abstractmethod
-    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
-        """One version's requests -> one answer row per image, in order."""
+    def compute(self, group: Group, requests: list[Work]) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+        """One version's requests -> a ``ROW`` per image, in order (and an explain worker's reports)."""
+
+    def rows(self, group: Group) -> np.ndarray:
+        """float32 (n, ``ROW``): each image's probabilities, then its typicality (NaN without calibration)."""
+        with torch.inference_mode():
+            probs, typicality = group.held.outputs(group.x)
+        rows = np.empty((len(probs), ROW), dtype=np.float32)
+        rows[:, :-1] = probs
+        rows[:, -1] = np.nan if typicality is None else typicality
+        return rows
 
 
 class PredictAPI(DigitAPI):
-    """``/predict``: probabilities for every image, no hooks, under inference mode.
-
-    A request whose options say ``"output": "tensor"`` (the Open Inference Protocol's, set by the API
-    server) is answered with raw float32 rows of ``TENSOR_ROW`` values per image (the probabilities, then
-    the typicality, NaN where the version has none), which the API server encodes as V2 tensors; every
-    other gets the JSON of /predict."""
+    """``/predict`` (and every protocol's inference): probabilities and typicality, no hooks, under inference mode."""
 
     endpoint = "predict"
 
     def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, setup_failures: SetupFailures):
-        super().__init__(settings, board, runtimes, setup_failures, "/predict")
+        super().__init__(settings, board, runtimes, setup_failures, Pool.PREDICT)
 
-    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
-        with torch.inference_mode():
-            probs, typicality = group.held.outputs(group.x)
+    def compute(self, group: Group, requests: list[Work]) -> tuple[np.ndarray, None]:
+        rows = self.rows(group)
         version = str(group.held.loaded.version)
-        metrics.observe_predictions(version, probs)
-        metrics.observe_typicality(version, typicality, self.settings.not_a_digit_below)
-        for work in requests:  # no_digit is counted where it is answered (service.http.dataplane)
-            metrics.observe_flags(version, [flag for note in work.notes or () if not answers.no_digit(note)
-                                            for flag in note["flags"]])
-        tensors = tensor_rows(probs, typicality)
-        if all(work.options.get("output") == "tensor" for work in requests):  # V2's: rows only, no JSON to build
-            return list(zip(itertools.repeat(None), tensors))
-        return list(zip(predictions(probs, typicality, self.settings.not_a_digit_below), tensors))
-
-    def encode_response(self, output: Answer) -> tuple[bytes, int, int]:
-        if output.options.get("output") == "tensor":  # the request's rows, float32, one after the other
-            rows = [row for _, row in output.rows]
-            one = len(rows) == 1  # np.stack costs 4 us for one row, 19 us for 32; this 0.4 and 6
-            tensor = rows[0].astype(np.float32, copy=False) if one else np.concatenate(rows, dtype=np.float32)
-            return tensor.tobytes(), output.batch_size, output.version
-        return super().encode_response(Answer([answer for answer, _ in output.rows], output.version,
-                                              output.batch_size, output.options, output.notes))
+        metrics.observe_predictions(version, rows[:, :-1])
+        if group.held.loaded.calibration is not None:
+            metrics.observe_typicality(version, rows[:, -1])
+        return rows, None
 
 
 class ExplainAPI(DigitAPI):
@@ -188,9 +162,9 @@ class ExplainAPI(DigitAPI):
     endpoint, explains = "explain", True
 
     def __init__(self, settings: Settings, board: Board, runtimes: Runtimes, setup_failures: SetupFailures):
-        super().__init__(settings, board, runtimes, setup_failures, "/explain")
+        super().__init__(settings, board, runtimes, setup_failures, Pool.EXPLAIN)
 
-    def compute(self, group: Group, requests: list[Work]) -> list[Any]:
+    def compute(self, group: Group, requests: list[Work]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Requests that ask for the same computation share one batched explanation."""
         explainer = group.held.explainer
         assert explainer is not None
@@ -208,35 +182,4 @@ class ExplainAPI(DigitAPI):
                                           quadrature)
             for row, report in zip(rows, explained):
                 reports[row] = report
-        with torch.inference_mode():  # the answer's part of the report, as /predict gives it
-            probs, typicality = group.held.outputs(group.x)
-        for report, answer in zip(reports, predictions(probs, typicality, self.settings.not_a_digit_below)):
-            report.update(answer)
-        return reports
-
-
-NOT_A_DIGIT = "not_a_digit"
-TENSOR_ROW = 11  # values per image in a tensor answer: ten probabilities and the typicality
-
-
-def predictions(probs: np.ndarray, typicality: np.ndarray | None = None, below: float = 0.0) -> list[dict[str, Any]]:
-    """Each image's answer: the label, its confidence, all ten probabilities, and its typicality (None for
-    a version without calibration), flagged ``not_a_digit`` below the threshold."""
-    labels = probs.argmax(1)
-    confidences = probs[np.arange(len(probs)), labels]
-    typical = [None] * len(probs) if typicality is None else typicality.tolist()
-    answers = []
-    for label, confidence, p, t in zip(labels.tolist(), confidences.tolist(), probs.tolist(), typical):
-        answer = {"label": label, "confidence": confidence, "probabilities": p, "typicality": t}
-        if t is not None and t < below:
-            answer["flags"] = [NOT_A_DIGIT]
-        answers.append(answer)
-    return answers
-
-
-def tensor_rows(probs: np.ndarray, typicality: np.ndarray | None) -> np.ndarray:
-    """float32 (n, TENSOR_ROW): each image's probabilities, then its typicality (NaN without calibration)."""
-    rows = np.empty((len(probs), TENSOR_ROW), dtype=np.float32)
-    rows[:, :-1] = probs
-    rows[:, -1] = np.nan if typicality is None else typicality
-    return rows
+        return self.rows(group), reports

@@ -1,15 +1,11 @@
-"""Calibration math (temperature, conformal typicality), the store's checks on a calibration file, and the
-answers the workers build from it (JSON rows and the V2 tensor rows)."""
+"""Calibration math (temperature, conformal typicality) and the store's checks on a calibration file (the
+answers built from it: tests/unit/test_answers.py)."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 
-from service.answers import spliced
 from service.model import store
 from service.model.calibration import (
     Calibration,
@@ -20,7 +16,6 @@ from service.model.calibration import (
     score,
 )
 from service.model.fnn import FNN
-from service.worker.stages import NOT_A_DIGIT, TENSOR_ROW, predictions, tensor_rows
 
 
 def _overconfident(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,31 +132,3 @@ def test_the_store_refuses_a_calibration_that_is_not_one(tmp_path):
     (version / store.METADATA_FILE).write_text(meta)
     with pytest.raises(store.StoreError, match="calibration corrupt or invalid"):
         store.load(tmp_path, "m")
-
-
-def test_rows_carry_typicality_and_flag_below_the_threshold():
-    probs = np.array([[0.9] + [0.1 / 9] * 9, [0.05] * 9 + [0.55]], dtype=np.float32)
-    rows = predictions(probs, np.array([0.5, 0.004], dtype=np.float32), below=0.01)
-    assert rows[0]["typicality"] == pytest.approx(0.5) and "flags" not in rows[0]
-    assert rows[1]["label"] == 9 and rows[1]["flags"] == [NOT_A_DIGIT]
-    uncalibrated = predictions(probs, None, below=0.01)
-    assert [row["typicality"] for row in uncalibrated] == [None, None]
-    assert all("flags" not in row for row in uncalibrated)
-
-
-def test_framing_flags_and_the_models_flag_are_merged():
-    rows = predictions(np.full((2, 10), 0.1, dtype=np.float32), np.array([0.001, 0.5]), below=0.01)
-    notes = [{"box": [0, 0, 5, 5], "flags": ["faint"]}, {"box": [1, 1, 4, 4], "flags": []}]
-    rows = spliced(rows, notes, {})
-    assert rows[0]["flags"] == ["faint", NOT_A_DIGIT] and rows[0]["box"] == [0, 0, 5, 5]
-    assert rows[1]["flags"] == []
-
-
-def test_tensor_rows_are_ten_probabilities_then_typicality():
-    """The contract with the API server's V2 codec: float32, 11 values per image, NaN without calibration."""
-    probs = np.random.default_rng(0).dirichlet(np.ones(10), 3).astype(np.float32)
-    rows = tensor_rows(probs, np.array([0.25, 0.5, 1.0], dtype=np.float32))
-    assert rows.shape == (3, TENSOR_ROW) == (3, 11) and rows.dtype == np.float32
-    decoded = np.frombuffer(rows.tobytes(), np.float32).reshape(-1, 11)
-    assert np.array_equal(decoded[:, :10], probs) and decoded[:, 10].tolist() == [0.25, 0.5, 1.0]
-    assert all(math.isnan(v) for v in tensor_rows(probs, None)[:, 10])

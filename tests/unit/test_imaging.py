@@ -18,9 +18,7 @@ from harness.server import encode
 from service import imaging
 from service.config import Limits
 from service.errors import InputError
-from service.http.inputs import Parsed
 from service.http.prepare import Preparer
-from service.http.schemas import PredictOptions
 from service.imaging import (
     BlankImage,
     check_frames,
@@ -133,18 +131,21 @@ def test_requests_of_one_iteration_are_framed_together_and_apart(mnist_test):
     def frame_in_one_iteration(requests):
         async def frame_all():
             preparer = Preparer(Limits())
-            parsed = [Parsed([encode(gray.astype(np.uint8)) for gray in grays], PredictOptions()) for grays in requests]
-            return await asyncio.gather(*(preparer.prepare(p, 0.0) for p in parsed), return_exceptions=True)
+            pictures = [[encode(gray.astype(np.uint8)) for gray in grays] for grays in requests]
+            return await asyncio.gather(*(preparer.prepare(p, {}, 0.0) for p in pictures), return_exceptions=True)
         return asyncio.run(frame_all())
 
     for requests in (good, [*good[:2], [one, blank], *good[2:]]):
         for grays, result in zip(requests, frame_in_one_iteration(requests)):
+            if isinstance(result, BaseException):
+                raise result
+            work, notes = result
             if grays and grays[-1] is blank:
-                assert result.notes[1] == {"box": None, "flags": ["no_digit"]}
-                np.testing.assert_array_equal(result.images.reshape(-1, 28, 28), to_mnist(grays[:1]))
+                assert notes[1] == {"box": None, "flags": ["no_digit"]}
+                np.testing.assert_array_equal(work.images.reshape(-1, 28, 28), to_mnist(grays[:1]))
             else:
-                assert result.images.shape == (len(grays), 28 * 28)
-                np.testing.assert_array_equal(result.images.reshape(-1, 28, 28), to_mnist(grays))
+                assert work.images.shape == (len(grays), 28 * 28)
+                np.testing.assert_array_equal(work.images.reshape(-1, 28, 28), to_mnist(grays))
 
 
 # ---------------------------------------------------------------- what works stays as it was

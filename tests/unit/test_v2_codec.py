@@ -22,15 +22,14 @@ from hypothesis import strategies as st
 from service.http.v2 import (
     EXTENSIONS,
     OUTPUTS,
-    ROW,
     InferRequest,
     V2Error,
-    answer_rows,
     encode_infer,
     model_metadata,
     parse_infer,
     server_metadata,
 )
+from service.work import ROW
 
 
 @dataclass(frozen=True)
@@ -233,28 +232,13 @@ def test_encode_refuses_rows_of_the_wrong_shape() -> None:
         encode_infer(InferRequest(id=None, count=3), "mnist-fnn", "1", softmax(3))
 
 
-def test_a_workers_rows_are_eleven_values_per_image_and_no_digit_rows_go_back_in_place() -> None:
-    """The worker's bytes hold ``ROW`` = 11 float32 per image it computed (10 probabilities, then the
-    typicality); an instance without a digit gets a row of zeros, in its place."""
-    probs, typicality = softmax(2), np.array([0.25, 0.75], np.float32)
-    data = rows(probs, typicality).tobytes()
-    assert ROW == 11 and len(data) == 2 * 11 * 4
-    table, no_digit = answer_rows(data, 4, [0, 2])
-    assert table.shape == (4, 11) and no_digit.tolist() == [False, True, False, True]
-    np.testing.assert_array_equal(table[[0, 2], :10], probs)
-    np.testing.assert_array_equal(table[[0, 2], 10], typicality)
-    assert not table[[1, 3]].any()
-    everything, none_missing = answer_rows(data, 2, None)
-    assert everything.shape == (2, 11) and not none_missing.any()
-    nothing, all_missing = answer_rows(b"", 3, [])
-    assert nothing.shape == (3, 11) and all_missing.all()
-
-
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_no_digit_instances_answer_label_minus_one_and_zeros(binary: bool) -> None:
     request = InferRequest(id=None, count=3, binary=dict.fromkeys(OUTPUTS, binary))
     probs = softmax(2)
-    table, no_digit = answer_rows(rows(probs, np.array([0.5, 0.004])).tobytes(), 3, [0, 2])
+    table = np.zeros((3, ROW), np.float32)
+    table[[0, 2]] = rows(probs, np.array([0.5, 0.004]))
+    no_digit = np.array([False, True, False])
     result = read_back(*encode_infer(request, "mnist-fnn", "1", table, no_digit))
     assert result.as_numpy("label").tolist() == [int(probs[0].argmax()), -1, int(probs[1].argmax())]
     np.testing.assert_array_equal(result.as_numpy("probabilities")[1], np.zeros(10, np.float32))
