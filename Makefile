@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test test-fast lint train export venv system-deps triton-venv clean bench soak profile rolling-update
+.PHONY: serve test test-fast lint train export proto venv system-deps triton-venv clean bench soak profile rolling-update
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ triton-venv:
 
 train: $(STAMP) system-deps
 	$(PY) -m service.train --data-dir $(TRAIN_DATA) --download --store model_store
+
+# The gRPC service's Python modules from its proto file (committed; tests/unit/test_grpc_codec.py checks them).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. service/grpc/oip.proto
 
 # The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.
 export: $(STAMP)

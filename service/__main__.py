@@ -38,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     except cli.CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        check_free(settings.bind_address(), settings.port)
-    except OSError as e:
-        print(f"error: {cannot_listen(settings, e)}", file=sys.stderr)
-        return 2
+    for port, flag in ((settings.port, "--port (DIGITSERVE_PORT)"), (settings.grpc_port, "--grpc-port "
+                                                                                         "(DIGITSERVE_GRPC_PORT)")):
+        try:
+            if port:
+                check_free(settings.bind_address(), port)
+        except OSError as e:
+            print(f"error: {cannot_listen(settings, port, flag, e)}", file=sys.stderr)
+            return 2
     try:
         device = resolve_device(settings.accelerator)
         if settings.model_version is None:  # verify before spawning anything
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve(started=lambda: ready.announce_when_ready(settings))
     except OSError as e:  # taken in the moment since check_free
-        print(f"error: {cannot_listen(settings, e)}", file=sys.stderr)
+        print(f"error: {cannot_listen(settings, settings.port, '--port (DIGITSERVE_PORT)', e)}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -104,15 +107,14 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def cannot_listen(settings: Settings, error: OSError) -> str:
-    """Why the service cannot listen where it was told to, and which setting changes that."""
-    where = f"{settings.host}:{settings.port}"
+def cannot_listen(settings: Settings, port: int, flag: str, error: OSError) -> str:
+    """Why the service cannot listen where it was told to, and which setting (``flag``) changes that."""
+    where = f"{settings.host}:{port}"
     if error.errno == errno.EADDRINUSE:
-        return (f"port {settings.port} is already in use on {settings.host} (another digitserve?); "
-                "choose another with --port (DIGITSERVE_PORT)")
+        return f"port {port} is already in use on {settings.host} (another digitserve?); choose another with {flag}"
     if error.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {where}: not an address of this machine; change --host (DIGITSERVE_HOST)"
-    return f"cannot listen on {where}: {error.strerror or error}; change --host or --port"
+    return f"cannot listen on {where}: {error.strerror or error}; change --host or {flag.split()[0]}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from importlib.metadata import version
 
 from service import metrics
 from service.config import Settings
+from service.grpc.front import GrpcServer, InferenceService
 from service.http import page
 from service.http.admin import Admin
 from service.http.admission import Admission
@@ -31,6 +32,7 @@ from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
 from service.supervisor import Supervisor
 from service.versions import Board, Runtimes, SetupFailures
+from service.work import Pool
 from service.worker.stages import ExplainAPI, PredictAPI
 
 log = logging.getLogger("digitserve")
@@ -51,7 +53,8 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions)
     runtimes = Runtimes()
     routes = Routes(settings, device, admission, versions, runtimes)
-    posts, gets = _routes(plane, routes, versions)
+    served = Served(settings.model, versions, routes.is_ready)
+    posts, gets = _routes(plane, served, routes)
     failures = SetupFailures(list(pools))
     parts = Parts(
         settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
@@ -59,6 +62,8 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
         supervisor=Supervisor(settings, admission, requests, answers, failures), routes=routes, posts=posts,
         gets=gets, device=device, board=board,
         watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
+        grpc=GrpcServer(settings, InferenceService(plane, served, version("digitserve"), lambda: board.read().serving))
+        if settings.grpc_port else None,
     )
     return Server([PredictAPI(settings, board, runtimes, failures), ExplainAPI(settings, board, runtimes, failures)],
                   parts)
@@ -76,12 +81,11 @@ def _board(settings: Settings, model: LoadedModel, skipped: dict[int, str]) -> B
     return board
 
 
-def _routes(plane: DataPlane, routes: Routes, versions: VersionControl) -> tuple[list[Post], list[Get]]:
+def _routes(plane: DataPlane, served: Served, routes: Routes) -> tuple[list[Post], list[Get]]:
     """Every route: the native ones, KServe V1 and the Open Inference Protocol (V2), over one data plane;
     the page; and the admin API when there is an admin key."""
     settings = plane.settings
-    predict, explain = Native(plane, "/predict", PredictOptions), Native(plane, "/explain", ExplainOptions)
-    served = Served(settings.model, versions, routes.is_ready)
+    predict, explain = Native(plane, Pool.PREDICT, PredictOptions), Native(plane, Pool.EXPLAIN, ExplainOptions)
     v1, v2 = KServeV1(served, predict, explain), OpenInferenceV2(plane, served, version("digitserve"))
     posts = [
         Post("/predict", "predict", predict),
@@ -108,5 +112,5 @@ def _routes(plane: DataPlane, routes: Routes, versions: VersionControl) -> tuple
         Get("/page/{name}", page.asset, "the page's script, style sheet and icon", documented=False),
     ]
     if settings.admin_key is not None:
-        gets += Admin(settings.admin_key, versions, settings.model).routes()
+        gets += Admin(settings.admin_key, served.versions, settings.model).routes()
     return posts, gets

@@ -15,6 +15,9 @@ import torch
 from service.model import data, store
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers the tests start serve no gRPC unless a test gives them a --grpc-port (tests/e2e/test_grpc.py):
+# several run at once, and the default port (8001, as Triton's) is one port for all of them.
+os.environ.setdefault("DIGITSERVE_GRPC_PORT", "0")
 MODEL_STORE = ROOT / "model_store"
 SERVED = str(max(store.list_versions(MODEL_STORE, store.DEFAULT_NAME)))  # the version a plain server serves
 
