@@ -2,7 +2,7 @@
 #
 #   docker build -t digitserve .                                               # CPU-only torch (small)
 #   docker build -t digitserve:cuda --build-arg TORCH_INDEX=https://pypi.org/simple .   # CUDA torch
-#   docker run --rm -p 8000:8000 digitserve
+#   docker run --rm -p 8000:8000 -p 8001:8001 digitserve   # HTTP, and the Open Inference Protocol's gRPC
 #
 # Configuration is the service's DIGITSERVE_* environment (see service/config.py).
 # PID 1 is tini (pinned Debian package), so SIGTERM reaches the server and worker processes are
@@ -59,11 +59,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     DIGITSERVE_HOST=0.0.0.0 \
     DIGITSERVE_PORT=8000 \
+    DIGITSERVE_GRPC_PORT=8001 \
     DIGITSERVE_STORE=/app/model_store \
     DIGITSERVE_LOG_FORMAT=json
 
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 
 # No curl in the image: Python's urllib. urlopen raises on any non-2xx (503 while loading or
 # draining) and on refused connections, so anything but 200 exits 1.

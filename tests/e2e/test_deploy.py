@@ -281,7 +281,7 @@ class TestDockerfile:
                 exec_form(args)
         assert healthcheck_argv()[0] == "python", "the health check must need nothing but Python"
         assert "/health" in " ".join(healthcheck_argv())
-        assert "8000" in instruction(stage, "EXPOSE")
+        assert instruction(stage, "EXPOSE") == ["8000 8001"], "HTTP and gRPC ports"
         assert image_env()["DIGITSERVE_HOST"] == "0.0.0.0"
 
     def test_final_stage_installs_no_build_tools(self):
@@ -348,7 +348,9 @@ class TestCompose:
         api = compose["services"]["api"]
         store_path = image_env()["DIGITSERVE_STORE"]
         assert api["build"]["context"] == str(ROOT)
-        assert published_on(api) == {("127.0.0.1", 8000, 8000)}, "the api is published on this host only"
+        assert published_on(api) == {("127.0.0.1", 8000, 8000), ("127.0.0.1", 8001, 8001)}, (
+            "HTTP and gRPC are published on this host only"
+        )
         assert api["read_only"] is True and "/tmp" in str(api["tmpfs"])
         assert api["cap_drop"] == ["ALL"] and api["security_opt"] == ["no-new-privileges:true"]
         assert mounts(api)["model_store"] == store_path
