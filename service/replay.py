@@ -263,7 +263,8 @@ def _percent(value: float | None) -> str:
 def text(report: dict[str, Any]) -> str:
     used = report["replayed_with"]
     lines = [
-        f"replayed {report['records']:,} records from {report['files']} capture files in {report['directory']} with "
+        f"replayed {report['records']:,} records from {report['files']} capture file{'s' * (report['files'] != 1)} in "
+        f"{report['directory']} with "
         f"{used['model']} v{used['version']} ({'calibrated' if used['calibrated'] else 'no calibration'}; "
         f"not_a_digit below {used['not_a_digit_below']})",
         f"label agreement with what was served: {_percent(report['agreement'])} "
