@@ -26,6 +26,7 @@ file. Its arrays, one row per instance (``FIELDS``), need numpy alone (no pickle
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import itertools
@@ -95,7 +96,7 @@ class Capture:
     # the state shared with the writer thread, under _lock (made anew in a forked child: _fresh_state)
     _lock: threading.Lock
     _wake: threading.Event
-    _pending: list[_Chunk]
+    _pending: collections.deque[_Chunk]
     _held: int
     _oldest: float
     _seq: itertools.count[int]
@@ -114,7 +115,7 @@ class Capture:
         # a file is at most an eighth of the cap, so that the cap holds several and deletes little at a time
         self.records_per_file = max(1, min(records_per_file, self.max_bytes // (8 * RECORD_BYTES)))
         self.rotate_s = rotate_s
-        self.max_held = backlog_files * self.records_per_file
+        self.max_held = backlog_files * records_per_file  # memory, whatever the cap: ~15 MB by default
         self.records = self.dropped = self.failures = 0
         self.stopped = self.closed = False
         self._published = {"backlog": 0, "failed": 0}
@@ -199,7 +200,7 @@ class Capture:
         lock may be held and which has no writer thread)."""
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pending = []
+        self._pending = collections.deque()
         self._held = 0
         self._oldest = 0.0
         self._seq = itertools.count()
@@ -241,11 +242,11 @@ class Capture:
                 taken: list[_Chunk] = []
                 count = 0
                 while self._pending and count < self.records_per_file:
-                    chunk = self._pending.pop(0)
+                    chunk = self._pending.popleft()
                     room = self.records_per_file - count
                     if len(chunk.rows) > room:
                         chunk, rest = chunk.split(room)
-                        self._pending.insert(0, rest)
+                        self._pending.appendleft(rest)
                     taken.append(chunk)
                     count += len(chunk.rows)
                 if self._pending:

@@ -325,3 +325,26 @@ def test_record_is_cheap(tmp_path):
     per_call = (time.perf_counter() - started) / 5000
     c.close()
     assert per_call < 50e-6, f"{per_call * 1e6:.1f} us per call"
+
+
+def test_a_forked_process_writes_its_own_files_with_its_own_writer(tmp_path):
+    """Built before the API servers fork (as service.app builds everything), it still captures in each."""
+    frames, rows = instances(4)
+    c = Capture(tmp_path, 1.0, BIG, "api0", rotate_s=60)
+    c.record(frames[:1], rows[:1], [[]], 2, "parent", 1.0)  # the parent's writer thread runs, holding a record
+    pid = os.fork()
+    if pid == 0:  # the child: no writer thread of its own yet, nothing of the parent's held
+        code = 1
+        try:
+            c.record(frames[1:], rows[1:], [[]] * 3, 2, "child", 2.0)
+            c.close()
+            mine = [p for p in capture.files(tmp_path) if f"-api0-{os.getpid()}-" in p.name]
+            code = 0 if c.records == 3 and len(mine) == 1 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    c.close()
+    assert c.records == 1
+    got = read_all(tmp_path)
+    assert sorted(got["request_id"].tolist()) == ["child"] * 3 + ["parent"]
