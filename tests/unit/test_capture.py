@@ -164,8 +164,10 @@ def test_a_tag_that_would_break_file_names_is_refused(tmp_path):
 def test_a_file_closes_after_its_record_count(tmp_path):
     frames, rows = instances(25)
     c = Capture(tmp_path, 1.0, BIG, "api0", records_per_file=10, rotate_s=60)
-    record_each(c, frames, rows)
-    wait_for(lambda: len(capture.files(tmp_path)) == 2)  # the two full ones, without waiting for rotate_s
+    record_each(c, frames[:3], rows[:3])
+    time.sleep(0.2)  # the writer has started and sleeps, until rotate_s or a full file's worth
+    record_each(c, frames[3:], rows[3:], prefix="s")
+    wait_for(lambda: len(capture.files(tmp_path)) == 2, timeout=5)  # the two full ones, well before rotate_s
     assert counts(tmp_path) == [10, 10]
     c.close()
     assert counts(tmp_path) == [10, 10, 5], "close writes what is held"
@@ -342,8 +344,14 @@ def test_a_forked_process_writes_its_own_files_with_its_own_writer(tmp_path):
             code = 0 if c.records == 3 and len(mine) == 1 else 1
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 30
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked process hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
     c.close()
     assert c.records == 1
     got = read_all(tmp_path)
