@@ -28,7 +28,7 @@ GROUPS = {
     "batching": "how requests are merged into model forwards",
     "limits": "the largest input it accepts, and how long anything may take",
     "security": "keys",
-    "operations": "queues, connections, stopping and logs",
+    "operations": "queues, connections, stopping, logs and capture",
 }
 
 
@@ -156,6 +156,17 @@ class Settings(Limits):
     log_format: Literal["text", "json"] = Field(
         "text", description="every log line as text, or as one JSON object (for log collectors)",
         json_schema_extra=group("operations"))
+    capture_dir: Path | None = Field(
+        None, description="keep a sample of the frames the model saw and its answers in rotating files here, for "
+                          "python -m service.replay (unset: off; docs/capture.md)",
+        json_schema_extra=group("operations", "DIR"))
+    capture_share: float = Field(
+        0.01, ge=0, le=1, description="share of the instances with a digit that --capture-dir keeps (1: all)",
+        json_schema_extra=group("operations", "0..1"))
+    capture_max_mb: int = Field(
+        256, ge=1, le=1_000_000, description="most MiB of capture files in --capture-dir, every API server's "
+                                             "together; past it the oldest files are deleted",
+        json_schema_extra=group("operations", "MB"))
 
     @field_validator("host")
     @classmethod

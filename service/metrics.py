@@ -88,6 +88,11 @@ MODEL_INFO = Gauge("digitserve_model_info", "The model a live worker serves, and
 RUNTIME_FALLBACK = Counter("digitserve_runtime_fallback_total",
                            "Versions a worker serves eager although --runtime export asked for their static graph",
                            ["version", "reason"])
+CAPTURE_RECORDS = Counter("digitserve_capture_records_total",
+                          "Instances written to --capture-dir (service.capture), all API servers")
+CAPTURE_DROPPED = Counter("digitserve_capture_dropped_total",
+                          "Instances sampled for capture but never written, by reason: backlog (the writer fell "
+                          "behind), failed (a write failed and capture stopped)", ["reason"])
 
 
 @functools.cache
