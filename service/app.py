@@ -10,6 +10,7 @@ import logging
 from importlib.metadata import version
 
 from service import metrics
+from service.capture import Capture
 from service.config import Settings
 from service.grpc.front import GrpcServer, InferenceService
 from service.http import page
@@ -50,7 +51,10 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     dispatcher = Dispatcher(requests, answers)
     board = _board(settings, model, skipped or {})
     versions = VersionControl(settings, board, dispatcher)
-    plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions)
+    capture = Capture(settings.capture_dir, settings.capture_share, settings.capture_max_mb * 2**20, "api") \
+        if settings.capture_dir is not None else None
+    plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions,
+                      capture)
     runtimes = Runtimes()
     routes = Routes(settings, device, admission, versions, runtimes)
     served = Served(settings.model, versions, routes.is_ready)
@@ -64,6 +68,7 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
         watcher=StoreWatcher(settings, versions) if settings.watch_store_s else None,
         grpc=GrpcServer(settings, InferenceService(plane, served, version("digitserve"), lambda: board.read().serving))
         if settings.grpc_port else None,
+        capture=capture,
     )
     return Server([PredictAPI(settings, board, runtimes, failures), ExplainAPI(settings, board, runtimes, failures)],
                   parts)

@@ -68,6 +68,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Route
 
 from service import logs, metrics
+from service.capture import Capture
 from service.config import Settings
 from service.errors import HttpError
 from service.grpc.front import GrpcServer
@@ -109,6 +110,7 @@ class Parts:
     board: Board
     watcher: StoreWatcher | None
     grpc: GrpcServer | None
+    capture: Capture | None
 
     def serving(self) -> int:
         return self.board.read().serving
@@ -123,8 +125,12 @@ class Parts:
             await self.grpc.start()
 
     async def api_server_stopping(self) -> None:
+        """In each API server, once its requests are answered: the gRPC service stops; what capture
+        holds is written (an API server ends with ``os._exit``, which runs no ``atexit`` hook)."""
         if self.grpc is not None:
             await self.grpc.stop()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
 
     def bind_api_server(self, slot: int) -> None:
         """Just before API server ``slot`` is forked: its socket and its slot in the shared state."""

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from service import imaging, metrics
+from service.capture import Capture
 from service.config import Settings
 from service.errors import HttpError, retry_later, shown
 from service.http.admission import Admission, Admitted
@@ -79,9 +80,10 @@ class Answer:
 
 class DataPlane:
     def __init__(self, settings: Settings, api_key: ApiKey, admission: Admission, preparer: Preparer,
-                 dispatcher: Dispatcher, versions: VersionControl):
+                 dispatcher: Dispatcher, versions: VersionControl, capture: Capture | None = None):
         self.settings, self.api_key, self.admission = settings, api_key, admission
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
+        self.capture = capture
 
     def authorize(self, call: Call, headers: Mapping[str, str]) -> None:
         """The client's API key (``x-api-key``, or ``authorization: Bearer``), first, before anything else is read."""
@@ -122,6 +124,9 @@ class DataPlane:
         call.version, call.batch_size = answer.version, answer.batch_size
         if any(answer.flags):
             metrics.count_flags(str(answer.version), answer.flags)
+        if self.capture is not None and len(work.images):
+            found = [flags for flags, none in zip(answer.flags, answer.no_digit.tolist(), strict=True) if not none]
+            self.capture.record(work.images, computed.rows, found, answer.version, call.request_id, time.time())
         return answer
 
     async def _prepare(self, inputs: Inputs, options: dict[str, Any], arrived: float) -> tuple[Work, list[Note] | None]:
