@@ -26,13 +26,14 @@ from service.http.listeners import Listeners
 from service.http.prepare import Preparer
 from service.http.routes import Routes
 from service.http.schemas import ExplainOptions, PredictOptions
+from service.http.shadow import Shadow
 from service.http.versioning import VersionControl, files_signature
 from service.http.watcher import StoreWatcher
 from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
 from service.supervisor import Supervisor
-from service.versions import Board, Runtimes, SetupFailures
+from service.versions import Board, Runtimes, SetupFailures, ShadowTally
 from service.work import Pool
 from service.worker.stages import ExplainAPI, PredictAPI
 
@@ -50,11 +51,12 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     answers = AnswerPipes(pools, settings.api_servers, magic)
     dispatcher = Dispatcher(requests, answers)
     board = _board(settings, model, skipped or {})
-    versions = VersionControl(settings, board, dispatcher)
+    tally = ShadowTally()
+    versions = VersionControl(settings, board, dispatcher, tally)
     capture = Capture(settings.capture_dir, settings.capture_share, settings.capture_max_mb * 2**20, "api") \
         if settings.capture_dir is not None else None
     plane = DataPlane(settings, ApiKey(settings.api_key), admission, Preparer(settings), dispatcher, versions,
-                      capture)
+                      Shadow(settings, admission, dispatcher, board, tally), capture)
     runtimes = Runtimes()
     routes = Routes(settings, device, admission, versions, runtimes)
     served = Served(settings.model, versions, routes.is_ready)

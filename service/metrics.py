@@ -74,6 +74,12 @@ SERVING = Gauge("digitserve_serving_version", "The model version requests are ro
                 multiprocess_mode="mostrecent")
 CANARY_SHARE = Gauge("digitserve_canary_share", "Share of unpinned requests routed to the canary version",
                      multiprocess_mode="mostrecent")
+SHADOW_SHARE = Gauge("digitserve_shadow_share", "Share of the served version's unpinned requests also computed by "
+                     "the shadow version (0 = no shadow)", multiprocess_mode="mostrecent")
+SHADOW = Counter("digitserve_shadow_total", "Instances computed by the shadow version after being answered, by "
+                 "served and shadow version and whether their labels agree", ["served", "shadow", "agree"])
+SHADOW_DROPPED = Counter("digitserve_shadow_dropped_total", "Instances the shadow version did not compute: no "
+                         "spare capacity (or the shadow was unloaded, or failed)")
 VERSION_LOADS = Counter("digitserve_version_loads_total",
                         "Version loads by result: loaded (in every worker), failed, skipped (at start-up)",
                         ["version", "result"])
@@ -241,6 +247,7 @@ def start(pools: list[Pool], serving: int) -> None:
     scrape, at 0, not only once a refusal or a restart happened."""
     SERVING.set(serving)
     CANARY_SHARE.set(0)
+    SHADOW_SHARE.set(0)
     for pool in pools:
         for reason in ("died", "failed_start"):
             labelled(WORKER_RESTARTS, pool.label, reason)
@@ -250,6 +257,8 @@ def start(pools: list[Pool], serving: int) -> None:
         labelled(REFUSALS, "connection", reason)
     for flag in ("no_digit", "not_a_digit"):  # the drift alert divides by them
         labelled(FLAGS, flag, str(serving))
+    for agree in ("true", "false"):  # shadow="none": no shadow yet, the series exists for the dashboard
+        labelled(SHADOW, str(serving), "none", agree)
     labelled(VERSION_LOADS, str(serving), "loaded").inc()  # the version start-up loaded
 
 

@@ -1,4 +1,4 @@
-"""Which model versions are loaded, which one is served, and the canary: shared by every process.
+"""Which model versions are loaded, which one is served, the canary and the shadow: shared by every process.
 
 The board lives in shared memory made before anything forks or spawns. The API servers read it on
 every request (which version computes it), the workers on every batch (which versions to hold),
@@ -17,8 +17,8 @@ from typing import Any
 
 MAX_LOADED = 8  # the most versions --max-loaded-versions may ask for
 _NOTES_BYTES = 8192
-_SEQ, _SERVING, _CANARY, _SHARE, _LOADED = 0, 1, 2, 3, 4  # slots of the integer array
-_SHARE_SCALE = 1_000_000  # the canary share in millionths
+_SEQ, _SERVING, _CANARY, _SHARE, _SHADOW, _SHADOW_SHARE, _LOADED = range(7)  # slots of the integer array
+_SHARE_SCALE = 1_000_000  # the canary's and the shadow's shares in millionths
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class State:
     loaded: tuple[int, ...]
     canary: int | None = None
     share: float = 0.0  # of requests that go to the canary
+    shadow: int | None = None  # also computes a share of the served version's requests, after they are answered
+    shadow_share: float = 0.0
     seq: int = field(default=0, compare=False)
 
     def routed(self, pinned: int | None) -> int:
@@ -59,7 +61,8 @@ class Board:
             if seq % 2 == 0:
                 count = sum(1 for v in ints[_LOADED:] if v)
                 state = State(ints[_SERVING], tuple(ints[_LOADED:_LOADED + count]),
-                              ints[_CANARY] or None, ints[_SHARE] / _SHARE_SCALE, seq)
+                              ints[_CANARY] or None, ints[_SHARE] / _SHARE_SCALE,
+                              ints[_SHADOW] or None, ints[_SHADOW_SHARE] / _SHARE_SCALE, seq)
                 if ints[_SEQ] == seq:
                     self._cached = state
                     return state
@@ -72,6 +75,7 @@ class Board:
         ints[_SEQ] += 1  # odd: being written
         ints[_SERVING], ints[_CANARY] = state.serving, state.canary or 0
         ints[_SHARE] = round(state.share * _SHARE_SCALE)
+        ints[_SHADOW], ints[_SHADOW_SHARE] = state.shadow or 0, round(state.shadow_share * _SHARE_SCALE)
         ints[_LOADED:] = [*state.loaded, *[0] * (MAX_LOADED - len(state.loaded))]
         ints[_SEQ] += 1
         return self.read()
@@ -92,6 +96,46 @@ class Board:
             notes.pop(next(iter(notes)))
             data = json.dumps(notes).encode()
         self._notes.raw = data.ljust(_NOTES_BYTES, b"\0")
+
+
+class ShadowTally:
+    """Per shadowed version, every API server's shadow pairs so far: instances compared, agreeing labels,
+    the summed |confidence difference| and instances dropped (no spare capacity). Written after answers
+    have left, under a lock; read by ``/admin/versions``. Kept across shadow stops, until restart."""
+
+    _FIELDS = 5  # version, instances, agreeing, confidence difference sum, dropped
+
+    def __init__(self) -> None:
+        context = mp.get_context("spawn")
+        self._raw = context.RawArray("d", MAX_LOADED * 4 * self._FIELDS)
+        self._lock = context.Lock()
+
+    def add(self, version: int, instances: int = 0, agreeing: int = 0, difference: float = 0.0,
+            dropped: int = 0) -> None:
+        with self._lock:
+            raw, width = self._raw, self._FIELDS
+            slots = range(0, len(raw), width)
+            at = next((i for i in slots if raw[i] == version), None)
+            if at is None:
+                free = [i for i in slots if raw[i] == 0]
+                at = free[0] if free else min(slots, key=lambda i: raw[i + 1] + raw[i + 4])  # the least seen goes
+                raw[at:at + width] = [version, 0, 0, 0, 0]
+            for offset, value in enumerate((instances, agreeing, difference, dropped), 1):
+                raw[at + offset] += value
+
+    def read(self) -> dict[int, dict[str, Any]]:
+        """``{version: {"instances", "agreement", "mean_abs_confidence_difference", "dropped"}}``."""
+        with self._lock:
+            raw = list(self._raw)
+        tallies = {}
+        for i in range(0, len(raw), self._FIELDS):
+            version, instances, agreeing, difference, dropped = raw[i:i + self._FIELDS]
+            if version:
+                tallies[int(version)] = {
+                    "instances": int(instances), "agreement": agreeing / instances if instances else None,
+                    "mean_abs_confidence_difference": difference / instances if instances else None,
+                    "dropped": int(dropped)}
+        return tallies
 
 
 class SetupFailures:

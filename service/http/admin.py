@@ -1,15 +1,16 @@
 """The admin API (only with ``DIGITSERVE_ADMIN_KEY`` set: without it these routes do not exist).
 
-    GET  /admin/versions                      store, loaded, serving, canary share, last failure
+    GET  /admin/versions                      store, loaded, serving, canary share, shadow agreement, failures
     POST /admin/versions/{version}/load       verify and load into every worker
     POST /admin/versions/{version}/unload
     POST /admin/serve                         {"version": 3, "canary": {"version": 4, "share": 0.1}}
     POST /admin/canary/promote | rollback     the canary becomes the served version | is dropped
+    POST /admin/shadow                        {"version": 4, "share": 0.5}; {"version": null} stops it
 
 Triton's repository extension maps onto the same calls, so tritonclient's ``load_model`` and
 ``unload_model`` work: ``index`` lists the store's versions with their state, ``load`` loads the
 newest version that verifies (making room if needed) and serves it, ``unload`` unloads every
-version that is neither served nor the canary (the served one always stays: a model server that
+version that is neither served, the canary nor the shadow (the served one always stays: a model server that
 unloads what it serves answers nothing).
 
 The key (``X-Admin-Key`` or ``Authorization: Bearer``) is separate from the client API key;
@@ -19,9 +20,10 @@ The key (``X-Admin-Key`` or ``Authorization: Bearer``) is separate from the clie
 from __future__ import annotations
 
 import hmac
+from typing import TypeVar
 
 import orjson
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,9 +32,11 @@ from service.http.auth import given_key
 from service.http.endpoints import kserve_errors, pinned_version
 from service.http.fastpath import Endpoint, Get
 from service.http.inputs import describe
-from service.http.schemas import ServeBody
-from service.http.versioning import VersionControl
+from service.http.schemas import ServeBody, ShadowBody
+from service.http.versioning import VersionControl, described
 from service.versions import State
+
+B = TypeVar("B", bound=BaseModel)
 
 
 class Admin:
@@ -49,6 +53,8 @@ class Admin:
                 method="POST"),
             Get("/admin/canary/promote", guarded(self.promote), "admin: the canary is served", method="POST"),
             Get("/admin/canary/rollback", guarded(self.rollback), "admin: drop the canary", method="POST"),
+            Get("/admin/shadow", guarded(self.shadow), "admin: a version also computes a share of the served "
+                "requests, after they are answered (null: stop)", method="POST"),
             Get("/v2/repository/index", kserve_errors(guarded(self.index)), "repository: the versions",
                 method="POST"),
             Get("/v2/repository/models/{name}/load", kserve_errors(guarded(self.repository_load)),
@@ -78,12 +84,7 @@ class Admin:
         return _state(await self.versions.unload(self._version(request)))
 
     async def serve(self, request: Request) -> JSONResponse:
-        try:
-            body = ServeBody.model_validate(orjson.loads(await request.body() or b"{}"))
-        except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"body is not valid JSON: {e}") from None
-        except ValidationError as e:
-            raise HttpError(422, describe(e)) from None
+        body = await _body(request, ServeBody)
         canary = body.canary
         if canary is None:
             return _state(await self.versions.serve(body.version))
@@ -100,6 +101,10 @@ class Admin:
         if state.canary is None:
             raise HttpError(409, "there is no canary to roll back")
         return _state(await self.versions.serve(state.serving))
+
+    async def shadow(self, request: Request) -> JSONResponse:
+        body = await _body(request, ShadowBody)
+        return _state(await self.versions.shadow(body.version, body.share))
 
     async def index(self, request: Request) -> JSONResponse:
         listing = self.versions.listing()
@@ -121,7 +126,7 @@ class Admin:
         self._model_in_path(request)
         state = self.versions.board.read()
         for version in state.loaded:
-            if version not in (state.serving, state.canary):
+            if version not in (state.serving, state.canary, state.shadow):
                 await self.versions.unload(version)
         return Response(status_code=200)
 
@@ -137,7 +142,15 @@ class Admin:
         return version
 
 
+async def _body(request: Request, schema: type[B]) -> B:
+    try:
+        return schema.model_validate(orjson.loads(await request.body() or b"{}"))
+    except orjson.JSONDecodeError as e:
+        raise HttpError(400, f"body is not valid JSON: {e}") from None
+    except ValidationError as e:
+        raise HttpError(422, describe(e)) from None
+
+
 def _state(state: State) -> JSONResponse:
-    return JSONResponse({"serving": state.serving, "loaded": list(state.loaded),
-                         "canary": None if state.canary is None else {"version": state.canary, "share": state.share}})
+    return JSONResponse(described(state))
 

@@ -34,6 +34,7 @@ from service.http.auth import ApiKey
 from service.http.calls import Call
 from service.http.dispatch import Dispatcher
 from service.http.prepare import Preparer
+from service.http.shadow import Shadow
 from service.http.versioning import VersionControl
 from service.imaging import NO_DIGIT, Note
 from service.model.fnn import IMAGE_SIDE, INPUT_SIZE
@@ -80,10 +81,10 @@ class Answer:
 
 class DataPlane:
     def __init__(self, settings: Settings, api_key: ApiKey, admission: Admission, preparer: Preparer,
-                 dispatcher: Dispatcher, versions: VersionControl, capture: Capture | None = None):
+                 dispatcher: Dispatcher, versions: VersionControl, shadow: Shadow, capture: Capture | None = None):
         self.settings, self.api_key, self.admission = settings, api_key, admission
         self.preparer, self.dispatcher, self.versions = preparer, dispatcher, versions
-        self.capture = capture
+        self.shadow, self.capture = shadow, capture
 
     def authorize(self, call: Call, headers: Mapping[str, str]) -> None:
         """The client's API key (``x-api-key``, or ``authorization: Bearer``), first, before anything else is read."""
@@ -117,6 +118,7 @@ class DataPlane:
             version = self.versions.route(call.pinned)
             if len(work.images):
                 computed = await self._compute(call, work, version, admitted)
+                self.shadow.after(call, work, computed)
             else:  # no picture has a digit: nothing to compute
                 reports: list[dict[str, Any]] | None = [] if call.pool is Pool.EXPLAIN else None
                 computed = Computed(np.empty((0, ROW), np.float32), version, 0, reports)

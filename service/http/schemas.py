@@ -164,6 +164,14 @@ class Canary(BaseModel):
     share: float = Field(gt=0, lt=1, description="of unpinned requests")
 
 
+class ShadowBody(BaseModel):
+    """/admin/shadow: the version that also computes ``share`` of the served version's requests (null: stop)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(ge=1)
+    share: float = Field(1.0, gt=0, le=1, description="of the served version's unpinned requests, on spare capacity")
+
+
 class ServeBody(BaseModel):
     """/admin/serve: the version to serve, and optionally a canary beside it."""
 

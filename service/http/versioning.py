@@ -5,7 +5,7 @@ A version is verified here first (sha256, shapes, ``weights_only``), then every 
 prepare it (load and warm up) over its own request pipe; it is *ready*, and on the board, only once
 every worker holds it. A failure on the way changes nothing served: the workers that prepared it
 drop it again, and the reason is noted on the board and counted. Switching (serve, canary,
-promote, rollback) is one write of the board, which every API server reads per request, so every
+promote, rollback, shadow) is one write of the board, which every API server reads per request, so every
 request admitted after the call returns is routed by the new state. One change at a time: a
 second while one runs gets 409.
 """
@@ -26,15 +26,15 @@ from service.config import Settings
 from service.errors import HttpError
 from service.http.dispatch import Dispatcher
 from service.model import store
-from service.versions import Board, State
+from service.versions import Board, ShadowTally, State
 from service.work import Control
 
 log = logging.getLogger("digitserve")
 
 
 class VersionControl:
-    def __init__(self, settings: Settings, board: Board, dispatcher: Dispatcher):
-        self.settings, self.board, self.dispatcher = settings, board, dispatcher
+    def __init__(self, settings: Settings, board: Board, dispatcher: Dispatcher, tally: ShadowTally):
+        self.settings, self.board, self.dispatcher, self.tally = settings, board, dispatcher, tally
 
     # ---- per request
 
@@ -85,7 +85,9 @@ class VersionControl:
                 raise HttpError(422, f"canary share must lie between 0 and 1 (exclusive), got {share}")
             if canary == version:
                 canary = None
-            state = self.board.write(State(version, state.loaded, canary, share if canary else 0.0))
+            shadow = None if state.shadow == version else state.shadow  # the served version shadows nothing
+            state = self.board.write(replace(state, serving=version, canary=canary, share=share if canary else 0.0,
+                                             shadow=shadow, shadow_share=state.shadow_share if shadow else 0.0))
             metrics.SERVING.set(version)
             metrics.CANARY_SHARE.set(state.share)
             log.info("serving v%d%s", version, f", canary v{canary} at {share:.0%}" if canary else "")
@@ -98,7 +100,23 @@ class VersionControl:
             if version in (state.serving, state.canary):
                 role = "the canary" if version == state.canary else "served"
                 raise HttpError(409, f"version {version} is {role}: serve another one first")
+            if version == state.shadow:
+                raise HttpError(409, f"version {version} is the shadow: stop the shadow first")
             return await self._unload(state, version)
+
+    async def shadow(self, version: int | None, share: float) -> State:
+        """``version`` also computes ``share`` of the served version's requests (``service.http.shadow``);
+        None stops it."""
+        async with self._change() as state:
+            if version is not None:
+                if version not in state.loaded:
+                    raise self._not_ready(version, state)
+                if version == state.serving:
+                    raise HttpError(409, f"version {version} is served: shadow another version")
+            state = self.board.write(replace(state, shadow=version, shadow_share=share if version else 0.0))
+            metrics.SHADOW_SHARE.set(state.shadow_share)
+            log.info("shadow: %s", f"v{version} at {share:.0%}" if version else "off")
+            return state
 
     async def _unload(self, state: State, version: int) -> State:
         state = self.board.write(replace(state, loaded=tuple(v for v in state.loaded if v != version)))
@@ -110,7 +128,7 @@ class VersionControl:
     def _evictable(state: State) -> int:
         """The oldest loaded version that is neither served nor the canary (there is one: max >= 2 or
         only the served one, which the caller replaces)."""
-        spare = [v for v in state.loaded if v not in (state.serving, state.canary)]
+        spare = [v for v in state.loaded if v not in (state.serving, state.canary, state.shadow)]
         if not spare:
             raise HttpError(409, "every loaded version is being served: raise --max-loaded-versions")
         return min(spare)
@@ -158,8 +176,9 @@ class VersionControl:
     # ---- what is there
 
     def listing(self) -> dict[str, Any]:
-        """The admin API's list: every version in the store, which are loaded, served, canary, and problems."""
-        state, notes = self.board.read(), self.board.notes()
+        """The admin API's list: every version in the store, which are loaded, served, canary, shadow (and
+        how its answers agree with the served ones), and problems."""
+        state, notes, tallies = self.board.read(), self.board.notes(), self.tally.read()
         versions = []
         for version in self._store_versions():
             metadata = metadata_of(self.settings.store, self.settings.model, version)
@@ -170,17 +189,24 @@ class VersionControl:
                 "loaded": version in state.loaded,
                 "serving": version == state.serving,
                 "canary_share": state.share if version == state.canary else None,
+                "shadow_share": state.shadow_share if version == state.shadow else None,
+                "shadowed": tallies.get(version),
                 "last_failure": notes.get(str(version)),
             })
-        return {"model": self.settings.model, "serving": state.serving, "loaded": list(state.loaded),
-                "canary": None if state.canary is None else {"version": state.canary, "share": state.share},
-                "versions": versions}
+        return {**described(state), "model": self.settings.model, "versions": versions}
 
     def _store_versions(self) -> list[int]:
         try:
             return store.list_versions(self.settings.store, self.settings.model)
         except store.StoreError:
             return []
+
+
+def described(state: State) -> dict[str, Any]:
+    """What is served, as the admin API answers it."""
+    return {"serving": state.serving, "loaded": list(state.loaded),
+            "canary": None if state.canary is None else {"version": state.canary, "share": state.share},
+            "shadow": None if state.shadow is None else {"version": state.shadow, "share": state.shadow_share}}
 
 
 @lru_cache(maxsize=64)

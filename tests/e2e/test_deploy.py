@@ -55,6 +55,9 @@ METRICS = {
 UNVERSIONED_METRICS = {
     "digitserve_serving_version": ("gauge", set()),
     "digitserve_canary_share": ("gauge", set()),
+    "digitserve_shadow_share": ("gauge", set()),
+    "digitserve_shadow_total": ("counter", {"served", "shadow", "agree"}),
+    "digitserve_shadow_dropped_total": ("counter", set()),
     "digitserve_version_loads_total": ("counter", {"version", "result"}),
     "digitserve_refusals_total": ("counter", {"endpoint", "reason"}),
     "digitserve_worker_restarts_total": ("counter", {"pool", "reason"}),

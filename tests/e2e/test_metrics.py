@@ -349,10 +349,11 @@ class TestLabels:
 
     def test_every_series_carries_the_model_version(self, prometheus, traffic):
         """Every metric of a request or a model's work says which model version produced it (a canary and the
-        old version side by side). The served version and the canary share are the version state itself, as
-        values; processes, workers, refusals and the wait estimate are the service's, not a version's."""
-        state = ("digitserve_(serving_version|canary_share|worker_restarts_total|refusals_total|workers_ready|"
-                 "queue_wait_estimate_seconds|process_.+)")
+        old version side by side). The served version, the canary share and the shadow's metrics are the version
+        state itself, as values or as their own served/shadow labels; processes, workers, refusals, capture and the
+        wait estimate are the service's, not a version's."""
+        state = ("digitserve_(serving_version|canary_share|shadow_.+|capture_.+|worker_restarts_total|refusals_total|"
+                 "workers_ready|queue_wait_estimate_seconds|process_.+)")
         others = f'{{__name__=~"digitserve_.+", __name__!~"{state}", version!="{SERVED}"}}'
         assert prometheus.query(others, traffic.at) == []
         assert prometheus.query("digitserve_serving_version", traffic.at)[0]["value"][1] == SERVED
