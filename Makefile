@@ -54,7 +54,7 @@ train: $(STAMP) system-deps
 
 # The gRPC service's Python modules from its proto file (committed; tests/unit/test_grpc_codec.py checks them).
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. service/grpc/oip.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. service/grpc/oip.proto
 
 # The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.
 export: $(STAMP)

@@ -27,7 +27,6 @@ from service.config import Settings
 from service.errors import HttpError
 from service.grpc import codec
 from service.grpc import oip_pb2 as pb
-from service.grpc import oip_pb2_grpc as rpc
 from service.http import calls, v2
 from service.http.dataplane import DataPlane
 from service.http.endpoints import Served
@@ -39,7 +38,7 @@ ENDPOINT = "grpc_infer"
 _FRAMING_BYTES = 64 * 1024
 
 
-class InferenceService(rpc.GRPCInferenceServiceServicer):
+class InferenceService:
     def __init__(self, plane: DataPlane, served: Served, version: str, serving: Callable[[], int]):
         self.plane, self.served, self.version, self.serving = plane, served, version, serving
 
@@ -125,7 +124,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])
-        rpc.add_GRPCInferenceServiceServicer_to_server(self.service, server)
+        server.add_generic_rpc_handlers((handlers(self.service),))
         host = self.settings.bind_address()
         address = f"[{host}]:{self.settings.grpc_port}" if ":" in host else f"{host}:{self.settings.grpc_port}"
         if not server.add_insecure_port(address):
@@ -138,3 +137,15 @@ class GrpcServer:
         """At the API server's shutdown (after the main process drained every admitted call)."""
         if self._server is not None:
             await self._server.stop(grace=1.0)
+
+
+def handlers(service: InferenceService) -> grpc.GenericRpcHandler:
+    """Every RPC the proto declares, served by ``service``'s method of its name (a missing one fails at
+    start, not at a client's call): no generated servicer base class with an UNIMPLEMENTED default."""
+    declared = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return grpc.method_handlers_generic_handler(declared.full_name, {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        for method in declared.methods})
