@@ -29,6 +29,7 @@ from service.http.schemas import ExplainOptions, PredictOptions
 from service.http.shadow import Shadow
 from service.http.versioning import VersionControl, files_signature
 from service.http.watcher import StoreWatcher
+from service.load import pool_loads
 from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
 from service.seam import Parts, Server
@@ -45,9 +46,9 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     ``model``'s version first; ``skipped`` are the higher versions start-up passed over, and why."""
     pools = settings.pools()
     magic = new_magic()
-    admission = Admission(settings)
-    requests = {pool: RequestPipes(size, settings.api_servers, magic, admission.counts[pool], admission.costs[pool])
-                for pool, size in pools.items()}
+    loads = pool_loads(settings)
+    admission = Admission(settings, loads)
+    requests = {pool: RequestPipes(size, settings.api_servers, magic) for pool, size in pools.items()}
     answers = AnswerPipes(pools, settings.api_servers, magic)
     dispatcher = Dispatcher(requests, answers)
     board = _board(settings, model, skipped or {})
@@ -63,7 +64,7 @@ def build(settings: Settings, model: LoadedModel, device: str, skipped: dict[int
     posts, gets = _routes(plane, served, routes)
     failures = SetupFailures(list(pools))
     parts = Parts(
-        settings=settings, admission=admission, requests=requests, answers=answers, dispatcher=dispatcher,
+        settings=settings, admission=admission, loads=loads, requests=requests, answers=answers, dispatcher=dispatcher,
         listeners=Listeners(settings.bind_address(), settings.port), shares=ConnectionShares(settings.api_servers),
         supervisor=Supervisor(settings, admission, requests, answers, failures), routes=routes, posts=posts,
         gets=gets, device=device, board=board,

@@ -45,7 +45,6 @@ from multiprocessing.connection import Connection
 from queue import Empty
 from typing import Any
 
-from service.costs import Costs, Fit
 from service.work import Pool
 
 F_SETPIPE_SZ = 1031  # Linux fcntl command (not exported by Python's fcntl module)
@@ -288,21 +287,16 @@ class RequestPipes:
     one write, so the worker is woken once for them, not once each. A worker reads only its own pipes.
     """
 
-    def __init__(self, workers: int, consumers: int, magic: bytes, admitted: Any, costs: Costs):
+    def __init__(self, workers: int, consumers: int, magic: bytes):
         self._readers, self._writers = _pipes(workers, consumers)
         self._magic = magic
         self._up = mp.get_context("spawn").RawArray("b", workers)  # 1 while worker w reads its pipes
-        # requests for this pool admitted and not yet answered, per API server, and each worker's fitted
-        # costs (``service.costs``, read by ``service.http.admission``)
-        self.admitted, self.costs = admitted, costs
         self._setstate_local()
 
     def _setstate_local(self) -> None:
         self._next = 0
         self._outgoing: dict[int, bytearray] = {}
         self._inbox: deque[Any] = deque()
-        self._worker = 0
-        self._fit = Fit()
 
     # ---- API-server side
     def put(self, item: tuple[int, int, float, Any], worker: int | None = None) -> int:
@@ -355,13 +349,6 @@ class RequestPipes:
             self._readers_by_fd[reader.fileno()] = MessageReader(self._magic)
             self._poll.register(reader.fileno(), select.POLLIN)
         self._up[worker_id] = 1
-        self._worker = worker_id
-
-    def measured(self, requests: int, images: int, units: float, seconds: float) -> None:
-        """In a worker, after a batch: fold its time into this worker's fitted costs and publish them."""
-        fitted = self._fit.add(requests, images, units, seconds)
-        if fitted is not None:
-            self.costs.publish(self._worker, fitted)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -377,17 +364,12 @@ class RequestPipes:
     def get_nowait(self) -> Any:
         return self.get(block=False)
 
-    def coming(self, collected: int) -> bool:
-        """Whether more requests than the ``collected`` ones are in flight: admitted and not yet answered to
-        the client, so some may still be being decoded (or already on their way back)."""
-        return sum(self.admitted) > collected
-
     def _fill(self, timeout: float | None) -> None:
         for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
             self._inbox.extend(_loads(self._readers_by_fd[fd].feed(_read_available(fd))))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up", "admitted", "costs")}
+        return {k: self.__dict__[k] for k in ("_readers", "_writers", "_magic", "_up")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

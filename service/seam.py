@@ -80,6 +80,7 @@ from service.http.keepalive import ConnectionShares, balanced_protocol
 from service.http.listeners import Listeners
 from service.http.routes import Routes
 from service.http.watcher import StoreWatcher
+from service.load import PoolLoad
 from service.pipes import AnswerPipes, RequestPipes
 from service.supervisor import Supervisor
 from service.versions import Board
@@ -97,6 +98,7 @@ class Parts:
 
     settings: Settings
     admission: Admission
+    loads: dict[Pool, PoolLoad]
     requests: dict[Pool, RequestPipes]
     answers: AnswerPipes
     dispatcher: Dispatcher
@@ -141,13 +143,18 @@ class Parts:
 
 
 class WorkerLoop(LitLoop):
-    """LitServe's loop extension point: ``run`` is our batching loop over our pipes (it never returns)."""
+    """LitServe's loop extension point: ``run`` is our batching loop over our pipes (it never returns).
+    It travels to the worker process with its LitAPI, and with it the pool's shared load."""
+
+    def __init__(self, load: PoolLoad):
+        super().__init__()
+        self.load = load
 
     def run(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: RequestPipes,
             transport: _AnswerTransport, workers_setup_status: dict[str, str], callback_runner: Any) -> None:
         transport.pipes.bind(lit_api.api_path, worker_id)
         request_queue.bind(worker_id)
-        batching.serve(lit_api, request_queue, transport.pipes)
+        batching.serve(lit_api, request_queue, transport.pipes, self.load, worker_id)
 
 
 class _AnswerTransport(MessageTransport):
@@ -201,7 +208,7 @@ class Server(ls.LitServer):
             raise ValueError("LitServe callbacks are not supported: digitserve's worker loop does not run them "
                              "(use its metrics and access log instead)")
         for api in apis:
-            api.loop = WorkerLoop()
+            api.loop = WorkerLoop(parts.loads[Pool(api.api_path)])
         self.parts = parts
         settings = parts.settings
         super().__init__(apis, accelerator=parts.device, devices=1, workers_per_device=settings.pools(),

@@ -19,10 +19,9 @@ A request counts from its admission until its worker answered it or dropped it, 
 client was answered 504 (or left) before that: a short client deadline must not free a place for
 work that is still queued or being computed (``Admitted.keep_until``).
 
-The counts live in shared memory, one slot per API server (each writes only its own: no lock).
+The counts and the workers' costs are each pool's ``service.load.PoolLoad``, in shared memory.
 A request is counted first and the totals checked after, so two servers admitting at the same
-moment each see the other's request (at worst both refuse). The workers read the same counts to
-decide whether more requests are on their way (``service.pipes.RequestPipes.coming``).
+moment each see the other's request (at worst both refuse).
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from service.config import Settings
-from service.costs import Costs
 from service.errors import HttpError
+from service.load import PoolLoad
 from service.pipes import Pending
 from service.work import Pool
 
@@ -59,17 +58,12 @@ class Refused(HttpError):
 
 
 class Admission:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, loads: dict[Pool, PoolLoad]):
         context = mp.get_context("spawn")
-        pools, servers = settings.pools(), settings.api_servers
+        pools = settings.pools()
         self.limit = settings.max_queued_requests
         self.max_wait_s = {pool: settings.max_queue_wait_s(pool) for pool in pools}
-        # per pool, per API server: requests, images and work units admitted and not yet answered
-        self.counts: dict[str, Any] = {pool: context.RawArray("i", servers) for pool in pools}
-        self.images: dict[str, Any] = {pool: context.RawArray("d", servers) for pool in pools}
-        self.units: dict[str, Any] = {pool: context.RawArray("d", servers) for pool in pools}
-        # per pool: what its workers fitted their work to cost (``service.costs``)
-        self.costs = {pool: Costs(size) for pool, size in pools.items()}
+        self.loads = loads
         # read on every request, so a lock-free shared byte rather than an Event
         self._stage: Synchronized[int] = context.RawValue("b", SERVING)
         self.slot = 0  # which API server this process is: set just before each one is forked
@@ -110,17 +104,7 @@ class Admission:
         block that ends without error was answered: its time teaches the estimate."""
         if self._stage.value == DRAINING:
             raise Refused("draining", "shutting down: not taking new work")
-        counts, queued_images, queued, slot = self.counts[pool], self.images[pool], self.units[pool], self.slot
-        counts[slot] += 1
-        queued_images[slot] += images
-        queued[slot] += units
-
-        def release() -> None:
-            counts[slot] -= 1
-            queued_images[slot] -= images
-            queued[slot] -= units
-
-        admitted = Admitted(release)
+        admitted = Admitted(self.loads[pool].add(self.slot, images, units))
         try:
             predicted = self._check(pool, deadline_s, (1, images, units))
             yield admitted
@@ -129,7 +113,7 @@ class Admission:
             self._learn(pool, now - arrived, predicted)
         finally:
             if not admitted.kept:
-                release()
+                admitted.release()
 
     def _learn(self, pool: Pool, took: float, predicted: float) -> None:
         """How far off the estimate was (the workers' rate is measured, but contention for the cores
@@ -157,13 +141,14 @@ class Admission:
         """Seconds a request would wait before its own computation starts: what the pool holds (less
         ``own``, the request's own work, already counted) at its workers' fitted costs (0 until they
         fitted any), corrected by how far off this API server's recent estimates were."""
-        requests, images, units = sum(self.counts[pool]), sum(self.images[pool]), sum(self.units[pool])
-        held = self.costs[pool].seconds(requests - own[0], images - own[1], units - own[2])
+        load = self.loads[pool]
+        requests, images, units = load.held()
+        held = load.costs.seconds(requests - own[0], images - own[1], units - own[2])
         return max(held, 0.0) * self._error[pool]
 
     def in_flight(self) -> int:
         """Requests admitted and not yet answered, every pool and API server together."""
-        return sum(sum(counts) for counts in self.counts.values())
+        return sum(load.requests() for load in self.loads.values())
 
 
 class Admitted:

@@ -47,7 +47,7 @@ class Shadow:
 
     def _start(self, pool: Pool, work: Work, served: Computed, version: int) -> None:
         count = len(work.images)
-        if sum(self.admission.counts[pool]) + self.running[pool] >= self.workers[pool]:
+        if self.admission.loads[pool].requests() + self.running[pool] >= self.workers[pool]:
             self._dropped(version, count)
             return
         now = time.monotonic()

@@ -28,7 +28,9 @@ import time
 from queue import Empty
 from typing import Any, Protocol
 
+from service.costs import Fit
 from service.errors import HttpError
+from service.load import PoolLoad
 from service.pipes import AnswerPipes, RequestPipes
 from service.work import Control
 
@@ -61,18 +63,22 @@ class Stages(Protocol):
 Reply = tuple[int, int, Any, bool]  # (API server, request id, answer or error, ok)
 
 
-def serve(stages: Stages, requests: RequestPipes, answers: AnswerPipes) -> None:
+def serve(stages: Stages, requests: RequestPipes, answers: AnswerPipes, load: PoolLoad, worker: int) -> None:
     """Collect a batch, run it through the stages, answer; then any controls; forever (the server
-    terminates the worker). Controls (``service.work.Control``) come between batches."""
+    terminates the worker). Controls (``service.work.Control``) come between batches. Each batch's
+    time goes into this worker's fitted costs, published in the pool's ``load`` for admission."""
+    fit = Fit()
     while True:
-        work, timed_out, controls = collect(stages, requests)
+        work, timed_out, controls = collect(stages, requests, load)
         replies: list[Reply] = [(server, uid, EXPIRED, False) for server, uid in timed_out]
         if work:
             started = time.monotonic()
             replies += run_stages(stages, work)
             items = [item for _, _, item in work]
-            requests.measured(len(items), sum(len(item.images) for item in items), sum(item.units for item in items),
-                              time.monotonic() - started)
+            fitted = fit.add(len(items), sum(len(item.images) for item in items), sum(item.units for item in items),
+                             time.monotonic() - started)
+            if fitted is not None:
+                load.costs.publish(worker, fitted)
         replies += [run_control(stages, *control) for control in controls]
         answers.answer(replies)
 
@@ -115,7 +121,7 @@ def run_control(stages: Stages, server: int, uid: int, command: Control) -> Repl
 Collected = tuple[list[tuple[int, int, Any]], list[tuple[int, int]], list[tuple[int, int, Control]]]
 
 
-def collect(stages: Stages, requests: RequestPipes) -> Collected:
+def collect(stages: Stages, requests: RequestPipes, load: PoolLoad) -> Collected:
     """The next batch: (api_server, uid, work) to compute, (api_server, uid) whose deadline passed, and
     controls, which end the collection at once."""
     payloads: list[tuple[int, int, Any]] = []
@@ -143,7 +149,7 @@ def collect(stages: Stages, requests: RequestPipes) -> Collected:
             item = requests.get_nowait()
         except Empty:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or images >= FULL_SPEED_IMAGES or not requests.coming(len(payloads) + len(timed_out)):
+            if remaining <= 0 or images >= FULL_SPEED_IMAGES or not load.coming(len(payloads) + len(timed_out)):
                 return payloads, timed_out, controls
             try:
                 item = requests.get(timeout=remaining)

@@ -23,7 +23,9 @@ from service.http.auth import given_key
 from service.http.endpoints import pinned_version
 from service.http.fastpath import FastPath, Post, error_response
 from service.imaging import decode
+from service.load import pool_loads
 from service.pipes import Pending
+from service.work import Pool
 
 
 def test_a_big_png_is_decoded_smaller_as_pillow_would_reduce_it():
@@ -124,7 +126,8 @@ def test_a_fault_of_ours_is_a_json_500_and_one_bounded_log_line(caplog):
 
 
 def test_a_request_answered_504_keeps_its_place_until_its_worker_answers():
-    admission = Admission(Settings(_cli_parse_args=[]))  # type: ignore[call-arg]
+    config = Settings(_cli_parse_args=[])  # type: ignore[call-arg]
+    admission = Admission(config, pool_loads(config))
 
     async def go() -> tuple[int, int]:
         pending = Pending()
@@ -135,4 +138,4 @@ def test_a_request_answered_504_keeps_its_place_until_its_worker_answers():
         return held, admission.in_flight()
 
     assert asyncio.run(go()) == (1, 0)
-    assert sum(admission.units["/explain"]) == 0 and sum(admission.images["/explain"]) == 0
+    assert admission.loads[Pool.EXPLAIN].held() == (0, 0, 0)

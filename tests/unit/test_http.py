@@ -22,8 +22,10 @@ from service.http.admission import PRIOR_ERROR, Admission, Refused
 from service.http.dataplane import result
 from service.http.routes import info_payload
 from service.http.schemas import ExplainOptions, PredictResponse
+from service.load import pool_loads
 from service.model import store
 from service.pipes import Pending, WorkerDied
+from service.work import Pool
 
 
 def settings(*args: str) -> Settings:
@@ -99,8 +101,12 @@ def test_openapi_names_the_service_and_describes_the_inference_routes(server):
     assert "PredictResponse" in document["components"]["schemas"]
 
 
+def admitting(config: Settings) -> Admission:
+    return Admission(config, pool_loads(config))
+
+
 def test_admission_counts_across_api_servers_and_refuses_past_the_limit():
-    admission = Admission(settings("--api-servers", "2", "--max-queued-requests", "2"))
+    admission = admitting(settings("--api-servers", "2", "--max-queued-requests", "2"))
     with admission.admit("/predict", 1, 0, 30, time.monotonic()):
         admission.slot = 1
         with admission.admit("/explain", 1, 0, 30, time.monotonic()):
@@ -115,9 +121,9 @@ def test_admission_counts_across_api_servers_and_refuses_past_the_limit():
 
 
 def test_admission_refuses_what_would_wait_past_its_pool_limit_or_deadline():
-    admission = Admission(settings("--explain-max-queue-wait-ms", "2000"))
+    admission = admitting(settings("--explain-max-queue-wait-ms", "2000"))
     # the worker fitted 1 ms per unit (after the prior's doubt), nothing per request or image
-    admission.costs["/explain"].publish(0, np.array([0.0, 0.0, 0.001 / PRIOR_ERROR]))
+    admission.loads[Pool.EXPLAIN].costs.publish(0, np.array([0.0, 0.0, 0.001 / PRIOR_ERROR]))
     with admission.admit("/explain", 1, 2500, 30, time.monotonic()):  # an idle pool takes 2.5 s of work
         assert admission.wait_estimate("/explain") == pytest.approx(2.5)
         with pytest.raises(Refused) as waited, admission.admit("/explain", 1, 10, 30, time.monotonic()):
@@ -134,7 +140,7 @@ def test_admission_refuses_what_would_wait_past_its_pool_limit_or_deadline():
 
 
 def test_a_standing_queue_is_refused_before_the_body_is_read():
-    admission = Admission(settings())
+    admission = admitting(settings())
     now = time.monotonic()
     for i in range(10):  # a whole interval in which even the fastest answer took 300 ms
         admission._sojourn["/predict"].add(0.3 + i / 100, now)
@@ -146,7 +152,7 @@ def test_a_standing_queue_is_refused_before_the_body_is_read():
 
 
 def test_admission_in_lame_duck_then_draining():
-    admission = Admission(settings())
+    admission = admitting(settings())
     admission.lame_duck()
     assert admission.stopping
     with admission.admit("/predict", 1, 0, 30, time.monotonic()):  # still served
