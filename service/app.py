@@ -32,7 +32,7 @@ from service.http.watcher import StoreWatcher
 from service.load import pool_loads
 from service.model.store import LoadedModel
 from service.pipes import AnswerPipes, RequestPipes, new_magic
-from service.seam import Parts, Server
+from service.seam.litserve import Parts, Server
 from service.supervisor import Supervisor
 from service.versions import Board, Runtimes, SetupFailures, ShadowTally
 from service.work import Pool

@@ -145,8 +145,9 @@ class FastPath:
             response = await scope["state"]["route"].endpoint(Request(scope, receive))
         except HttpError as e:
             response = failed(scope, e)
-        except ClientDisconnect:  # gone before its body arrived (or timed out reading it): nobody to answer
-            scope["state"]["call"].status = 499
+        except ClientDisconnect:  # gone before its body arrived, or too slow (408 said): nobody to answer
+            call = scope["state"]["call"]
+            call.status = call.status or 499
             return
         except Exception as e:  # a bug of ours: log it and answer, as FastAPI's stack would
             log_unexpected(scope, e)

@@ -15,6 +15,7 @@ from service.config import Limits, Settings
 from service.http.admission import Admission
 from service.http.versioning import VersionControl, metadata_of
 from service.versions import Runtimes
+from service.work import Pool
 
 
 class Workers(Protocol):
@@ -22,6 +23,7 @@ class Workers(Protocol):
 
     def states(self) -> dict[str, str]: ...
     def all_ready(self) -> bool: ...
+    def ready(self, pool: Pool) -> int: ...
 
 
 class Routes:
@@ -53,10 +55,8 @@ class Routes:
     def _live(self) -> list[Metric]:
         """Read at each scrape: ready workers per pool, the admission's wait estimate, every process."""
         ready = GaugeMetricFamily("digitserve_workers_ready", "Workers of the pool ready to compute", labels=["pool"])
-        states = self.workers.states()
-        for pool, size in self.settings.pools().items():
-            name = pool.label
-            ready.add_metric([name], sum(1 for w in range(size) if states.get(f"{name}_{w}") == "ready"))
+        for pool in self.settings.pools():
+            ready.add_metric([pool.label], self.workers.ready(pool))
         wait = GaugeMetricFamily("digitserve_queue_wait_estimate_seconds",
                                  "How long a request admitted now would wait, by pool", labels=["pool"])
         for pool in self.settings.pools():

@@ -265,12 +265,20 @@ def test_slow_clients_cannot_starve_the_service(server, pictures):
         for i in range(20):
             answer = client.post("/predict", json={"instances": [{"image_b64": b64(pictures[i])}]})
             assert answer.status_code == 200, answer.text
+    timed_out = 0
     for connection in slow:
         connection.settimeout(15)
         head = connection.recv(200)
         assert head == b"" or head.startswith(b"HTTP/1.1 408"), head
+        timed_out += head.startswith(b"HTTP/1.1 408")
         connection.close()
     assert time.monotonic() - opened < READ_TIMEOUT_S + 5, "slow connections were not closed within the read timeout"
+    time.sleep(0.5)  # the last requests booked
+    with server.client() as client:  # each counted as what it was told, 408, not as a client that left (499)
+        statuses = {dict(k)["status"]: v for k, v in metric_samples(client.get("/metrics").text,
+                                                                    "digitserve_requests_total").items()
+                    if dict(k)["endpoint"] == "predict"}
+    assert timed_out and statuses.get("408") == timed_out and "499" not in statuses, (timed_out, statuses)
 
 
 CAPPED_KEEP_ALIVE_S, CAPPED_READ_TIMEOUT_S = 6.5, 2

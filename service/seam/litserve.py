@@ -76,12 +76,13 @@ from service.http import openapi
 from service.http.admission import Admission
 from service.http.dispatch import Dispatcher
 from service.http.fastpath import FastPath, Get, Post, http_error, server_error
-from service.http.keepalive import ConnectionShares, balanced_protocol
+from service.http.keepalive import ConnectionShares
 from service.http.listeners import Listeners
 from service.http.routes import Routes
 from service.http.watcher import StoreWatcher
 from service.load import PoolLoad
 from service.pipes import AnswerPipes, RequestPipes
+from service.seam.uvicorn import balanced_protocol
 from service.supervisor import Supervisor
 from service.versions import Board
 from service.work import Pool
@@ -185,8 +186,13 @@ class _AnswerTransport(MessageTransport):
         return {"pipes": self.pipes, "started": None, "stopping": None}
 
 
+def _worker_key(pool: Pool, worker_id: int) -> str:
+    """LitServe's key for a worker in ``workers_setup_status``: ``predict_0``."""
+    return f"{pool.label}_{worker_id}"
+
+
 class _WorkerView:
-    """The workers' set-up states as LitServe records them, for /health."""
+    """The workers' set-up states as LitServe records them, for /health and /metrics."""
 
     def __init__(self, server: Server):
         self.server = server
@@ -198,6 +204,12 @@ class _WorkerView:
         states = self.states()
         return len(states) == sum(self.server.parts.settings.pools().values()) and all(
             v == WorkerSetupStatus.READY for v in states.values())
+
+    def ready(self, pool: Pool) -> int:
+        """How many of the pool's workers are ready."""
+        states = self.states()
+        return sum(states.get(_worker_key(pool, w)) == WorkerSetupStatus.READY
+                   for w in range(self.server.parts.settings.pools()[pool]))
 
 
 class Server(ls.LitServer):
@@ -260,9 +272,10 @@ class Server(ls.LitServer):
         self.parts.bind_api_server(app.response_queue_id)  # type: ignore[attr-defined]
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
-        name = f"{lit_api.api_path.split('/')[-1]}_{worker_id}"  # LitServe's key for the worker's state
-        failed_setup = self.workers_setup_status.get(name) != WorkerSetupStatus.READY  # died before it was ready
-        if self.parts.supervisor.worker_died(Pool(lit_api.api_path), worker_id, failed_setup):
+        pool = Pool(lit_api.api_path)
+        # it died before it was ready
+        failed_setup = self.workers_setup_status.get(_worker_key(pool, worker_id)) != WorkerSetupStatus.READY
+        if self.parts.supervisor.worker_died(pool, worker_id, failed_setup):
             return super().launch_single_inference_worker(lit_api, worker_id)
         self._shutdown_event.set()  # the main thread stops the service; the monitor loop ends
         return self.inference_workers[self._slot(lit_api, worker_id)]  # the dead one: no replacement
