@@ -30,6 +30,7 @@ class Workload:
     images_per_request: int = 1
     servers: tuple[str, ...] = ("digitserve", "baseline")
     switch_every_s: float = 0.0  # digitserve: serve the other of versions 1 and 2 this often while measured
+    shadow_share: float = 0.0  # digitserve: this share of served requests shadowed by version 2 while measured
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from bench.load import Workload
 from bench.procs import SERVERS
 
 METRICS = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb", "cpu_ms_per_req", "cpu_cores",
-           "switches", "failed")  # the last two: version switches made and refused (the switching workload)
+           "switches", "failed",  # version switches made and refused (the switching workload)
+           "shadowed", "shadow_dropped")  # shadow comparisons made and shadow work dropped (the shadow workload)
 SWITCHING = "predict-1img@64-switching"
+SHADOWING = "predict-1img@64-shadow"
 SINGLE_64 = "predict-1img@64"
 BATCH_8 = "predict-32img@8"
 V2_WORKLOADS = ("v2-fp32-1img@64", "v2-png-1img@64", "v2-fp32-32img@8", "v2-png-32img@8")
@@ -79,6 +81,8 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str], str, Callable[[float],
      ("digitserve", BATCH_8), "images_s", _at_least(3)),
     ("switching versions every 2 s, 1 image @64: p99 <= 1.5x without switches", ("digitserve", SWITCHING),
      ("digitserve", SINGLE_64), "p99_ms", lambda v: v <= 1.5),
+    ("shadowing every request with another version, 1 image @64: p99 <= 1.2x without", ("digitserve", SHADOWING),
+     ("digitserve", SINGLE_64), "p99_ms", lambda v: v <= 1.2),
     ("V2 BYTES PNG, 1 image @64: req/s >= /predict's (1x)", ("digitserve", "v2-png-1img@64"),
      ("digitserve", SINGLE_64), "req_s", _at_least(1)),
     ("V2 BYTES PNG, 32 images @8: images/s >= /predict's (1x)", ("digitserve", "v2-png-32img@8"),

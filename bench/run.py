@@ -5,7 +5,8 @@ cold start, then runs every workload on one server and at once on the others (wa
 PSS of each process tree sampled and its CPU time read meanwhile), and stops them. Besides the baseline,
 the ceiling (bench/ceiling.py: uvicorn answering a fixed /predict answer, no model) runs predict-1img@64,
 and digitserve alone runs predict-1img@64 while it switches between two versions every 2 s (the
-admin API; version 2 is version 1's weights written again through the store) and the Open Inference
+admin API; version 2 is version 1's weights written again through the store), while version 2 shadows
+every served request (``POST /admin/shadow``, share 1.0), and the Open Inference
 Protocol (V2) workloads, binary FP32 pixels and BYTES PNGs,
 whose every body is sent once first and its answer checked (tritonclient's parser, labels against MNIST's).
 Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never fails the build) and a Markdown
@@ -65,6 +66,7 @@ WORKLOADS = [
     *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8)),
     Workload("predict-1img@64", "/predict", "single", 64, servers=("digitserve", "baseline", "ceiling")),
     Workload("predict-1img@64-switching", "/predict", "single", 64, servers=DS, switch_every_s=2.0),
+    Workload("predict-1img@64-shadow", "/predict", "single", 64, servers=DS, shadow_share=1.0),
     Workload("v2-fp32-1img@64", V2_INFER, "v2-fp32-single", 64, servers=DS),
     Workload("v2-png-1img@64", V2_INFER, "v2-png-single", 64, servers=DS),
     Workload("predict-1img@128", "/predict", "single", 128),
@@ -163,6 +165,37 @@ def switching(server: Server, every_s: float) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
+def shadowing(server: Server, share: float) -> Iterator[dict]:
+    """Version 2 loaded and shadowing ``share`` of what version 1 serves while the block runs; yields the
+    shadow comparisons made and the shadow work dropped in that time (from /metrics)."""
+    counts: dict = {}
+    with httpx.Client(base_url=server.url, headers={"X-Admin-Key": ADMIN_KEY}, timeout=30) as admin:
+        for path, body in (("/admin/versions/1/load", None), ("/admin/versions/2/load", None),
+                           ("/admin/serve", {"version": 1}), ("/admin/shadow", {"version": 2, "share": share})):
+            if (answer := admin.post(path, json=body)).status_code != 200:
+                raise RuntimeError(f"{path}: {answer.status_code} {answer.text[:300]}")
+        first = _shadow_counts(admin)
+        try:
+            yield counts
+        finally:
+            time.sleep(0.5)  # the last shadow work answered
+            last = _shadow_counts(admin)
+            counts.update(shadowed=last[0] - first[0], shadow_dropped=last[1] - first[1])
+            admin.post("/admin/shadow", json={"version": None})
+            admin.post("/admin/versions/2/unload")
+
+
+def _shadow_counts(client: httpx.Client) -> tuple[float, float]:
+    """digitserve_shadow_total and digitserve_shadow_dropped_total, summed over their labels."""
+    totals = {"digitserve_shadow_total": 0.0, "digitserve_shadow_dropped_total": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["digitserve_shadow_total"], totals["digitserve_shadow_dropped_total"]
+
+
+@contextlib.contextmanager
 def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
     """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and with ``commit``,
     every digitserve one on "before" (that commit) as well."""
@@ -177,9 +210,9 @@ def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
     subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
     try:
         procs.add_tree("before", tree)
-        # not the switching workload: an older commit may have no admin API
+        # not the switching and shadow workloads: an older commit may have no admin API or no shadow
         yield [dataclasses.replace(w, servers=(*w.servers, "before"))
-               if "digitserve" in w.servers and not w.switch_every_s else w for w in chosen]
+               if "digitserve" in w.servers and not (w.switch_every_s or w.shadow_share) else w for w in chosen]
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
@@ -248,9 +281,11 @@ def _measure(name: str, w: Workload, files: dict[str, Path], labels: list[int], 
             log(f"  {name} {w.name}: NOT MEASURED, wrong answers: {'; '.join(checked['problems'])}")
             return
         log(f"  {name} {w.name}: {checked['bodies']} bodies checked, labels right for {checked['accuracy']:.1%}")
-    with switching(live[name], w.switch_every_s) if w.switch_every_s else contextlib.nullcontext({}) as switched:
+    around = (switching(live[name], w.switch_every_s) if w.switch_every_s else
+              shadowing(live[name], w.shadow_share) if w.shadow_share else contextlib.nullcontext({}))
+    with around as counted:
         m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
-    m.update(switched)
+    m.update(counted)
     if m["stalled"]:
         log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
             f"(/health afterwards: {'200' if m['healthy_after'] else 'not 200'})")
