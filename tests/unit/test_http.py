@@ -17,7 +17,7 @@ from service import cli
 from service.__main__ import describe
 from service.app import build
 from service.config import Settings
-from service.errors import HttpError
+from service.errors import HttpError, retry_after
 from service.http.admission import PRIOR_ERROR, Admission, Refused
 from service.http.dataplane import result
 from service.http.routes import info_payload
@@ -160,6 +160,12 @@ def test_admission_in_lame_duck_then_draining():
     admission.drain()
     with pytest.raises(HttpError, match="shutting down"), admission.admit("/predict", 1, 0, 30, time.monotonic()):
         pass
+
+
+def test_retry_after_is_whole_seconds_rounded_up():
+    """One rule for every refusal: sooner than the estimate would only be refused again; never 0."""
+    assert [retry_after(s) for s in (0, 0.2, 1, 1.01, 2.5)] == ["1", "1", "1", "2", "3"]
+    assert Refused("queue_wait", "overloaded", 1.4).headers == {"Retry-After": "2"}
 
 
 def test_worker_failures_map_to_http_errors():
