@@ -59,7 +59,8 @@ def test_info_describes_model_serving_and_limits(server, model):
     body = call(server, "GET", "/info").json()
     routes = server.parts.routes
     assert body == info_payload(server.parts.settings, "cpu", routes.versions, routes.runtimes)
-    assert body["versions"] == {"serving": model.version, "loaded": [model.version], "canary": None, "problems": {}}
+    assert body["versions"] == {"serving": model.version, "loaded": [model.version], "canary": None, "shadow": None,
+                                "problems": {}}
     assert body["model"]["version"] == model.version and body["model"]["sha256"] == model.metadata.sha256
     assert body["serving"]["workers"] == {"/predict": 1, "/explain": 1}
     assert body["limits"]["max_instances"] == 64
