@@ -1,17 +1,26 @@
-"""What crosses between an API server and a model worker: the pools, a unit of work, its computed
-answer (numbers, never a protocol's bytes), and controls."""
+"""What crosses between an API server and a model worker: the pools, a unit of work, the explanation
+methods it may ask for, its computed answer (numbers, never a protocol's bytes), and controls."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 
 # Per image, what a predict worker computes: ten (calibrated) probabilities, then the typicality (NaN for
 # a version without calibration). Every protocol's codec reads its answers from these rows.
 ROW: Final = 11
+
+# The explanation methods and integrated gradients' quadratures, each listed here only: the request schema
+# (and so the OpenAPI document), the explain worker and the page's method buttons (checked by a test) read them.
+Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
+METHODS: Final[tuple[Method, ...]] = get_args(Method)
+DEFAULT_METHOD: Final[Method] = "integrated_gradients"
+Quadrature = Literal["midpoint", "exact"]
+QUADRATURES: Final[tuple[Quadrature, ...]] = get_args(Quadrature)
+DEFAULT_QUADRATURE: Final[Quadrature] = "exact"
 
 
 class Pool(StrEnum):

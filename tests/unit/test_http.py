@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from html.parser import HTMLParser
+from importlib import resources
 
 import httpx
 import numpy as np
@@ -25,7 +27,7 @@ from service.http.schemas import ExplainOptions, PredictResponse
 from service.load import pool_loads
 from service.model import store
 from service.pipes import Pending, WorkerDied
-from service.work import Pool
+from service.work import DEFAULT_METHOD, METHODS, Pool
 
 
 def settings(*args: str) -> Settings:
@@ -217,3 +219,19 @@ def test_a_bad_setting_is_one_line_naming_the_flag(args, says):
 def test_any_ip_address_can_be_bound():
     assert settings("--host", "192.168.1.10").host == "192.168.1.10"
     assert settings("--host", "::1").host == "::1"
+
+
+def test_the_page_offers_every_explanation_method_and_no_other():
+    """The page's buttons are its own markup (its order, its names): they must list service.work's methods,
+    the default checked, as the script starts from the checked one."""
+    buttons: list[tuple[str, bool]] = []
+
+    class Buttons(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            fields = dict(attrs)
+            if tag == "input" and fields.get("name") == "method":
+                buttons.append((str(fields["value"]), "checked" in fields))
+
+    Buttons().feed(resources.files("service.http").joinpath("page", "index.html").read_text())
+    assert sorted(value for value, _ in buttons) == sorted(METHODS)
+    assert [value for value, checked in buttons if checked] == [DEFAULT_METHOD]
