@@ -1,4 +1,5 @@
-"""Every module, class and function of ours that the docs and the code's own comments name still exists.
+"""Every module, class and function of ours that the docs, the build files and the code's own comments name
+still exists.
 
 A name is checked where it cannot be prose: a path ``service/...``; a dotted name ``service.x.y``; in
 backticks, a path or dotted name that starts with one of our packages (``http/v2.py``,
@@ -22,7 +23,7 @@ PACKAGES = sorted(p.name for p in SERVICE.iterdir() if p.is_dir() and not p.name
 # Backticked names that start like one of our packages but are not ours: the grpc library, /info fields,
 # torch's Module.apply.
 NOT_OURS = {"grpc.aio", "model.static_graph", "model.version", "model.apply"}
-PATH = re.compile(r"(?<![\w/.-])service/[\w/]*(?:\.\w+)?")
+PATH = re.compile(r"(?<![\w/.-])service/[\w/*]*(?:\.\w+)?")
 DOTTED = re.compile(r"(?<![\w.])service(?:\.[A-Za-z_]\w*)+")
 OURS = "|".join(PACKAGES)
 TICKED_PATH = re.compile(rf"`+((?:{OURS})/[\w/]*(?:\.\w+)?)`+")
@@ -33,7 +34,9 @@ MEMBER = re.compile(r"`+([A-Z]\w*)\.(\w+)(?:\(\))?`+")
 def texts() -> list[Path]:
     docs = [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "perf-log.md"]
     code = [p for p in sorted(SERVICE.rglob("*.py")) if not p.name.endswith("_pb2.py")]
-    return [ROOT / "README.md", *docs, *code]
+    deploy = [p for p in sorted((ROOT / "deploy").rglob("*")) if p.suffix in (".yaml", ".yml")]
+    build = [ROOT / name for name in ("pyproject.toml", "Makefile", "Dockerfile")] + sorted((ROOT / ".ci").glob("*"))
+    return [ROOT / "README.md", *docs, *code, *build, *deploy]
 
 
 @cache
@@ -114,10 +117,10 @@ def resolves(dotted: str) -> bool:
 
 def _named(line: str) -> list[str]:
     """What one line names that does not resolve."""
-    wrong = [p for p in PATH.findall(line) if not (ROOT / p.rstrip("/.")).exists()]
+    wrong = [p for p in PATH.findall(line) if not any(ROOT.glob(p.rstrip("/.")))]
     wrong += [p for p in TICKED_PATH.findall(line) if not (SERVICE / p.rstrip("/")).exists()]
     for name in [*DOTTED.findall(line), *TICKED_NAME.findall(line)]:
-        if name not in NOT_OURS and not re.search(r"\.(py|pt2?|md|js|proto)$", name) and not resolves(name):
+        if name not in NOT_OURS and not re.search(r"\.(py|pt2?|md|js|proto|ya?ml)$", name) and not resolves(name):
             wrong.append(name)
     for cls, member in MEMBER.findall(line):
         if cls in _classes() and member not in _classes()[cls]:
