@@ -37,9 +37,9 @@ from harness.server import ROOT, b64, metric_samples, running
 from service.config import Limits
 from service.imaging import decode_image, normalize, to_mnist
 from service.model import data, static, store
+from service.work import METHODS
 from service.worker.explain import Explainer
 
-METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
 TOLERANCE = 1e-4  # float32 on two devices: different kernels, same maths
 
 

@@ -50,10 +50,11 @@ from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.load import LoadSettings, Workload, measure, verify_v2
 from harness.server import ROOT, Server
 from service.model import static, store
+from service.work import METHODS
 
 RESULTS = ROOT / "bench" / "results"
-EXPLAIN_METHODS = {m: {"method": m, **extra} for m, extra in
-                   (("saliency", {}), ("gradient_x_input", {}), ("integrated_gradients", {"steps": 32}))}
+# every explanation method; integrated gradients with the 32 steps of its goal
+EXPLAIN_METHODS = {m: {"method": m, **({"steps": 32} if m == "integrated_gradients" else {})} for m in METHODS}
 V2_INFER = "/v2/models/mnist-fnn/infer"
 MODEL = "mnist-fnn"
 ONLY = set(filter(None, os.environ.get("BENCH_WORKLOADS", "").split(",")))  # empty: every workload

@@ -69,13 +69,13 @@ import numpy as np
 from bench import procs
 from harness.server import ROOT, Server, free_port, metric_samples
 from service.config import Settings
+from service.work import METHODS
 from tests.e2e.test_errors import BAD_INPUTS, GOOD_PNG, seven
 
 RESULTS = ROOT / "bench" / "results"
 RSS_EVERY_S = 10.0
 WARMUP_S = 60.0
 FLAT_LIMIT = 0.10
-METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
 SOAKED_ENDPOINTS = ("predict", "explain")
 DEFAULTS = {name: f.default for name, f in Settings.model_fields.items()}  # the service's own defaults
 

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = build(settings, model, device.type, skipped)
     # Everything imported so far lives as long as the process: keep the collector from walking it
-    # again and again (a full collection over ~220,000 objects stalls a small machine for ~150 ms,
-    # which showed in p99 under load). The forked API servers inherit this.
+    # again and again (a full collection over it stalls the process long enough to show in p99 under
+    # load: docs/performance.md). The forked API servers inherit this.
     gc.freeze()
     main_pid = os.getpid()
 

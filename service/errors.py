@@ -6,6 +6,8 @@ status and headers.
 
 from __future__ import annotations
 
+import math
+
 
 class HttpError(Exception):
     """An answer other than 200: ``{"detail": detail}`` with ``status`` (and headers such as Retry-After)."""
@@ -33,6 +35,13 @@ def shown(text: str, limit: int = 40) -> str:
     return ascii(text[:limit]) + ("..." if len(text) > limit else "")
 
 
+def retry_after(after_s: float = 1) -> str:
+    """Retry-After's value for a refusal the client should retry in ``after_s`` seconds, whatever refuses it
+    (admission, a replaced worker, the connection caps) and on every protocol (gRPC sends it as trailing
+    metadata): whole seconds, at least 1, rounded up: told to come back sooner, it would be refused again."""
+    return str(max(1, math.ceil(after_s)))
+
+
 def retry_later(status: int, detail: str, after_s: float = 1) -> HttpError:
     """A refusal the client should retry (503 overloaded, draining, a worker replaced), with Retry-After."""
-    return HttpError(status, detail, {"Retry-After": str(max(1, round(after_s)))})
+    return HttpError(status, detail, {"Retry-After": retry_after(after_s)})

@@ -1,17 +1,26 @@
-"""What crosses between an API server and a model worker: the pools, a unit of work, its computed
-answer (numbers, never a protocol's bytes), and controls."""
+"""What crosses between an API server and a model worker: the pools, a unit of work, the explanation
+methods it may ask for, its computed answer (numbers, never a protocol's bytes), and controls."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 
 # Per image, what a predict worker computes: ten (calibrated) probabilities, then the typicality (NaN for
 # a version without calibration). Every protocol's codec reads its answers from these rows.
 ROW: Final = 11
+
+# The explanation methods and integrated gradients' quadratures, each listed here only: the request schema
+# (and so the OpenAPI document), the explain worker and the page's method buttons (checked by a test) read them.
+Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
+METHODS: Final[tuple[Method, ...]] = get_args(Method)
+DEFAULT_METHOD: Final[Method] = "integrated_gradients"
+Quadrature = Literal["midpoint", "exact"]
+QUADRATURES: Final[tuple[Quadrature, ...]] = get_args(Quadrature)
+DEFAULT_QUADRATURE: Final[Quadrature] = "exact"
 
 
 class Pool(StrEnum):
@@ -43,7 +52,8 @@ class Work:
     deadline: float = float("inf")  # time.monotonic() past which nobody waits for the answer: not computed
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled as raw bytes: 3-4x faster both ways than numpy's own pickling, on every request."""
+        """Pickled as raw bytes: faster both ways than numpy's own pickling, on every request
+        (docs/performance.md)."""
         data = np.asarray(self.images, dtype=np.float32).tobytes()
         return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.deadline)
 

@@ -35,7 +35,7 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from service.config import Settings
-from service.errors import HttpError
+from service.errors import HttpError, retry_after
 from service.load import PoolLoad
 from service.pipes import Pending
 from service.work import Pool
@@ -50,7 +50,7 @@ class Refused(HttpError):
     """A 503 of admission, with why (``reason`` is the metrics' label) and when to come back."""
 
     def __init__(self, reason: str, detail: str, after_s: float = 1.0):
-        super().__init__(503, detail, {"Retry-After": str(max(1, math.ceil(after_s)))})
+        super().__init__(503, detail, {"Retry-After": retry_after(after_s)})
         self.reason = reason
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -94,8 +94,9 @@ class FastPath:
     """The app's outermost layer: POST to an inference route goes straight to its endpoint, inside our
     metrics middleware and with our JSON errors; everything else (the GET routes, 404, 405) takes
     FastAPI's full stack. FastAPI wraps every request in server-error, telemetry, body-limit,
-    exception and exit-stack layers, about a fifth of an API server's time in a profile under
-    load, for nothing these routes use. Fixed paths are one dict lookup; model paths one regex each."""
+    exception and exit-stack layers, a large share of an API server's time under load (figures:
+    docs/performance.md), for nothing these routes use. Fixed paths are one dict lookup; model paths
+    one regex each."""
 
     def __init__(self, routes: list[Post], full_stack: ASGIApp, serving: Callable[[], int]):
         self.exact = {r.path: r for r in routes if "{" not in r.path}

@@ -4,8 +4,8 @@ The decisions and the shared state are here; ``service.seam.uvicorn`` applies th
 httptools protocol (the only place that touches its internals).
 
 Balance. Each API server accepts on a socket of its own (SO_REUSEPORT) and the kernel sends each
-new connection to one of them by a hash of its addresses: even only on average. 64 connections
-often split 25/39, and the busier server's requests then wait half as long again, which is what
+new connection to one of them by a hash of its addresses: even only on average. The split is often
+uneven enough (docs/performance.md) that the busier server's requests wait longer, which is what
 a client's p99 sees. So each API server counts, in shared memory, the connections it keeps; one
 that keeps two or more over the mean answers its next request with ``Connection: close``
 (the same way uvicorn ends keep-alive at shutdown), and the client reconnects wherever the hash

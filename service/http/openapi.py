@@ -226,9 +226,10 @@ def _gets(detail: Json, error: Json) -> list[tuple[str, str, Json]]:
 
 def _admin(components: Json, detail: Json, error: Json) -> list[tuple[str, str, Json]]:
     admin: list[Json] = [{"AdminKey": []}, {"Bearer": []}]
-    state = {"type": "object", "required": ["serving", "loaded", "canary"], "properties": {
+    share = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["version", "share"]}]}
+    state = {"type": "object", "required": ["serving", "loaded", "canary", "shadow"], "properties": {
         "serving": {"type": "integer"}, "loaded": {"type": "array", "items": {"type": "integer"}},
-        "canary": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["version", "share"]}]}}}
+        "canary": share, "shadow": share}}  # versioning.described
     changed = {"200": _ok("what is served and loaded now", state), **_errors(("401", "403", "431"), detail)}
     by_version = {**changed, **_errors(("404", "409"), detail)}
     repository = {"200": {"description": "done (an empty body, as Triton answers)"},

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from service import metrics
 from service.config import Limits, Settings
 from service.http.admission import Admission
-from service.http.versioning import VersionControl, metadata_of
+from service.http.versioning import VersionControl, described, metadata_of
 from service.versions import Runtimes
 from service.work import Pool
 
@@ -83,12 +83,7 @@ def info_payload(settings: Settings, device: str, versions: VersionControl, runt
                                         "sha256": export["artifact"]["sha256"]},
             "path": str(Path(settings.store) / settings.model / str(state.serving)),
         },
-        "versions": {
-            "serving": state.serving,
-            "loaded": list(state.loaded),
-            "canary": None if state.canary is None else {"version": state.canary, "share": state.share},
-            "problems": versions.board.notes(),
-        },
+        "versions": {**described(state), "problems": versions.board.notes()},
         "serving": {
             "device": device,
             "runtime": settings.runtime,

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
-Method = Literal["saliency", "gradient_x_input", "integrated_gradients"]
+from service.work import DEFAULT_METHOD, DEFAULT_QUADRATURE, Method, Quadrature
 
 
 class Instance(BaseModel):
@@ -38,13 +38,14 @@ class PredictOptions(BaseModel):
 class ExplainOptions(PredictOptions):
     """What /explain computes; in JSON beside ``instances``, or as multipart form fields."""
 
-    method: Method = "integrated_gradients"
+    method: Method = DEFAULT_METHOD
     target: int | None = Field(None, ge=0, le=9, description="class to explain (default: the predicted one)")
     steps: int = Field(32, ge=1, description="integrated-gradients steps (at most the service's max_ig_steps)")
-    quadrature: Literal["midpoint", "exact"] = Field(
-        "exact", description="integrated gradients: `exact`, the path integral itself (this net is piecewise "
-                             "linear; `steps` is then unused), or `midpoint`, the midpoint rule over `steps` "
-                             "(Captum's riemann_middle, for comparison)"
+    quadrature: Quadrature = Field(
+        DEFAULT_QUADRATURE,
+        description="integrated gradients: `exact`, the path integral itself (this net is piecewise linear; `steps` "
+                    "is then unused), or `midpoint`, the midpoint rule over `steps` (Captum's riemann_middle, for "
+                    "comparison)",
     )
     top_k: int = Field(10, ge=1, le=100, description="hidden units listed per layer")
     heatmap: bool = False

@@ -203,7 +203,8 @@ class VersionControl:
 
 
 def described(state: State) -> dict[str, Any]:
-    """What is served, as the admin API answers it."""
+    """What is served (the version, those loaded, the canary and the shadow with their shares): the one
+    description that the admin API's answers and /info's ``versions`` share."""
     return {"serving": state.serving, "loaded": list(state.loaded),
             "canary": None if state.canary is None else {"version": state.canary, "share": state.share},
             "shadow": None if state.shadow is None else {"version": state.shadow, "share": state.shadow_share}}

@@ -124,10 +124,10 @@ def check_size(width: int, height: int, limits: Limits) -> None:
 def _plain_png(data: bytes, limits: Limits) -> Picture | None:
     """An 8-bit gray, gray+alpha, RGB or RGBA PNG with no transparency key and no EXIF, decoded by libspng.
 
-    That is what MNIST files, canvases and screenshots are, and libspng decodes them 5x faster than
-    Pillow's Python-level chunk reader. The result is Pillow's (``_to_gray``) to within one grey level,
-    and corrupt files are refused as Pillow refuses them; every other PNG (palette, 1-16 bit, tRNS,
-    eXIf) returns None and goes to Pillow.
+    That is what MNIST files, canvases and screenshots are, and libspng decodes them several times
+    faster than Pillow's Python-level chunk reader (docs/performance.md). The result is Pillow's
+    (``_to_gray``) to within one grey level, and corrupt files are refused as Pillow refuses them;
+    every other PNG (palette, 1-16 bit, tRNS, eXIf) returns None and goes to Pillow.
     """
     if not data.startswith(_PNG) or data[12:16] != b"IHDR" or len(data) < 26:
         return None

@@ -33,8 +33,9 @@ Hooks (LitServe 0.2.19): why we override each, and what upstream change would le
   (instead of connection refused). Delete with an option not to wait for a ready worker.
 - ``_perform_graceful_shutdown``: lame duck, drain, then stop in order (``Supervisor.stop``).
   Delete with a graceful drain that has a grace period.
-- FastAPI's ``app.build_middleware_stack``: ``http.handler.FastPath``, so inference POSTs skip
-  FastAPI's layers (a fifth of an API server's time). FastAPI's stack is per app: no upstream fix.
+- FastAPI's ``app.build_middleware_stack``: ``http.fastpath.FastPath``, so inference POSTs skip
+  FastAPI's layers (a large share of an API server's time: docs/performance.md). FastAPI's stack is
+  per app: no upstream fix.
 - FastAPI's ``app._telemetry``: FastAPI's ``telemetry=`` opt-out, on an app LitServe constructs.
   Delete when LitServe passes FastAPI options through.
 

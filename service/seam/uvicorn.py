@@ -25,6 +25,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
+from service.errors import retry_after
 from service.http.calls import Call
 from service.http.keepalive import MAX_FIELD_BYTES, MAX_HEAD_BYTES, ConnectionShares, HeadTooLarge, OneWrite
 
@@ -171,7 +172,7 @@ def balanced_protocol(shares: ConnectionShares, settings: Settings,
             body = json.dumps({"detail": detail}).encode()
             head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                     f"x-content-type-options: nosniff\r\ncontent-length: {len(body)}\r\nconnection: close\r\n")
-            retry = "retry-after: 1\r\n" if status == 503 else ""
+            retry = f"retry-after: {retry_after()}\r\n" if status == 503 else ""
             self.transport.write((head + retry + "\r\n").encode() + body)
             self.transport.close()
 

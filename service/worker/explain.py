@@ -23,16 +23,14 @@ import torch
 from torch import nn
 
 from service.model.fnn import FNN, IMAGE_SIDE
+from service.work import DEFAULT_QUADRATURE, METHODS, QUADRATURES
 from service.worker.heatmap import render_png
 
-METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
-QUADRATURES = ("midpoint", "exact")
 LAYERS = ("fc1", "relu", "fc2")
 # The one layer whose top units are listed: its units feed the logits directly, so their contributions
 # are exact. fc1 is the same units before the ReLU (nothing new to list), fc2 the logits themselves.
 HIDDEN_LAYER = "relu"
 IG_CHUNK_ROWS = 8192  # interpolated images per forward/backward; bounds memory for large N * steps
-DEFAULT_QUADRATURE = "exact"
 # convergence_delta's relative gap divides by max(|f(x) - f(baseline)|, this): a change of the target
 # logit smaller than this (in logits) is float32 rounding of the served model, not a signal to divide by.
 DELTA_FLOOR = 1e-6

@@ -13,10 +13,9 @@ from PIL import Image
 
 from harness.server import encode
 from service.imaging import normalize
+from service.work import METHODS
 from service.worker.explain import Explainer
 from tests.e2e.test_errors import BAD_INPUTS, GOOD_PNG
-
-METHODS = ("saliency", "gradient_x_input", "integrated_gradients")
 
 
 def explain_in_process(model, pixels: np.ndarray, method: str) -> list[dict]:

@@ -9,7 +9,6 @@ This module must not import ``service.grpc``: its protobuf messages have the pro
 from __future__ import annotations
 
 import base64
-import io
 import signal
 import threading
 import time
@@ -21,15 +20,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
-from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from harness.server import Server, free_port, metric_samples, running, spawn
+from harness.server import Server, encode, free_port, metric_samples, running, spawn
 from tests.conftest import SERVED
 
 MODEL = "mnist-fnn"
-DIGITS = 1000
 KEY = "grpc-key-1"
 
 
@@ -48,19 +45,7 @@ def client(server) -> Iterator[tg.InferenceServerClient]:
     client.close()
 
 
-@pytest.fixture(scope="module")
-def digits(mnist_test) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = mnist_test
-    return images[:DIGITS].numpy(), labels[:DIGITS].numpy()
-
-
 AUTH = {"x-api-key": KEY}
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def pixels(data: np.ndarray, datatype: str) -> tg.InferInput:
@@ -106,7 +91,7 @@ def test_raw_pixels_answer_as_predict_does_on_1000_digits(server, client, digits
     images, labels = digits
     expected_labels, expected_probabilities = rest_labels(server[0], images)
     got_labels, got_probabilities = [], []
-    for start in range(0, DIGITS, 64):
+    for start in range(0, len(images), 64):
         chunk = images[start:start + 64]
         data = (chunk / 255).astype(np.float32).reshape(-1, 784) if datatype == "FP32" else chunk.astype(np.uint8)
         result = client.infer(MODEL, [pixels(data, datatype)], headers=AUTH)
@@ -120,7 +105,7 @@ def test_raw_pixels_answer_as_predict_does_on_1000_digits(server, client, digits
 
 def test_pictures_as_bytes_and_a_blank_one_answers_no_digit(server, client, digits):
     images = digits[0][:16]
-    pictures = [png(image) for image in images] + [png(np.zeros((40, 40), np.uint8))]
+    pictures = [encode(image) for image in images] + [encode(np.zeros((40, 40), np.uint8))]
     tensor = tg.InferInput("image", [len(pictures)], "BYTES")
     tensor.set_data_from_numpy(np.array(pictures, dtype=object))
     result = client.infer(MODEL, [tensor], headers=AUTH)
@@ -147,7 +132,7 @@ def test_typed_contents_and_requested_outputs(server, digits):
         assert np.frombuffer(answer.raw_output_contents[0], np.int64).tolist() == labels.tolist()
         request = service_pb2.ModelInferRequest(model_name=MODEL)
         tensor = request.inputs.add(name="image", datatype="BYTES", shape=[2])
-        tensor.contents.bytes_contents.extend([png(image) for image in images[:2]])
+        tensor.contents.bytes_contents.extend([encode(image) for image in images[:2]])
         answer = stub.ModelInfer(request, metadata=(("x-api-key", KEY),))
         label = [o.name for o in answer.outputs].index("label")
         assert np.frombuffer(answer.raw_output_contents[label], np.int64).tolist() == labels[:2].tolist()

@@ -9,7 +9,6 @@ request sent meanwhile is still answered right.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 import threading
@@ -22,16 +21,14 @@ import torch
 import tritonclient.http as triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from harness.server import Server, metric_samples, running
+from harness.server import Server, encode, metric_samples, running
 from service.imaging import normalize
 from tests.conftest import SERVED
 from tests.e2e.reference_triton import triton_reference
 
 MODEL = "mnist-fnn"
-DIGITS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +52,6 @@ def reference() -> Iterator[triton.InferenceServerClient]:
         client.close()
 
 
-@pytest.fixture(scope="module")
-def digits(mnist_test) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = mnist_test
-    return images[:DIGITS].numpy(), labels[:DIGITS].numpy()
-
-
 def expected(default_model, pixels01: np.ndarray) -> np.ndarray:
     """The in-process model's probabilities for (N, 784) pixels in 0..1."""
     norm = default_model.metadata.normalization
@@ -73,12 +64,6 @@ def pixels_input(data: np.ndarray, datatype: str = "FP32", binary: bool = True) 
     tensor = triton.InferInput("pixels", list(data.shape), datatype)
     tensor.set_data_from_numpy(data, binary_data=binary)
     return tensor
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_server_and_model_metadata(ours, reference):
@@ -102,7 +87,7 @@ def test_inputs_built_from_the_advertised_metadata_are_accepted(ours, digits):
         if advertised["name"] == "pixels":
             data = (images / 255).astype(triton.triton_to_np_dtype(advertised["datatype"])).reshape(shape)
         else:
-            data = np.array([png(image) for image in images], dtype=object).reshape(shape)
+            data = np.array([encode(image) for image in images], dtype=object).reshape(shape)
         tensor = triton.InferInput(advertised["name"], shape, advertised["datatype"])
         tensor.set_data_from_numpy(data)
         assert ours.infer(MODEL, [tensor]).as_numpy("label").tolist() == labels.tolist(), advertised
@@ -133,7 +118,7 @@ def test_uint8_pixels_and_every_shape_give_the_same_answer(ours, digits):
 
 
 def test_bytes_images_are_preprocessed_like_predict(ours, server, digits):
-    pictures = [png(image) for image in digits[0][:16]]
+    pictures = [encode(image) for image in digits[0][:16]]
     tensor = triton.InferInput("image", [len(pictures)], "BYTES")
     tensor.set_data_from_numpy(np.array(pictures, dtype=object))
     answer = ours.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("confidence")])
@@ -189,7 +174,7 @@ def test_bad_requests_get_the_status_class_triton_gives_and_our_message(ours, re
 
 
 def test_kserve_v1_routes(server, digits):
-    picture = png(digits[0][0])
+    picture = encode(digits[0][0])
     with server.client() as client:
         assert client.get("/v1/models").json() == {"models": [MODEL]}
         assert client.get(f"/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}

@@ -29,7 +29,8 @@ from service.imaging import normalize, prepare
 from service.model import store
 from service.model.fnn import FNN
 from service.model.store import LoadedModel
-from service.worker.explain import DELTA_FLOOR, METHODS, Explainer, hook_count
+from service.work import METHODS
+from service.worker.explain import DELTA_FLOOR, Explainer, hook_count
 from service.worker.heatmap import SCALE
 from tests.conftest import MODEL_STORE
 

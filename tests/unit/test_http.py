@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from html.parser import HTMLParser
+from importlib import resources
 
 import httpx
 import numpy as np
@@ -17,7 +19,7 @@ from service import cli
 from service.__main__ import describe
 from service.app import build
 from service.config import Settings
-from service.errors import HttpError
+from service.errors import HttpError, retry_after
 from service.http.admission import PRIOR_ERROR, Admission, Refused
 from service.http.dataplane import result
 from service.http.routes import info_payload
@@ -25,7 +27,7 @@ from service.http.schemas import ExplainOptions, PredictResponse
 from service.load import pool_loads
 from service.model import store
 from service.pipes import Pending, WorkerDied
-from service.work import Pool
+from service.work import DEFAULT_METHOD, METHODS, Pool
 
 
 def settings(*args: str) -> Settings:
@@ -59,7 +61,8 @@ def test_info_describes_model_serving_and_limits(server, model):
     body = call(server, "GET", "/info").json()
     routes = server.parts.routes
     assert body == info_payload(server.parts.settings, "cpu", routes.versions, routes.runtimes)
-    assert body["versions"] == {"serving": model.version, "loaded": [model.version], "canary": None, "problems": {}}
+    assert body["versions"] == {"serving": model.version, "loaded": [model.version], "canary": None, "shadow": None,
+                                "problems": {}}
     assert body["model"]["version"] == model.version and body["model"]["sha256"] == model.metadata.sha256
     assert body["serving"]["workers"] == {"/predict": 1, "/explain": 1}
     assert body["limits"]["max_instances"] == 64
@@ -162,6 +165,12 @@ def test_admission_in_lame_duck_then_draining():
         pass
 
 
+def test_retry_after_is_whole_seconds_rounded_up():
+    """One rule for every refusal: sooner than the estimate would only be refused again; never 0."""
+    assert [retry_after(s) for s in (0, 0.2, 1, 1.01, 2.5)] == ["1", "1", "1", "2", "3"]
+    assert Refused("queue_wait", "overloaded", 1.4).headers == {"Retry-After": "2"}
+
+
 def test_worker_failures_map_to_http_errors():
     def answered(response, ok: bool) -> Pending:
         pending = Pending()
@@ -210,3 +219,19 @@ def test_a_bad_setting_is_one_line_naming_the_flag(args, says):
 def test_any_ip_address_can_be_bound():
     assert settings("--host", "192.168.1.10").host == "192.168.1.10"
     assert settings("--host", "::1").host == "::1"
+
+
+def test_the_page_offers_every_explanation_method_and_no_other():
+    """The page's buttons are its own markup (its order, its names): they must list service.work's methods,
+    the default checked, as the script starts from the checked one."""
+    buttons: list[tuple[str, bool]] = []
+
+    class Buttons(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            fields = dict(attrs)
+            if tag == "input" and fields.get("name") == "method":
+                buttons.append((str(fields["value"]), "checked" in fields))
+
+    Buttons().feed(resources.files("service.http").joinpath("page", "index.html").read_text())
+    assert sorted(value for value, _ in buttons) == sorted(METHODS)
+    assert [value for value, checked in buttons if checked] == [DEFAULT_METHOD]

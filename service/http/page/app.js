@@ -4,6 +4,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
+  const methodRadios = () => [...document.querySelectorAll('input[name="method"]')];
 
   const PEN_WIDTH = 20;           // px on the 280 px pad: about an MNIST stroke once the digit is fitted to 20x20
   const DRAW_EVERY_MS = 250;      // while drawing, at most one /predict this often (and one in flight)
@@ -18,7 +19,7 @@
     pin: '',           // a version to pin /predict and /explain to ('' = the served one)
     upload: null,      // the uploaded or dropped file, while the pad shows it
     ink: false,        // something to classify on the pad
-    method: 'integrated_gradients',
+    method: methodRadios().find((radio) => radio.checked).value,  // the page's buttons list service.work's methods
     generation: 0,     // bumped by Clear and by a new upload: answers for an older generation are dropped
     lastSource: null,  // what the last final prediction was computed on (the method switch explains it again)
     drawing: null,     // {id, x, y} of the pointer drawing now
@@ -471,8 +472,9 @@
     });
     heatmap.dataset.method = report.method || state.method;
     heatmap.dataset.target = String(report.target);
-    const name = { integrated_gradients: 'integrated gradients', gradient_x_input: 'gradient × input', saliency: 'saliency' };
-    heatmap.setAttribute('aria-label', `Attribution heatmap (${name[report.method] || report.method}) for digit ${report.target}`);
+    const radio = methodRadios().find((r) => r.value === report.method);
+    const name = radio ? radio.parentElement.textContent.trim().toLowerCase() : report.method;
+    heatmap.setAttribute('aria-label', `Attribution heatmap (${name}) for digit ${report.target}`);
     showUnits(report.layers || []);
   }
 
@@ -514,7 +516,7 @@
     $('units').replaceChildren();
   }
 
-  for (const radio of document.querySelectorAll('input[name="method"]')) {
+  for (const radio of methodRadios()) {
     radio.addEventListener('change', () => {
       if (!radio.checked) return;
       state.method = radio.value;
