@@ -85,6 +85,9 @@ def test_health_and_metadata(client):
     assert {t["name"]: t["datatype"] for t in model["inputs"]} == {"pixels": "FP32", "image": "BYTES"}
     assert [t["name"] for t in model["outputs"]] == ["probabilities", "label", "confidence", "typicality"]
     assert code_of(lambda: client.get_model_metadata("other-model")) == "NOT_FOUND"
+    # not served here: not ready, an answer rather than an error (as Triton)
+    assert client.is_model_ready("other-model") is False and client.is_model_ready(MODEL, "77") is False
+    assert code_of(client.is_model_ready, MODEL, "x") == "INVALID_ARGUMENT"
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
@@ -146,7 +149,7 @@ def test_a_pinned_version_computes_the_answer(client, digits):
     assert code_of(lambda: client.infer(MODEL, [pixels(data, "FP32")], model_version="77",
                                         headers=AUTH)) == "NOT_FOUND"
     assert code_of(lambda: client.infer(MODEL, [pixels(data, "FP32")], model_version="²",
-                                        headers=AUTH)) == "NOT_FOUND"
+                                        headers=AUTH)) == "INVALID_ARGUMENT"
 
 
 def test_every_error_has_its_status(client, digits):
