@@ -5,16 +5,26 @@ each request's whole body and answers every request, whatever its path (``/healt
 JSON: the bytes of a real ``/predict`` answer for one image (MNIST test digit 0, a 7). ``make bench`` measures
 it with ``predict-1img@64``'s wrk script and bodies, so digitserve's rates can be read against it.
 
-    python -m bench.ceiling --port 8002 [--workers 2]
+With ``--grpc-port``, as many processes more serve gRPC there (grpc.aio, SO_REUSEPORT, as digitserve's API
+servers do): every ``ModelInfer`` is answered, its message unread, with the same answer as a serialized
+``ModelInferResponse``. ``make bench`` drives it with bench/grpcload.py as ``grpc-fp32-1img@64``: what the
+gRPC stack and the load generator reach together on these cores.
+
+    python -m bench.ceiling --port 8002 [--workers 2] [--grpc-port 8003]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
+import json
+import multiprocessing as mp
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
+import numpy as np
 import uvicorn
 
 # digitserve's answer to {"instances": [{"image_b64": <PNG of MNIST test digit 0>}]} (2026-12-01, 333 bytes)
@@ -45,11 +55,48 @@ async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
     await send(BODY)
 
 
+def grpc_answer() -> bytes:
+    """``ANSWER``'s numbers as a serialized ``ModelInferResponse``, the outputs as raw contents, as digitserve
+    answers them."""
+    from service.grpc import oip_pb2 as pb
+
+    prediction = json.loads(ANSWER)["predictions"][0]
+    outputs = {"probabilities": ("FP32", np.array([prediction["probabilities"]], np.float32)),
+               "label": ("INT64", np.array([prediction["label"]], np.int64)),
+               "confidence": ("FP32", np.array([prediction["confidence"]], np.float32))}
+    response = pb.ModelInferResponse(model_name="mnist-fnn", model_version="1")
+    for name, (datatype, array) in outputs.items():
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    return response.SerializeToString()
+
+
+def serve_grpc(port: int) -> None:
+    """One process's gRPC server: ``ModelInfer`` answered with ``grpc_answer()``, bytes in and out."""
+    answer = grpc_answer()
+
+    async def infer(request: bytes, context: Any) -> bytes:
+        return answer
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", -1)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--grpc-port", type=int, default=0, help="0: no gRPC")
     args = parser.parse_args()
+    for _ in range(args.workers if args.grpc_port else 0):  # daemons: they end with this process
+        mp.get_context("spawn").Process(target=serve_grpc, args=(args.grpc_port,), daemon=True).start()
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     # uvicorn logs "Started server process [pid]" per worker (bench.procs.roles names them by it too)
     uvicorn.run("bench.ceiling:app", host="127.0.0.1", port=args.port, workers=args.workers, http="httptools",

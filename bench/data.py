@@ -1,9 +1,12 @@
 """Request bodies made from real MNIST test digits, PNG-encoded the way a client would send them.
 
-Two formats. JSON bodies (``<kind>.jsonl``, bench/wrk/post.lua): one body per line. Open Inference Protocol
+Three formats. JSON bodies (``<kind>.jsonl``, bench/wrk/post.lua): one body per line. Open Inference Protocol
 (V2) bodies with binary tensors (``<kind>.bin``, bench/wrk/binary.lua): records of an ASCII line
 ``<body bytes> <JSON header bytes>\\n`` followed by the body, as tritonclient builds it (JSON header, then
-the raw tensor; no ``outputs``, so ``"binary_data_output": true``, tritonclient's default).
+the raw tensor; no ``outputs``, so ``"binary_data_output": true``, tritonclient's default). gRPC
+``ModelInferRequest`` messages (``<kind>.grpc``, bench/grpcload.py): records of an ASCII line
+``<message bytes>\\n`` followed by the serialized message: FP32 ``pixels`` as ``raw_input_contents``,
+no ``outputs``, as tritonclient.grpc sends them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import grpcload
 from harness.server import ROOT, b64, encode
 from service.model.data import load_mnist
 
 V2_KINDS = ("v2-fp32-single", "v2-fp32-batch", "v2-png-single", "v2-png-batch")
+GRPC_KINDS = ("grpc-fp32-single", "grpc-fp32-batch")
 V2_HEADERS = {"Content-Type": "application/octet-stream"}  # plus Inference-Header-Content-Length per body
 
 
@@ -46,7 +51,8 @@ def digits_of(kind: str, n_images: int, batch: int = 32) -> list[list[int]]:
 def write_bodies(folder: Path, pngs: list[bytes], batch: int = 32, **explain: dict) -> dict[str, Path]:
     """The bodies files, per kind: ``single`` (one image), ``batch`` (``batch`` consecutive images, wrapping
     round) and one file per ``explain`` entry (name -> extra fields beside the single image), as JSON lines;
-    and the V2 kinds (``V2_KINDS``: FP32 ``pixels`` or BYTES ``image``, single or batch) as binary records."""
+    the V2 kinds (``V2_KINDS``: FP32 ``pixels`` or BYTES ``image``, single or batch) as binary records, and the
+    gRPC kinds (``GRPC_KINDS``: FP32 ``pixels``, single or batch) as serialized messages."""
     instances = [{"image_b64": b64(png)} for png in pngs]
     kinds = {
         "single": [{"instances": [instances[i] for i in d]} for d in digits_of("single", len(pngs))],
@@ -63,7 +69,18 @@ def write_bodies(folder: Path, pngs: list[bytes], batch: int = 32, **explain: di
             for digits in digits_of(kind, len(pngs), batch):
                 body, header_length = v2_body(kind, [pngs[i] for i in digits])
                 out.write(b"%d %d\n" % (len(body), header_length) + body)
+    for kind in GRPC_KINDS:
+        files[kind] = folder / f"{kind}.grpc"
+        with files[kind].open("wb") as out:
+            for digits in digits_of(kind, len(pngs), batch):
+                out.write(grpcload.record(grpc_message([pngs[i] for i in digits])))
     return files
+
+
+def fp32_pixels(pngs: list[bytes]) -> np.ndarray:
+    """The pictures' own pixels (MNIST's: the PNGs are lossless) as FP32 [N,784] in 0..1."""
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("L")) for png in pngs])
+    return pixels.reshape(len(pngs), 784).astype(np.float32) / 255
 
 
 def v2_body(kind: str, pngs: list[bytes]) -> tuple[bytes, int]:
@@ -73,14 +90,25 @@ def v2_body(kind: str, pngs: list[bytes]) -> tuple[bytes, int]:
     import tritonclient.http as triton  # a test dependency, like httpx
 
     if kind.startswith("v2-fp32"):
-        pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("L")) for png in pngs])
         tensor = triton.InferInput("pixels", [len(pngs), 784], "FP32")
-        tensor.set_data_from_numpy(pixels.reshape(len(pngs), 784).astype(np.float32) / 255, binary_data=True)
+        tensor.set_data_from_numpy(fp32_pixels(pngs), binary_data=True)
     else:
         tensor = triton.InferInput("image", [len(pngs)], "BYTES")
         tensor.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
     body, header_length = triton.InferenceServerClient.generate_request_body([tensor])
     return body, header_length
+
+
+def grpc_message(pngs: list[bytes]) -> bytes:
+    """One serialized ``ModelInferRequest`` of these pictures' FP32 pixels, built with tritonclient.grpc's own
+    protobuf classes (Triton's grpc_service.proto): what its ``infer`` sends for one ``pixels`` input."""
+    from tritonclient.grpc import service_pb2  # a test dependency, like tritonclient.http
+
+    pixels = fp32_pixels(pngs)
+    request = service_pb2.ModelInferRequest(model_name="mnist-fnn")
+    request.inputs.add(name="pixels", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    return request.SerializeToString()
 
 
 def read_bodies(path: Path) -> Iterator[tuple[bytes, dict[str, str]]]:

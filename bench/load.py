@@ -1,5 +1,6 @@
-"""Drive a server with wrk (bench/wrk/post.lua for JSON bodies, bench/wrk/binary.lua for binary V2 bodies),
-turn wrk's summary into the numbers we report, and check that V2 answers are right before they are timed."""
+"""Drive a server with wrk (bench/wrk/post.lua for JSON bodies, bench/wrk/binary.lua for binary V2 bodies) or,
+for gRPC, bench/grpcload.py; turn their summary into the numbers we report, and check that V2 and gRPC answers
+are right before they are timed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import http.client
 import json
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from bench import procs
 from bench.data import digits_of, read_bodies
+from bench.grpcload import MODEL_INFER, read_messages
 from harness.server import Server
 
 WRK = Path(__file__).resolve().parent / "wrk"
@@ -24,13 +30,17 @@ MIN_ACCURACY = 0.95  # of the labels against MNIST's; the committed model gets ~
 @dataclass(frozen=True)
 class Workload:
     name: str
-    path: str  # /predict, /explain or V2's /v2/models/mnist-fnn/infer
+    path: str  # /predict, /explain, V2's /v2/models/mnist-fnn/infer, or gRPC's MODEL_INFER
     bodies: str  # which bodies file (bench.data.write_bodies kind; V2 kinds are binary records)
-    connections: int
+    connections: int  # gRPC: calls in flight
     images_per_request: int = 1
     servers: tuple[str, ...] = ("digitserve", "baseline")
     switch_every_s: float = 0.0  # digitserve: serve the other of versions 1 and 2 this often while measured
     shadow_share: float = 0.0  # digitserve: this share of served requests shadowed by version 2 while measured
+
+    @property
+    def grpc(self) -> bool:
+        return self.path == MODEL_INFER
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,8 @@ class LoadSettings:
     warmup_s: float
     duration_s: float
     wrk_threads: int
-    wrk_timeout_s: float
+    wrk_timeout_s: float  # gRPC: each call's deadline
+    grpc_processes: int = 2  # bench/grpcload.py's processes
 
 
 def wrk(url: str, bodies: Path, connections: int, seconds: float, s: LoadSettings) -> dict:
@@ -51,6 +62,27 @@ def wrk(url: str, bodies: Path, connections: int, seconds: float, s: LoadSetting
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return json.loads(line.removeprefix("BENCH_JSON "))
+
+
+def grpc_load(address: str, bodies: Path, calls: int, seconds: float, s: LoadSettings) -> dict:
+    """One bench/grpcload.py run (in processes of its own); its summary, as ``wrk``'s."""
+    command = [sys.executable, "-m", "bench.grpcload", address, str(bodies), "--concurrency", str(calls),
+               "--seconds", f"{seconds:g}", "--processes", str(s.grpc_processes), "--timeout", f"{s.wrk_timeout_s:g}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + s.wrk_timeout_s + 180)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"bench.grpcload failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    summary: dict = json.loads(line.removeprefix("BENCH_JSON "))
+    return summary
+
+
+def drive(server: Server, workload: Workload, bodies: Path, seconds: float, s: LoadSettings) -> dict:
+    """Load ``server`` with ``workload`` for ``seconds``: wrk, or bench/grpcload.py on its gRPC port."""
+    if workload.grpc:
+        if server.grpc is None:
+            raise RuntimeError(f"{workload.name}: the server has no gRPC port")
+        return grpc_load(server.grpc, bodies, workload.connections, seconds, s)
+    return wrk(f"{server.url}{workload.path}", bodies, workload.connections, seconds, s)
 
 
 def script(bodies: Path) -> Path:
@@ -82,14 +114,14 @@ def settle(port: int, path: str, bodies: Path, timeout: float) -> float:
 def measure(server: Server, name: str, workload: Workload, bodies: Path, s: LoadSettings) -> dict:
     """Warm up, let the server settle, then a measured run with the tree's PSS sampled meanwhile and its CPU
     time (every process of the tree) read before and after. Raises ServerDied if the server exited."""
-    url = f"{server.url}{workload.path}"
     if s.warmup_s > 0:
-        wrk(url, bodies, workload.connections, s.warmup_s, s)
-    settle_s = settle(server.port, workload.path, bodies, s.wrk_timeout_s + 30)
+        drive(server, workload, bodies, s.warmup_s, s)
+    # bench/grpcload.py waits for its calls in flight: nothing is left to settle
+    settle_s = 0.0 if workload.grpc else settle(server.port, workload.path, bodies, s.wrk_timeout_s + 30)
     procs.check_alive(server, name)
     ticks, started = procs.tree_cpu_ticks(server.process.pid), time.monotonic()
     with procs.PssSampler(server.process.pid, interval=max(0.5, s.duration_s / 4)) as pss:
-        raw = wrk(url, bodies, workload.connections, s.duration_s, s)
+        raw = drive(server, workload, bodies, s.duration_s, s)
     cpu_s = (procs.tree_cpu_ticks(server.process.pid) - ticks) / os.sysconf("SC_CLK_TCK")
     window_s = time.monotonic() - started
     procs.check_alive(server, name)
@@ -107,37 +139,78 @@ def measure(server: Server, name: str, workload: Workload, bodies: Path, s: Load
         # the whole server tree's CPU (API servers, workers, main...) over the run, per answered request
         "cpu_ms_per_req": None if stalled else 1000 * cpu_s / raw["requests"],
         "cpu_cores": cpu_s / window_s,
+        # the load generator's own CPU per answered request (bench/grpcload.py's; wrk does not say)
+        "client_cpu_ms_per_req": None if stalled or "client_cpu_s" not in raw
+        else 1000 * raw["client_cpu_s"] / raw["requests"],
         "settle_s": settle_s,
         "wrk": raw,
     }
 
 
 def verify_v2(port: int, path: str, bodies: Path, labels: list[int], batch: int = 32, timeout: float = 30) -> dict:
-    """Send every body of a V2 bodies file once and read each answer with tritonclient's own parser: each must be
-    200 with ``label`` INT64 [N] and ``probabilities`` FP32 [N,10] (rows summing to 1, argmax = label), and the
+    """Send every body of a V2 bodies file once and read each answer with tritonclient's own parser
+    (``verified`` says what is checked)."""
+    import tritonclient.http as triton
+
+    def answers() -> Iterator[Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            for body, headers in read_bodies(bodies):
+                connection.request("POST", path, body, headers)
+                response = connection.getresponse()
+                answer = response.read()
+                if response.status != 200:
+                    yield f"{response.status} {answer[:200]!r}"
+                    continue
+                length = response.getheader("Inference-Header-Content-Length")
+                yield partial(triton.InferenceServerClient.parse_response_body, answer,
+                              header_length=int(length) if length else None)
+        finally:
+            connection.close()
+
+    return verified(answers(), bodies.name.removesuffix(".bin"), labels, batch, (OSError, http.client.HTTPException))
+
+
+def verify_grpc(address: str, bodies: Path, labels: list[int], batch: int = 32, timeout: float = 30) -> dict:
+    """Send every message of a gRPC bodies file once (``ModelInfer``) and read each answer with tritonclient.grpc's
+    own classes (``verified`` says what is checked)."""
+    import grpc
+    import tritonclient.grpc as triton
+    from tritonclient.grpc import service_pb2
+
+    def answers() -> Iterator[Any]:
+        with grpc.insecure_channel(address) as channel:
+            infer = channel.unary_unary(MODEL_INFER)  # the very bytes the load sends
+            for message in read_messages(bodies):
+                try:
+                    answer = infer(message, timeout=timeout)
+                except grpc.RpcError as e:
+                    yield f"{e.code().name} {str(e.details())[:200]}"  # a call's RpcError is a grpc.Call too
+                    continue
+                yield partial(lambda raw: triton.InferResult(service_pb2.ModelInferResponse.FromString(raw)), answer)
+
+    return verified(answers(), bodies.name.removesuffix(".grpc"), labels, batch, (grpc.RpcError,))
+
+
+def verified(answers: Iterable[Any], kind: str, labels: list[int], batch: int,
+             transport: tuple[type[BaseException], ...]) -> dict:
+    """Each answer (a refusal's text, or how to parse it into a tritonclient result) must have ``label`` INT64 [N]
+    and ``probabilities`` FP32 [N,10] (rows summing to 1, argmax = label), every body must be answered, and the
     labels must match MNIST's for at least ``MIN_ACCURACY`` of the digits. ``{"ok", "bodies", "accuracy",
     "problems"}``; a benchmark of wrong answers proves nothing, so a workload that fails this is not timed."""
     import numpy as np
-    import tritonclient.http as triton
 
-    kind = bodies.name.removesuffix(".bin")
     expected = digits_of(kind, len(labels), batch)
     problems: list[str] = []
     right = total = sent = 0
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        for (body, headers), digits in zip(read_bodies(bodies), expected):
+        for answer, digits in zip(answers, expected):
             sent += 1
-            connection.request("POST", path, body, headers)
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200:
-                problems.append(f"body {sent - 1}: {response.status} {answer[:200]!r}")
+            if isinstance(answer, str):
+                problems.append(f"body {sent - 1}: {answer}")
                 continue
-            length = response.getheader("Inference-Header-Content-Length")
             try:
-                result = triton.InferenceServerClient.parse_response_body(
-                    answer, header_length=int(length) if length else None)
+                result = answer()
                 label, probabilities = result.as_numpy("label"), result.as_numpy("probabilities")
             except Exception as e:  # tritonclient raises its own exceptions, or a decoding error
                 problems.append(f"body {sent - 1}: tritonclient cannot read the answer: {e!r}"[:300])
@@ -147,14 +220,13 @@ def verify_v2(port: int, path: str, bodies: Path, labels: list[int], batch: int 
                     or probabilities.dtype != np.float32 or probabilities.shape != (n, 10)
                     or not np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
                     or not (probabilities.argmax(axis=1) == label).all()):
-                problems.append(f"body {sent - 1}: outputs {result.get_response().get('outputs')}"[:300])
+                problems.append(f"body {sent - 1}: outputs {result.get_output('label')} "
+                                f"{result.get_output('probabilities')}"[:300])
                 continue
             right += int((label == np.array([labels[i] for i in digits])).sum())
             total += n
-    except (OSError, http.client.HTTPException) as e:
-        problems.append(f"body {sent - 1}: {e!r}")
-    finally:
-        connection.close()
+    except transport as e:  # sending the next body, or reading its answer
+        problems.append(f"body {sent}: {e!r}")
     accuracy = right / total if total else 0.0
     if sent != len(expected):
         problems.append(f"{sent} bodies sent of {len(expected)}")

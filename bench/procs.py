@@ -16,8 +16,9 @@ from pathlib import Path
 
 from harness.server import ROOT, Server, free_port
 
-# server name -> the module ``python -m`` runs; each gets only ``--port``, so each runs its defaults.
-# The ceiling is no model server: the HTTP stack alone, answering a fixed /predict answer (bench/ceiling.py).
+# server name -> the module ``python -m`` runs; each gets only ``--port`` (and a gRPC port), so each runs its
+# defaults. The ceiling is no model server: the HTTP (and gRPC) stack alone, answering a fixed /predict answer
+# (bench/ceiling.py).
 SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme", "ceiling": "bench.ceiling"}
 # server name -> the source tree it runs from, where not this one (``BENCH_BEFORE``: an earlier commit)
 TREES: dict[str, Path] = {}
@@ -54,20 +55,27 @@ class ServerDied(RuntimeError):
 def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
     The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), so
-    digitserve runs its default configuration (and the runtime, for ``add_runtime``'s)."""
+    digitserve runs its default configuration (and the runtime, for ``add_runtime``'s), and a free gRPC port
+    of its own: with the default (8001) every digitserve of a run would share one, through SO_REUSEPORT."""
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
+    args = ["--port", str(port)]
+    grpc_port = None
     if SERVERS[name] == "service":
-        env.update(_digitserve, **SETTINGS.get(name, {}))
+        grpc_port = free_port()
+        env.update(_digitserve, **SETTINGS.get(name, {}), DIGITSERVE_GRPC_PORT=str(grpc_port))
+    elif SERVERS[name] == "bench.ceiling":
+        grpc_port = free_port()
+        args += ["--grpc-port", str(grpc_port)]
     tree = TREES.get(name, ROOT)
     if name in TREES:  # its ``service`` package, ahead of the venv's editable install of this tree
         env["PYTHONPATH"] = str(tree)
     started = time.monotonic()
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", SERVERS[name], "--port", str(port)], cwd=tree, env=env,
+        process = subprocess.Popen([sys.executable, "-m", SERVERS[name], *args], cwd=tree, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(process, port, log)
+    server = Server(process, port, log, grpc_port)
     _live.add(server)
     while not healthy(port):
         exited = process.poll() is not None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench import procs
 from bench.data import mnist_pngs, write_bodies
-from bench.load import LoadSettings, totals, wrk
+from bench.load import LoadSettings, drive, totals
 from bench.run import EXPLAIN_METHODS, RESULTS, WORKLOADS
 
 TOP = 20  # functions listed per process and kind (self, inclusive)
@@ -70,10 +70,9 @@ def profile(server_name: str, workload_name: str, seconds: float, rate: int, out
         bodies = write_bodies(Path(work), mnist_pngs(1000)[0], **EXPLAIN_METHODS)[workload.bodies]
         server, _ = procs.start(server_name, Path(work))
         try:
-            url = f"{server.url}{workload.path}"
-            wrk(url, bodies, workload.connections, settings.warmup_s, settings)
+            drive(server, workload, bodies, settings.warmup_s, settings)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                load = pool.submit(wrk, url, bodies, workload.connections, settings.duration_s, settings)
+                load = pool.submit(drive, server, workload, bodies, settings.duration_s, settings)
                 time.sleep(1)  # sample the steady state, not wrk's first connections
                 pids = procs.roles(server)
                 before, started = {pid: procs.cpu_ticks(pid) for pid in pids}, time.monotonic()

@@ -10,6 +10,7 @@ from bench.load import Workload
 from bench.procs import SERVERS
 
 METRICS = ("req_s", "images_s", "p50_ms", "p99_ms", "errors", "pss_mb", "cpu_ms_per_req", "cpu_cores",
+           "client_cpu_ms_per_req",  # bench/grpcload.py's own CPU (gRPC rows)
            "switches", "failed",  # version switches made and refused (the switching workload)
            "shadowed", "shadow_dropped")  # shadow comparisons made and shadow work dropped (the shadow workload)
 SWITCHING = "predict-1img@64-switching"
@@ -174,6 +175,15 @@ def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict]
                      f"rounds without failure {m['rounds_ok']}/{len(m['exit_codes'])}")
     ratio = checks[0]["value"]
     lines.append("single image @64, digitserve/baseline req/s: " + (f"{ratio:.1f}x" if ratio else "n/a"))
+    grpc = [(w.name, server, m["client_cpu_ms_per_req"]) for w in workloads if w.grpc for server in w.servers
+            if (m := med.get(server, {}).get("workloads", {}).get(w.name)) and m.get("client_cpu_ms_per_req")]
+    if grpc:  # how much of the cores the load generator took: it shares them with the server
+        lines.append("gRPC load generator's own CPU per request: " + ", ".join(
+            f"{name} {server} {cpu:.3f} ms" for name, server, cpu in grpc))
+        ours, ceiling = (med.get(server, {}).get("workloads", {}).get("grpc-fp32-1img@64", {})
+                         for server in ("digitserve", "ceiling"))
+        if (value := _ratio(ours, ceiling, "req_s")) is not None:
+            lines.append(f"gRPC FP32 1 image @64, digitserve/ceiling req/s: {value:.2f}x")
     if "before" in med:  # BENCH_BEFORE: today's tree against an earlier commit's, workload by workload
         against = [(w.name, _ratio(med["digitserve"]["workloads"].get(w.name, {}),
                                    med["before"]["workloads"].get(w.name, {}), "req_s"))
@@ -210,12 +220,15 @@ def plot(med: dict[str, dict], workloads: list[Workload], path: Path) -> None:
                                           ("baseline /predict", "baseline", named("predict-1img"), "s-"),
                                           ("ceiling (no model)", "ceiling", named("predict-1img"), "^"),
                                           ("digitserve V2 FP32", "digitserve", named("v2-fp32-1img"), "D"),
-                                          ("digitserve V2 PNG", "digitserve", named("v2-png-1img"), "v")]),
+                                          ("digitserve V2 PNG", "digitserve", named("v2-png-1img"), "v"),
+                                          ("digitserve gRPC FP32", "digitserve", named("grpc-fp32-1img"), "P"),
+                                          ("ceiling gRPC", "ceiling", named("grpc-fp32-1img"), "x")]),
         ("32 images per request", "images_s", "linear",
          [("digitserve /predict", "digitserve", named("predict-32img"), "o"),
           ("baseline /predict", "baseline", named("predict-32img"), "s"),
           ("digitserve V2 FP32", "digitserve", named("v2-fp32-32img"), "D"),
-          ("digitserve V2 PNG", "digitserve", named("v2-png-32img"), "v")]),
+          ("digitserve V2 PNG", "digitserve", named("v2-png-32img"), "v"),
+          ("digitserve gRPC FP32", "digitserve", named("grpc-fp32-32img"), "P")]),
         ("/explain (1 connection)", "req_s", "linear",
          [("digitserve", "digitserve", [w for w in workloads if w.path == "/explain"], "o")]),
     ]

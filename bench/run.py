@@ -7,17 +7,19 @@ the ceiling (bench/ceiling.py: uvicorn answering a fixed /predict answer, no mod
 and digitserve alone runs predict-1img@64 while it switches between two versions every 2 s (the
 admin API; version 2 is version 1's weights written again through the store), while version 2 shadows
 every served request (``POST /admin/shadow``, share 1.0), and the Open Inference
-Protocol (V2) workloads, binary FP32 pixels and BYTES PNGs,
-whose every body is sent once first and its answer checked (tritonclient's parser, labels against MNIST's).
+Protocol workloads: V2 REST (binary FP32 pixels and BYTES PNGs, under wrk) and gRPC (FP32 raw contents,
+ModelInfer, under bench/grpcload.py; the ceiling runs grpc-fp32-1img@64 too), whose every body is sent once
+first and its answer checked (tritonclient's parsers, labels against MNIST's).
 Medians over rounds, the issue's targets (PASS/FAIL; the benchmark never fails the build) and a Markdown
 table go to stdout and bench/results/<date>.md, progress to stderr, everything raw to bench/results/<date>.json
 and a plot to bench/results/<date>.png (``<date>-quick.*`` for a smoke run).
 
 Environment: BENCH_QUICK=1 (a ~3 min smoke run), BENCH_ROUNDS (3), BENCH_WARMUP_S (3),
 BENCH_DURATION_S (10), BENCH_WRK_THREADS (1), BENCH_WRK_TIMEOUT_S (10), BENCH_IMAGES (1000),
-BENCH_MICRO_S (2), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets), BENCH_BEFORE (a commit:
-digitserve as it was there runs every digitserve workload too, seconds apart from today's, from a
-temporary git worktree with this venv; the report gives today/before by workload), BENCH_WORKLOADS
+BENCH_MICRO_S (2), BENCH_GRPC_PROCESSES (2: bench/grpcload.py's processes; BENCH_WRK_TIMEOUT_S is its calls'
+deadline), DIGITSERVE_DATA_DIR (MNIST; default ../shared/datasets), BENCH_BEFORE (a commit: digitserve as it
+was there runs every digitserve workload too, seconds apart from today's, from a temporary git worktree with
+this venv; the report gives today/before by workload), BENCH_WORKLOADS
 (comma-separated names: only those; results then go to <date>-some.*), BENCH_RUNTIMES (eager,export: with
 export, digitserve-export, the same server with ``--runtime export`` serving the store's versions
 AOTInductor-compiled, runs RUNTIME_WORKLOADS too, and the micro ceilings are taken for each runtime).
@@ -47,7 +49,8 @@ import torch
 
 from bench import procs, report
 from bench.data import data_dir, mnist_pngs, write_bodies
-from bench.load import LoadSettings, Workload, measure, verify_v2
+from bench.grpcload import MODEL_INFER
+from bench.load import LoadSettings, Workload, measure, verify_grpc, verify_v2
 from harness.server import ROOT, Server
 from service.model import static, store
 from service.work import METHODS
@@ -62,17 +65,20 @@ RUNTIMES = [r for r in os.environ.get("BENCH_RUNTIMES", "eager,export").split(",
 RUNTIME_WORKLOADS = ("predict-1img@64", "v2-fp32-1img@64", "predict-32img@8", "v2-fp32-32img@8")
 ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
-# Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
+# Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with, and each
+# gRPC one seconds after its V2 REST twin.
 WORKLOADS = [
     *(Workload(f"predict-1img@{c}", "/predict", "single", c) for c in (1, 8)),
     Workload("predict-1img@64", "/predict", "single", 64, servers=("digitserve", "baseline", "ceiling")),
     Workload("predict-1img@64-switching", "/predict", "single", 64, servers=DS, switch_every_s=2.0),
     Workload("predict-1img@64-shadow", "/predict", "single", 64, servers=DS, shadow_share=1.0),
     Workload("v2-fp32-1img@64", V2_INFER, "v2-fp32-single", 64, servers=DS),
+    Workload("grpc-fp32-1img@64", MODEL_INFER, "grpc-fp32-single", 64, servers=("digitserve", "ceiling")),
     Workload("v2-png-1img@64", V2_INFER, "v2-png-single", 64, servers=DS),
     Workload("predict-1img@128", "/predict", "single", 128),
     Workload("predict-32img@8", "/predict", "batch", 8, images_per_request=32),
     Workload("v2-fp32-32img@8", V2_INFER, "v2-fp32-batch", 8, images_per_request=32, servers=DS),
+    Workload("grpc-fp32-32img@8", MODEL_INFER, "grpc-fp32-batch", 8, images_per_request=32, servers=DS),
     Workload("v2-png-32img@8", V2_INFER, "v2-png-batch", 8, images_per_request=32, servers=DS),
     *(Workload(f"explain-{m}@1", "/explain", m, 1, servers=DS) for m in EXPLAIN_METHODS),
 ]
@@ -275,17 +281,21 @@ def _start(name: str, files: dict[str, Path], first_label: int, log_dir: Path, r
 
 def _measure(name: str, w: Workload, files: dict[str, Path], labels: list[int], s: LoadSettings, result: dict,
              live: dict[str, Server]) -> None:
-    if w.path.startswith("/v2/"):
-        checked = result.setdefault("verified", {})[w.name] = verify_v2(live[name].port, w.path, files[w.bodies],
-                                                                         labels, timeout=s.wrk_timeout_s + 30)
+    server = live[name]
+    if (w.path.startswith("/v2/") or w.grpc) and name != "ceiling":  # the ceiling answers a fixed answer
+        if w.grpc:
+            checked = verify_grpc(server.grpc or "", files[w.bodies], labels, timeout=s.wrk_timeout_s + 30)
+        else:
+            checked = verify_v2(server.port, w.path, files[w.bodies], labels, timeout=s.wrk_timeout_s + 30)
+        result.setdefault("verified", {})[w.name] = checked
         if not checked["ok"]:
             log(f"  {name} {w.name}: NOT MEASURED, wrong answers: {'; '.join(checked['problems'])}")
             return
         log(f"  {name} {w.name}: {checked['bodies']} bodies checked, labels right for {checked['accuracy']:.1%}")
-    around = (switching(live[name], w.switch_every_s) if w.switch_every_s else
-              shadowing(live[name], w.shadow_share) if w.shadow_share else contextlib.nullcontext({}))
+    around = (switching(server, w.switch_every_s) if w.switch_every_s else
+              shadowing(server, w.shadow_share) if w.shadow_share else contextlib.nullcontext({}))
     with around as counted:
-        m = result["workloads"][w.name] = measure(live[name], name, w, files[w.bodies], s)
+        m = result["workloads"][w.name] = measure(server, name, w, files[w.bodies], s)
     m.update(counted)
     if m["stalled"]:
         log(f"  {name} {w.name}: STALLED: not one answer in {s.duration_s:g} s "
@@ -301,7 +311,8 @@ def main() -> int:
     quick = os.environ.get("BENCH_QUICK") == "1"
     s = LoadSettings(warmup_s=env_number("BENCH_WARMUP_S", 3, 1), duration_s=env_number("BENCH_DURATION_S", 10, 2),
                      wrk_threads=int(env_number("BENCH_WRK_THREADS", 1, 1)),
-                     wrk_timeout_s=env_number("BENCH_WRK_TIMEOUT_S", 10, 10))
+                     wrk_timeout_s=env_number("BENCH_WRK_TIMEOUT_S", 10, 10),
+                     grpc_processes=int(env_number("BENCH_GRPC_PROCESSES", 2, 2)))
     n_rounds, n_images = int(env_number("BENCH_ROUNDS", 3, 3)), int(env_number("BENCH_IMAGES", 1000, 1000))
     started = time.monotonic()
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,

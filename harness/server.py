@@ -31,10 +31,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, port: int, log: Path):
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, grpc_port: int | None = None):
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.grpc = f"127.0.0.1:{grpc_port}" if grpc_port else None  # host:port, as gRPC clients take it
         self.log = log
 
     def client(self, **kwargs) -> httpx.Client:

@@ -36,6 +36,8 @@ log = logging.getLogger("digitserve")
 ENDPOINT = "grpc_infer"
 # a message may hold the largest body REST takes, and the protobuf framing around it
 _FRAMING_BYTES = 64 * 1024
+# a version in a message's field that is not a version number is a bad argument (REST's path: no such resource)
+MODEL_VERSION = ("the model version", 400)
 
 
 class InferenceService:
@@ -52,17 +54,21 @@ class InferenceService:
         return codec.server_metadata(self.version)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        """``ready: false`` for a model or version not served here, as Triton answers (a readiness poll gets
+        an answer, not an error); INVALID_ARGUMENT for a version that is not a version number."""
         try:
-            self.served.loaded(self.served.check(request.name, request.version or None))
+            self.served.loaded(self.served.check(request.name, request.version or None, MODEL_VERSION))
         except HttpError as e:
-            await context.abort(codec.code(e.status), e.detail[:MAX_DETAIL])
+            if e.status == 400:
+                await context.abort(codec.code(e.status), _ascii(e.detail))
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.served.ready())
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            loaded = self.served.loaded(self.served.check(request.name, request.version or None))
+            loaded = self.served.loaded(self.served.check(request.name, request.version or None, MODEL_VERSION))
         except HttpError as e:
-            await context.abort(codec.code(e.status), e.detail[:MAX_DETAIL])
+            await context.abort(codec.code(e.status), _ascii(e.detail))
         return codec.model_metadata(self.served.name, [str(v) for v in loaded])
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -95,7 +101,7 @@ class InferenceService:
                      remaining: float | None) -> pb.ModelInferResponse:
         plane = self.plane
         plane.authorize(call, metadata)
-        call.pinned = self.served.check(request.model_name, request.model_version or None)
+        call.pinned = self.served.check(request.model_name, request.model_version or None, MODEL_VERSION)
         plane.limit(call, remaining)
         plane.precheck(call)
         size = request.ByteSize()

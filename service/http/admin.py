@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.errors import HttpError, shown
 from service.http.auth import given_key
-from service.http.endpoints import kserve_errors, pinned_version
+from service.http.endpoints import PATH_VERSION, kserve_errors, pinned_version
 from service.http.fastpath import Endpoint, Get
 from service.http.inputs import describe
 from service.http.schemas import ServeBody, ShadowBody
@@ -137,7 +137,7 @@ class Admin:
 
     @staticmethod
     def _version(request: Request) -> int:
-        version = pinned_version(request.path_params["version"], "the version in the path")
+        version = pinned_version(request.path_params["version"], *PATH_VERSION)
         assert version is not None
         return version
 

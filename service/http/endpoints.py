@@ -46,7 +46,7 @@ class Native:
         """The route once its caller's key was checked (first, before anything else is read)."""
         plane, call = self.plane, call_of(request)
         call.pool = self.pool
-        call.pinned = pinned_version(request.query_params.get("version"), "version")
+        call.pinned = pinned_version(request.query_params.get("version"), "version", 422)
         plane.limit(call, asked_timeout(request.headers.get("x-request-timeout-ms")))
         plane.precheck(call)
         body = await inputs.read_body(request, plane.settings)
@@ -60,13 +60,16 @@ class Native:
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²" and Arabic-Indic digits
 
 
-def pinned_version(text: str | None, where: str) -> int | None:
-    """A version given in a query (422 when malformed) or a path (404: no such resource): 1 to 9 ASCII digits."""
+PATH_VERSION = ("the version in the path", 404)  # no such resource
+
+
+def pinned_version(text: str | None, where: str, status: int) -> int | None:
+    """A version a request names, 1 to 9 ASCII digits; ``status`` when malformed: 404 in a path (no such
+    resource), 422 in a query, 400 in a gRPC message's field."""
     if text is None:
         return None
     if not _VERSION.fullmatch(text) or int(text) < 1:
-        raise HttpError(422 if where == "version" else 404,
-                        f"{where} must be a version number (1 to 9 digits: 1, 2, ...), got {shown(text)}")
+        raise HttpError(status, f"{where} must be a version number (1 to 9 digits: 1, 2, ...), got {shown(text)}")
     return int(text)
 
 
@@ -76,11 +79,12 @@ class Served:
     def __init__(self, name: str, versions: VersionControl, ready: Callable[[], bool]):
         self.name, self.versions, self.ready = name, versions, ready
 
-    def check(self, name: str, version: str | None) -> int | None:
-        """404 for a model that is not served here; the version asked for, if any (404 when malformed)."""
+    def check(self, name: str, version: str | None, field: tuple[str, int] = PATH_VERSION) -> int | None:
+        """404 for a model that is not served here; the version asked for, if any (``field``: where it was
+        given, and the status when it is malformed)."""
         if name != self.name:
             raise HttpError(404, f"unknown model {shown(name)}: this server serves {self.name!r}")
-        return pinned_version(version, "the version in the path")
+        return pinned_version(version, *field)
 
     def checked(self, request: Request) -> int | None:
         """``check`` for the model and version in a request's path."""

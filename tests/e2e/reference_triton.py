@@ -2,8 +2,9 @@
 
     from tests.e2e.reference_triton import triton_reference
 
-    with triton_reference() as url:  # "127.0.0.1:PORT", the form tritonclient.http takes
-        client = tritonclient.http.InferenceServerClient(url)
+    with triton_reference() as triton:  # "127.0.0.1:PORT" each, the form tritonclient takes
+        client = tritonclient.http.InferenceServerClient(triton.http)
+        # or tritonclient.grpc.InferenceServerClient(triton.grpc): the same server on gRPC
 
 The server is tests/e2e/triton_reference/serve.py running under .venv-triton (made by .ci/triton-venv.sh;
 PyTriton pins numpy<2, so it cannot share the project's venv). Weights go from the model store to a .npz in
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import tritonclient.http
 
@@ -31,6 +33,13 @@ TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 SERVE = Path(__file__).resolve().parent / "triton_reference" / "serve.py"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
+
+
+class Endpoints(NamedTuple):
+    """Where the reference listens, as ``host:port``."""
+
+    http: str
+    grpc: str
 
 
 def free_ports(count: int) -> list[int]:
@@ -60,8 +69,11 @@ def reference_env() -> dict[str, str]:
     return env
 
 
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, model: str) -> None:
-    client = tritonclient.http.InferenceServerClient(url)
+def _wait_ready(process: subprocess.Popen[bytes], endpoints: Endpoints, log: Path, model: str) -> None:
+    """Until the model is ready on HTTP and the gRPC port takes connections (tritonclient.grpc is not imported
+    here: a module that imports this one may hold digitserve's own ``inference`` protobuf package)."""
+    client = tritonclient.http.InferenceServerClient(endpoints.http)
+    host, port = endpoints.grpc.rsplit(":", 1)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
@@ -69,6 +81,7 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, model: st
                 raise RuntimeError(f"Triton reference exited with {process.returncode}:\n{_tail(log)}")
             with contextlib.suppress(Exception):  # connection refused until it listens
                 if client.is_server_ready() and client.is_model_ready(model):
+                    socket.create_connection((host, int(port)), timeout=2).close()
                     return
             time.sleep(0.5)
     finally:
@@ -97,8 +110,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def triton_reference(store: Path = ROOT / "model_store", model: str = "mnist-fnn") -> Iterator[str]:
-    """Serve ``store``'s highest version of ``model`` through Triton; yields ``host:port`` of its HTTP API."""
+def triton_reference(store: Path = ROOT / "model_store", model: str = "mnist-fnn") -> Iterator[Endpoints]:
+    """Serve ``store``'s highest version of ``model`` through Triton; yields where its HTTP and gRPC APIs listen."""
     if not TRITON_PYTHON.exists():
         raise RuntimeError(
             f"{TRITON_PYTHON} is missing: run `bash .ci/triton-venv.sh` to make the Triton reference venv"
@@ -115,8 +128,8 @@ def triton_reference(store: Path = ROOT / "model_store", model: str = "mnist-fnn
                 command, env=reference_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
-            url = f"127.0.0.1:{http}"
-            _wait_ready(process, url, log, model)
-            yield url
+            endpoints = Endpoints(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
+            _wait_ready(process, endpoints, log, model)
+            yield endpoints
         finally:
             _stop(process)

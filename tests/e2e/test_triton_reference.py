@@ -92,8 +92,8 @@ def _torch_probabilities(pixels: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[httpclient.InferenceServerClient]:
-    with triton_reference(STORE, MODEL) as url:
-        triton = httpclient.InferenceServerClient(url)
+    with triton_reference(STORE, MODEL) as endpoints:
+        triton = httpclient.InferenceServerClient(endpoints.http)
         yield triton
         triton.close()
 

@@ -46,8 +46,8 @@ def ours(server: Server) -> Iterator[triton.InferenceServerClient]:
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[triton.InferenceServerClient]:
-    with triton_reference() as url:
-        client = triton.InferenceServerClient(url)
+    with triton_reference() as endpoints:
+        client = triton.InferenceServerClient(endpoints.http)
         yield client
         client.close()
 

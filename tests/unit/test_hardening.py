@@ -86,12 +86,12 @@ def test_authorization_carries_a_key_only_as_bearer(authorization, key):
 
 @pytest.mark.parametrize("text", ["²", "١", "٣", "1" * 10, "1" * 5000, "0", "-1", "+1", " 1", "1.0", "", "1e3"])
 def test_versions_are_one_to_nine_ascii_digits(text):
-    for where, status in (("version", 422), ("the version in the path", 404)):
+    for where, status in (("version", 422), ("the version in the path", 404), ("the model version", 400)):
         with pytest.raises(HttpError) as refused:
-            pinned_version(text, where)
+            pinned_version(text, where, status)
         assert refused.value.status == status and len(refused.value.detail) < 200
         assert refused.value.detail.isascii()
-    assert pinned_version("007", "version") == 7 and pinned_version("999999999", "version") == 999_999_999
+    assert pinned_version("007", "version", 422) == 7 and pinned_version("999999999", "version", 422) == 999_999_999
 
 
 def test_error_answers_are_ascii_bounded_and_nosniff():
