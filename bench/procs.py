@@ -58,15 +58,15 @@ class ServerDied(RuntimeError):
 
 def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
-    The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), and
-    no ``OTEL_*`` one, so digitserve runs its default configuration, traces off (and a variant's settings,
-    for ``add_variant``'s)."""
+    The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``) and
+    a free gRPC port, and no ``OTEL_*`` one, so digitserve runs its default configuration, traces off (and a
+    variant's settings, for ``add_variant``'s)."""
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DIGITSERVE_", "OTEL_")) or k == "DIGITSERVE_DATA_DIR"}
-    if SERVERS[name] == "service":
-        env.update(_digitserve, **SETTINGS.get(name, {}))
+    if SERVERS[name] == "service":  # its gRPC port too: two digitserves run at once (runtimes, traces)
+        env.update(_digitserve, DIGITSERVE_GRPC_PORT=str(free_port()), **SETTINGS.get(name, {}))
     tree = TREES.get(name, ROOT)
     if name in TREES:  # its ``service`` package, ahead of the venv's editable install of this tree
         env["PYTHONPATH"] = str(tree)

@@ -173,10 +173,10 @@ def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict]
     if "before" in med:  # BENCH_BEFORE: today's tree against an earlier commit's, workload by workload
         lines.append(_versus(med, workloads, "digitserve", "before", "req_s",
                              f"digitserve/before ({machine.get('before_commit', '')[:7]}) req/s"))
-    if "digitserve-traces" in med:  # BENCH_TRACES: traces on against off
+    for traced in (server for server in med if server.startswith("digitserve-traces-")):  # BENCH_TRACES
+        share = traced.removeprefix("digitserve-traces-")
         for metric, unit in (("req_s", "req/s"), ("p99_ms", "p99"), ("cpu_ms_per_req", "CPU ms/req")):
-            lines.append(_versus(med, workloads, "digitserve-traces", "digitserve", metric,
-                                 f"traces on/off {unit}"))
+            lines.append(_versus(med, workloads, traced, "digitserve", metric, f"traces on ({share})/off {unit}"))
     if micro:
         lines.append("ceilings on 1 core: " + ", ".join(f"{k.removesuffix('_images_s')} {v:,.0f} images/s"
                                                          for k, v in micro.items()))

@@ -20,9 +20,9 @@ temporary git worktree with this venv; the report gives today/before by workload
 (comma-separated names: only those; results then go to <date>-some.*), BENCH_RUNTIMES (eager,export: with
 export, digitserve-export, the same server with ``--runtime export`` serving the store's versions
 AOTInductor-compiled, runs RUNTIME_WORKLOADS too, and the micro ceilings are taken for each runtime),
-BENCH_TRACES=1 (digitserve-traces, the same server exporting traces to a receiver that discards them,
-``harness.otlp`` in a process of its own, runs RUNTIME_WORKLOADS too: traces on against off; every call
-is traced unless OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, passed on to it, say otherwise).
+BENCH_TRACES (comma-separated shares of calls recorded, e.g. ``1,0.01``: for each, digitserve-traces-<share>,
+the same server exporting the spans of that share of its calls to a receiver that discards them,
+``harness.otlp`` in a process of its own, runs RUNTIME_WORKLOADS too: traces on against off).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ MODEL = "mnist-fnn"
 ONLY = set(filter(None, os.environ.get("BENCH_WORKLOADS", "").split(",")))  # empty: every workload
 RUNTIMES = [r for r in os.environ.get("BENCH_RUNTIMES", "eager,export").split(",") if r and r != "eager"]
 RUNTIME_WORKLOADS = ("predict-1img@64", "v2-fp32-1img@64", "predict-32img@8", "v2-fp32-32img@8")
-TRACES = os.environ.get("BENCH_TRACES") == "1"
+TRACES = [share for share in os.environ.get("BENCH_TRACES", "").split(",") if share]
 ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
 # Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with.
@@ -168,7 +168,7 @@ def switching(server: Server, every_s: float) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def trace_receiver() -> Iterator[str | None]:
-    """With ``BENCH_TRACES=1``, an OTLP/HTTP receiver that discards what it is sent, in a process of its own
+    """With ``BENCH_TRACES``, an OTLP/HTTP receiver that discards what it is sent, in a process of its own
     while the block runs; its endpoint (None without)."""
     if not TRACES:
         yield None
@@ -184,14 +184,14 @@ def trace_receiver() -> Iterator[str | None]:
 
 @contextlib.contextmanager
 def before_tree(commit: str | None, work: Path, traces: str | None) -> Iterator[list[Workload]]:
-    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and on the traced one
-    (exporting to ``traces``) when there is one; with ``commit``, every digitserve one on "before" (that
-    commit) as well."""
+    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and on each traced one
+    (a ``BENCH_TRACES`` share, exporting to ``traces``); with ``commit``, every digitserve one on "before"
+    (that commit) as well."""
     chosen = [w for w in WORKLOADS if not ONLY or w.name in ONLY]
     added = [procs.add_runtime(runtime) for runtime in RUNTIMES]
-    if traces is not None:
-        sampler = {k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")}
-        added.append(procs.add_variant("digitserve-traces", {"OTEL_EXPORTER_OTLP_ENDPOINT": traces, **sampler}))
+    added += [procs.add_variant(f"digitserve-traces-{share}", {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": traces, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": share}) for share in TRACES if traces is not None]
     chosen = [dataclasses.replace(w, servers=(*w.servers, *added)) if w.name in RUNTIME_WORKLOADS else w
               for w in chosen]
     if not commit:
