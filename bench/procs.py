@@ -22,7 +22,8 @@ from harness.server import ROOT, Server, free_port
 SERVERS = {"digitserve": "service", "baseline": "bench.baselines.litserve_readme", "ceiling": "bench.ceiling"}
 # server name -> the source tree it runs from, where not this one (``BENCH_BEFORE``: an earlier commit)
 TREES: dict[str, Path] = {}
-# server name -> the one setting it runs with besides the defaults (``BENCH_RUNTIMES``: digitserve-export)
+# server name -> the settings it runs with besides the defaults (``BENCH_RUNTIMES``: digitserve-export;
+# ``BENCH_TRACES``: digitserve-traces)
 SETTINGS: dict[str, dict[str, str]] = {}
 _live: set[Server] = set()
 
@@ -41,11 +42,15 @@ def add_tree(name: str, tree: Path) -> None:
     SERVERS[name], TREES[name] = "service", tree
 
 
+def add_variant(name: str, settings: dict[str, str]) -> str:
+    """One more digitserve, this tree with ``settings`` (environment variables) added; its name."""
+    SERVERS[name], SETTINGS[name] = "service", settings
+    return name
+
+
 def add_runtime(runtime: str) -> str:
     """One more digitserve, this tree with ``--runtime runtime``; its name."""
-    name = f"digitserve-{runtime}"
-    SERVERS[name], SETTINGS[name] = "service", {"DIGITSERVE_RUNTIME": runtime}
-    return name
+    return add_variant(f"digitserve-{runtime}", {"DIGITSERVE_RUNTIME": runtime})
 
 
 class ServerDied(RuntimeError):
@@ -54,12 +59,14 @@ class ServerDied(RuntimeError):
 
 def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
-    The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), so
-    digitserve runs its default configuration (and the runtime, for ``add_runtime``'s), and a free gRPC port
-    of its own: with the default (8001) every digitserve of a run would share one, through SO_REUSEPORT."""
+    The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), and
+    no ``OTEL_*`` one, so digitserve runs its default configuration, traces off (and a variant's settings,
+    for ``add_variant``'s), and a free gRPC port of its own: with the default (8001) every digitserve of a
+    run would share one, through SO_REUSEPORT."""
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_") or k == "DIGITSERVE_DATA_DIR"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DIGITSERVE_", "OTEL_")) or k == "DIGITSERVE_DATA_DIR"}
     args = ["--port", str(port)]
     grpc_port = None
     if SERVERS[name] == "service":

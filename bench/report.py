@@ -185,11 +185,12 @@ def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict]
         if (value := _ratio(ours, ceiling, "req_s")) is not None:
             lines.append(f"gRPC FP32 1 image @64, digitserve/ceiling req/s: {value:.2f}x")
     if "before" in med:  # BENCH_BEFORE: today's tree against an earlier commit's, workload by workload
-        against = [(w.name, _ratio(med["digitserve"]["workloads"].get(w.name, {}),
-                                   med["before"]["workloads"].get(w.name, {}), "req_s"))
-                   for w in workloads if "before" in w.servers]
-        lines.append(f"digitserve/before ({machine.get('before_commit', '')[:7]}) req/s: " + ", ".join(
-            f"{name} {value:.2f}x" if value else f"{name} n/a" for name, value in against))
+        lines.append(_versus(med, workloads, "digitserve", "before", "req_s",
+                             f"digitserve/before ({machine.get('before_commit', '')[:7]}) req/s"))
+    for traced in (server for server in med if server.startswith("digitserve-traces-")):  # BENCH_TRACES
+        share = traced.removeprefix("digitserve-traces-")
+        for metric, unit in (("req_s", "req/s"), ("p99_ms", "p99"), ("cpu_ms_per_req", "CPU ms/req")):
+            lines.append(_versus(med, workloads, traced, "digitserve", metric, f"traces on ({share})/off {unit}"))
     if micro:
         lines.append("ceilings on 1 core: " + ", ".join(f"{k.removesuffix('_images_s')} {v:,.0f} images/s"
                                                          for k, v in micro.items()))
@@ -201,6 +202,14 @@ def markdown(med: dict[str, dict], workloads: list[Workload], checks: list[dict]
             value += f" ({min(c['by_round']):.2f}-{max(c['by_round']):.2f} by round)"
         lines.append(f"{c['verdict']:4}  {c['target']}: {value}")
     return "\n".join(lines)
+
+
+def _versus(med: dict[str, dict], workloads: list[Workload], top: str, bottom: str, metric: str, title: str) -> str:
+    """``title: workload ratio, ...``: ``top``'s ``metric`` over ``bottom``'s, for each workload ``bottom``
+    ran too."""
+    against = [(w.name, _ratio(med[top]["workloads"].get(w.name, {}), med[bottom]["workloads"].get(w.name, {}),
+                               metric)) for w in workloads if top in w.servers and bottom in w.servers]
+    return f"{title}: " + ", ".join(f"{name} {value:.2f}x" if value else f"{name} n/a" for name, value in against)
 
 
 def plot(med: dict[str, dict], workloads: list[Workload], path: Path) -> None:

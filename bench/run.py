@@ -22,7 +22,10 @@ was there runs every digitserve workload too, seconds apart from today's, from a
 this venv; the report gives today/before by workload), BENCH_WORKLOADS
 (comma-separated names: only those; results then go to <date>-some.*), BENCH_RUNTIMES (eager,export: with
 export, digitserve-export, the same server with ``--runtime export`` serving the store's versions
-AOTInductor-compiled, runs RUNTIME_WORKLOADS too, and the micro ceilings are taken for each runtime).
+AOTInductor-compiled, runs RUNTIME_WORKLOADS too, and the micro ceilings are taken for each runtime),
+BENCH_TRACES (comma-separated shares of calls recorded, e.g. ``1,0.01``: for each, digitserve-traces-<share>,
+the same server exporting the spans of that share of its calls to a receiver that discards them,
+``harness.otlp`` in a process of its own, runs RUNTIME_WORKLOADS too: traces on against off).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from bench import procs, report
 from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.grpcload import MODEL_INFER
 from bench.load import LoadSettings, Workload, measure, verify_grpc, verify_v2
-from harness.server import ROOT, Server
+from harness.server import ROOT, Server, free_port
 from service.model import static, store
 from service.work import METHODS
 
@@ -63,6 +66,7 @@ MODEL = "mnist-fnn"
 ONLY = set(filter(None, os.environ.get("BENCH_WORKLOADS", "").split(",")))  # empty: every workload
 RUNTIMES = [r for r in os.environ.get("BENCH_RUNTIMES", "eager,export").split(",") if r and r != "eager"]
 RUNTIME_WORKLOADS = ("predict-1img@64", "v2-fp32-1img@64", "predict-32img@8", "v2-fp32-32img@8")
+TRACES = [share for share in os.environ.get("BENCH_TRACES", "").split(",") if share]
 ADMIN_KEY = "bench-" + os.urandom(8).hex()
 DS = ("digitserve",)
 # Run in this order, so that each V2 workload runs seconds after the /predict one it is compared with, and each
@@ -203,11 +207,31 @@ def _shadow_counts(client: httpx.Client) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def before_tree(commit: str | None, work: Path) -> Iterator[list[Workload]]:
-    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and with ``commit``,
-    every digitserve one on "before" (that commit) as well."""
+def trace_receiver() -> Iterator[str | None]:
+    """With ``BENCH_TRACES``, an OTLP/HTTP receiver that discards what it is sent, in a process of its own
+    while the block runs; its endpoint (None without)."""
+    if not TRACES:
+        yield None
+        return
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "harness.otlp", "--port", str(port)], cwd=ROOT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        receiver.terminate()
+        receiver.wait()
+
+
+@contextlib.contextmanager
+def before_tree(commit: str | None, work: Path, traces: str | None) -> Iterator[list[Workload]]:
+    """The workloads to run: RUNTIME_WORKLOADS on each ``BENCH_RUNTIMES`` server too, and on each traced one
+    (a ``BENCH_TRACES`` share, exporting to ``traces``); with ``commit``, every digitserve one on "before"
+    (that commit) as well."""
     chosen = [w for w in WORKLOADS if not ONLY or w.name in ONLY]
     added = [procs.add_runtime(runtime) for runtime in RUNTIMES]
+    added += [procs.add_variant(f"digitserve-traces-{share}", {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": traces, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": share}) for share in TRACES if traces is not None]
     chosen = [dataclasses.replace(w, servers=(*w.servers, *added)) if w.name in RUNTIME_WORKLOADS else w
               for w in chosen]
     if not commit:
@@ -318,7 +342,8 @@ def main() -> int:
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,
                      "settings": {**s.__dict__, "rounds": n_rounds, "images": n_images}, "machine": machine_info()}
     before = os.environ.get("BENCH_BEFORE")
-    with tempfile.TemporaryDirectory(prefix="digitserve-bench-") as work, before_tree(before, Path(work)) as workloads:
+    with tempfile.TemporaryDirectory(prefix="digitserve-bench-") as work, trace_receiver() as traces, \
+            before_tree(before, Path(work), traces) as workloads:
         if before:
             results["machine"]["before_commit"] = subprocess.run(["git", "rev-parse", before], cwd=ROOT, text=True,
                                                                  capture_output=True).stdout.strip()

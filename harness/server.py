@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -43,6 +44,11 @@ class Server:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def access_log(self) -> list[dict]:
+        """The access log's entries so far (the JSON log format: ``{"ts": ..., "log": {...}}`` lines)."""
+        return [json.loads(line)["log"] for line in self.output().splitlines() if line.startswith('{"ts"')
+                and '"log": {' in line]
 
     def wait_ready(self, timeout: float = 120) -> None:
         """Poll /health with one client: a fresh httpx call per poll builds an SSL context (~90 ms of CPU)."""

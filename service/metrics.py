@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
+from service import logs, tracing
 from service.http import calls
 from service.work import Pool
 
@@ -197,10 +197,11 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
 
 
 class MetricsMiddleware:
-    """Opens every HTTP request's call record (``service.http.calls``) and books it once answered: counted
-    once, with its real status, under a bounded set of endpoint labels; a request id (the client's
-    ``X-Request-ID`` when it sent a sane one) returned as a header; one JSON log line per inference
-    request (other endpoints: debug level). Log lines carry no image data and no headers, so no API
+    """Opens every HTTP request's call record (``service.http.calls``), with an inference call's root span
+    when traced (``service.tracing``), and books it once answered: counted once, with its real status,
+    under a bounded set of endpoint labels; a request id (the client's ``X-Request-ID`` when it sent a
+    sane one) returned as a header; one JSON log line per inference request (other endpoints: debug
+    level), naming its trace when traced. Log lines carry no image data and no headers, so no API
     key. The ``version`` of an inference request is the one that computed it; of any other, and of
     the in-flight gauge, the version served when it arrived (``serving()``)."""
 
@@ -216,6 +217,10 @@ class MetricsMiddleware:
         route = state.get("route")
         call = state["call"] = calls.opened(route.label if route is not None else endpoint_of(scope["path"]),
                                             _header(scope, b"x-request-id"), self.serving())
+        if route is not None and tracing.on():  # an inference call: traced
+            call.trace = tracing.begin(f"POST {route.path}", call.arrived, _header(scope, b"traceparent"),
+                                       _header(scope, b"tracestate"),
+                                       {"http.request.method": "POST", "http.route": route.path})
         status = 500  # if the app fails before sending headers, that is what the client sees
         started_response = False
 
@@ -289,6 +294,7 @@ class Answered(NamedTuple):
     arrived_on: str  # the version served when it arrived: its in-flight gauge's label
     detail: str | None = None  # an error's detail, for the access log
     refusal: str | None = None  # why admission refused it, for digitserve_refusals_total
+    trace_id: str | None = None  # its trace's id, when traced
 
 
 class RequestBook:
@@ -308,12 +314,13 @@ class RequestBook:
 
     def answered(self, call: calls.Call, method: str, status: int) -> None:
         """``call`` was answered with ``status`` (an HTTP status; gRPC's codes are booked as the HTTP
-        status they stand for, so one alert reads both)."""
+        status they stand for, so one alert reads both); its root span, when traced, ends."""
         arrived_on = str(call.serving)
         self._change((call.endpoint, arrived_on), -1)
+        trace_id = None if call.trace is None else tracing.finish(call.trace, status, call)
         self.done.append(Answered(call.endpoint, arrived_on if call.version is None else str(call.version), status,
                                   time.monotonic() - call.arrived, time.time(), call.request_id, method,
-                                  call.batch_size, arrived_on, call.detail, call.refusal))
+                                  call.batch_size, arrived_on, call.detail, call.refusal, trace_id))
 
     def _change(self, key: tuple[str, str], by: int) -> None:
         if not self.changed:
@@ -353,4 +360,6 @@ def _log_line(r: Answered, level: str) -> str:
               "latency_ms": round(r.seconds * 1000, 2), "model_version": r.version, "batch_size": r.batch_size}
     if r.detail is not None:  # what was wrong (never image data or headers: details name the instance)
         fields["detail"] = r.detail[:300]
+    if r.trace_id is not None:
+        fields["trace_id"] = r.trace_id
     return logs.access_line(r.at, level, fields)

@@ -38,8 +38,8 @@ class Pool(StrEnum):
 @dataclass(slots=True)
 class Work:
     """One request's images in MNIST's frame (float32 (n, 784) in 0..1), what the worker needs of its
-    options (an explanation's method, steps...), when it arrived, and the model version that is to
-    compute it (chosen by the API server: served, canary or pinned).
+    options (an explanation's method, steps...), when it arrived, the model version that is to
+    compute it (chosen by the API server: served, canary or pinned), and where its spans go when traced.
 
     Normalising with the mean/std is left to the worker: it holds the model, whose metadata says which.
     """
@@ -50,17 +50,20 @@ class Work:
     version: int = 0
     units: float = 0.0  # its work units (``service.costs``): the worker fits its costs on them
     deadline: float = float("inf")  # time.monotonic() past which nobody waits for the answer: not computed
+    trace: str | None = None  # the W3C traceparent of the span its worker's spans go under (service.tracing)
+    queued: float = 0.0  # time.monotonic() when it was put on a worker's pipe: set by the worker, from the message
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as raw bytes: faster both ways than numpy's own pickling, on every request
         (docs/performance.md)."""
         data = np.asarray(self.images, dtype=np.float32).tobytes()
-        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.deadline)
+        return _work, (data, len(self.images), self.options, self.arrived, self.version, self.units, self.deadline,
+                       self.trace)
 
 
 def _work(data: bytes, n: int, options: dict[str, Any], arrived: float, version: int, units: float,
-          deadline: float) -> Work:
-    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, deadline)
+          deadline: float, trace: str | None) -> Work:
+    return Work(np.frombuffer(data, np.float32).reshape(n, -1), options, arrived, version, units, deadline, trace)
 
 
 @dataclass(slots=True)

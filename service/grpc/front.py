@@ -10,7 +10,8 @@ codec (``service.grpc.codec``) and an endpoint over the data plane.
 The client's gRPC deadline is the call's deadline (capped by ``--request-timeout-s``); a call whose
 deadline passes or whose client cancels keeps its place in admission until its worker drops or
 answers it, as an HTTP request does. Draining refuses new calls (UNAVAILABLE) while admitted ones
-are answered; the server stops with its API server.
+are answered; the server stops with its API server. A ``traceparent`` in the call's metadata is
+continued as an HTTP header is (``service.tracing``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from service import metrics
+from service import metrics, tracing
 from service.config import Settings
 from service.errors import HttpError
 from service.grpc import codec
@@ -34,6 +35,7 @@ from service.http.fastpath import MAX_DETAIL, log_unexpected
 
 log = logging.getLogger("digitserve")
 ENDPOINT = "grpc_infer"
+SERVICE = "inference.GRPCInferenceService"
 # a message may hold the largest body REST takes, and the protobuf framing around it
 _FRAMING_BYTES = 64 * 1024
 # a version in a message's field that is not a version number is a bad argument (REST's path: no such resource)
@@ -74,6 +76,10 @@ class InferenceService:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
         call = calls.opened(ENDPOINT, metadata.get("x-request-id"), self.serving())
+        if tracing.on():
+            call.trace = tracing.begin(f"{SERVICE}/ModelInfer", call.arrived, metadata.get("traceparent"),
+                                       metadata.get("tracestate"),
+                                       {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": "ModelInfer"})
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         status = 200
         metrics.BOOK.started(call)
@@ -91,7 +97,7 @@ class InferenceService:
             raise
         except Exception as e:  # a bug of ours: one line, INTERNAL, the server goes on
             status = 500
-            log_unexpected({"method": "gRPC", "path": "/inference.GRPCInferenceService/ModelInfer"}, e)
+            log_unexpected({"method": "gRPC", "path": f"/{SERVICE}/ModelInfer"}, e)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
             raise
         finally:
@@ -105,7 +111,7 @@ class InferenceService:
         plane.limit(call, remaining)
         plane.precheck(call)
         size = request.ByteSize()
-        tensors = await plane.parse(size, False, codec.infer_request, request, plane.settings)
+        tensors = await plane.parse(call, size, False, codec.infer_request, request, plane.settings)
         answer = await plane.infer(call, v2.inputs(tensors, size))
         return codec.infer_response(tensors, self.served.name, str(answer.version), answer.rows, answer.no_digit)
 

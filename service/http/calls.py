@@ -11,8 +11,12 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.work import Pool
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 _SANE_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # else replaced: it is echoed and logged
 
@@ -32,6 +36,7 @@ class Call:
     detail: str | None = None  # an error's detail, for the access log
     refusal: str | None = None  # why admission refused it, for digitserve_refusals_total
     status: int | None = None  # set where no answer could be sent (499: the client left)
+    trace: Span | None = None  # its root span when traced (service.tracing): its stages' spans go under it
 
 
 def request_id(given: str | None) -> str:

@@ -11,7 +11,8 @@ then the ``Answer``. Admission comes once the body is read and parsed, so a slow
 holds a place in the queue and the request's cost is known.
 
 Nothing here knows HTTP or gRPC: what a call is (arrival, deadline, pool, pinned version, request
-id) is its ``Call`` record (``service.http.calls``).
+id, root span when traced) is its ``Call`` record (``service.http.calls``). Each stage above is a span
+of the call's trace (``service.tracing``; nothing at all when it is not traced).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import imaging, metrics
+from service import imaging, metrics, tracing
 from service.capture import Capture
 from service.config import Settings
 from service.errors import HttpError, retry_later, shown
@@ -101,20 +102,24 @@ class DataPlane:
         self.admission.precheck(call.pool)
 
     @staticmethod
-    async def parse(size: int, heavy: bool, parse: Callable[..., T], *args: Any) -> T:
+    async def parse(call: Call, size: int, heavy: bool, parse: Callable[..., T], *args: Any) -> T:
         """A protocol's parsing of a body of ``size`` bytes: in a thread when it is big (or ``heavy``), to
         keep the event loop answering."""
-        if size > OFFLOAD_BYTES or heavy:
-            return await asyncio.to_thread(parse, *args)
-        return parse(*args)
+        with tracing.span(call.trace, "parse"):
+            if size > OFFLOAD_BYTES or heavy:
+                return await asyncio.to_thread(parse, *args)
+            return parse(*args)
 
     async def infer(self, call: Call, inputs: Inputs) -> Answer:
         """Admission, preprocessing and a worker of ``call.pool``: the request's ``Answer``. A request whose
         pictures all have no digit is answered without a worker (batch size 0)."""
         options = inputs.options or {}
+        admitting = time.monotonic()
         with self.admission.admit(call.pool, inputs.count, work_units(inputs.count, options), call.deadline_s,
                                   call.arrived) as admitted:
-            work, notes = await self._prepare(inputs, options, call.arrived)
+            tracing.record(call.trace, "admission", admitting)  # a refusal shows on the call's root span
+            with tracing.span(call.trace, "imaging"):
+                work, notes = await self._prepare(inputs, options, call.arrived)
             version = self.versions.route(call.pinned)
             if len(work.images):
                 computed = await self._compute(call, work, version, admitted)
@@ -151,18 +156,20 @@ class DataPlane:
         remaining = work.deadline - time.monotonic()
         if remaining <= 0:  # reading and preparing it took all its time: nothing to compute
             raise HttpError(504, f"no answer within the request timeout of {call.deadline_s:g} s")
-        _, pending = self.dispatcher.submit(call.pool, work)
-        # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
-        timer = asyncio.get_running_loop().call_later(remaining, pending.event.set)
-        try:
-            await pending.event.wait()
-        finally:
-            timer.cancel()
-            if not pending.answered:  # timed out or cancelled: counted until the worker answers or drops it
-                admitted.keep_until(pending)
-        if not pending.answered:
-            raise HttpError(504, f"no answer within the request timeout of {call.deadline_s:g} s")
-        computed: Computed = result(pending)
+        with tracing.span(call.trace, "worker") as waiting:
+            work.trace = tracing.traceparent(waiting)  # the worker's spans go under this one
+            _, pending = self.dispatcher.submit(call.pool, work)
+            # a timer, not asyncio.wait_for: that wraps every wait in a task of its own
+            timer = asyncio.get_running_loop().call_later(remaining, pending.event.set)
+            try:
+                await pending.event.wait()
+            finally:
+                timer.cancel()
+                if not pending.answered:  # timed out or cancelled: counted until the worker answers or drops it
+                    admitted.keep_until(pending)
+            if not pending.answered:
+                raise HttpError(504, f"no answer within the request timeout of {call.deadline_s:g} s")
+            computed: Computed = result(pending)
         return computed
 
 

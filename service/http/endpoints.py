@@ -50,8 +50,8 @@ class Native:
         plane.limit(call, asked_timeout(request.headers.get("x-request-timeout-ms")))
         plane.precheck(call)
         body = await inputs.read_body(request, plane.settings)
-        parsed = await plane.parse(len(body), inputs.heavy(request.headers, body), inputs.parse, request.headers,
-                                   body, self.options_model, plane.settings)
+        parsed = await plane.parse(call, len(body), inputs.heavy(request.headers, body), inputs.parse,
+                                   request.headers, body, self.options_model, plane.settings)
         options = parsed.options.model_dump()
         answer = await plane.infer(call, Inputs(len(parsed.instances), parsed.instances, None, options, len(body)))
         return Response(content=native.encode(answer, plane.settings.model, options), media_type="application/json")
@@ -166,7 +166,7 @@ class OpenInferenceV2:
         plane.limit(call, asked_timeout(request.headers.get("x-request-timeout-ms")))
         plane.precheck(call)
         body = await inputs.read_body(request, plane.settings)
-        tensors = await plane.parse(len(body), False, v2.parse_infer, body,
+        tensors = await plane.parse(call, len(body), False, v2.parse_infer, body,
                                     request.headers.get("inference-header-content-length"), plane.settings)
         answer = await plane.infer(call, v2.inputs(tensors, len(body)))
         return TensorResponse(*v2.encode_answer(tensors, self.served.name, str(answer.version), answer.rows,

@@ -68,7 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Route
 
-from service import logs, metrics
+from service import logs, metrics, tracing
 from service.capture import Capture
 from service.config import Settings
 from service.errors import HttpError
@@ -120,8 +120,9 @@ class Parts:
         return self.board.read().serving
 
     async def api_server_started(self) -> None:
-        """In each API server's event loop, once: answers flow to their requests; the first watches the
-        store; the gRPC service listens."""
+        """In each API server's event loop, once: tracing starts when asked for; answers flow to their
+        requests; the first watches the store; the gRPC service listens."""
+        tracing.start()
         self.dispatcher.watch()
         if self.watcher is not None and self.admission.slot == 0:
             self._watching = asyncio.get_running_loop().create_task(self.watcher.run())
@@ -130,11 +131,13 @@ class Parts:
 
     async def api_server_stopping(self) -> None:
         """In each API server, once its requests are answered: the gRPC service stops; what capture
-        holds is written (an API server ends with ``os._exit``, which runs no ``atexit`` hook)."""
+        and tracing hold is written (an API server ends with ``os._exit``, which runs no ``atexit`` hook)."""
         if self.grpc is not None:
             await self.grpc.stop()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+        if tracing.on():
+            await asyncio.to_thread(tracing.stop)
 
     def bind_api_server(self, slot: int) -> None:
         """Just before API server ``slot`` is forked: its socket and its slot in the shared state."""

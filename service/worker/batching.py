@@ -140,6 +140,7 @@ def collect(stages: Stages, requests: RequestPipes, load: PoolLoad) -> Collected
         if now > work.deadline or (timeout is not None and now - queued_at > timeout):
             timed_out.append((server, uid))
         else:
+            work.queued = queued_at  # where its queue wait began (service.tracing)
             payloads.append((server, uid, work))
             images += len(work.images)
             units += work.units

@@ -25,7 +25,7 @@ import litserve as ls
 import numpy as np
 import torch
 
-from service import logs, metrics
+from service import logs, metrics, tracing
 from service.config import Settings
 from service.imaging import normalize
 from service.versions import Board, Runtimes, SetupFailures
@@ -49,6 +49,7 @@ class Group:
 class Batch:
     groups: list[Group]
     inputs: list[Work]
+    started: float  # time.monotonic() when its stages began: where its requests' queue wait ended
 
 
 class DigitAPI(ls.LitAPI):
@@ -68,6 +69,8 @@ class DigitAPI(ls.LitAPI):
         # order (service.supervisor), rather than each dying with a KeyboardInterrupt traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)  # one core per worker process; more workers, not more threads
+        tracing.start()  # when the environment asks for traces
+        tracing.stop_on(signal.SIGTERM)  # the server stops a worker with SIGTERM: its last spans are sent first
         if self.explains:  # a burst of explanations yields the CPU to predictions (and to the API servers)
             os.nice(EXPLAIN_NICENESS)
         self.models = Models(self.settings, self.board, self.runtimes, self.api_path, torch.device(device),
@@ -89,6 +92,7 @@ class DigitAPI(ls.LitAPI):
         return request
 
     def batch(self, inputs: list[Work]) -> Batch:
+        started = time.monotonic()
         self.models.sync()
         by_version: dict[int, list[int]] = {}
         for index, work in enumerate(inputs):
@@ -100,7 +104,7 @@ class DigitAPI(ls.LitAPI):
             images = np.concatenate([inputs[i].images for i in requests])
             x = torch.from_numpy(normalize(images, norm.mean, norm.std)).to(self.models.device)
             groups.append(Group(held, x, requests))
-        return Batch(groups, inputs)
+        return Batch(groups, inputs, started)
 
     def predict(self, batch: Batch) -> list[Computed]:
         started = time.monotonic()
@@ -108,13 +112,26 @@ class DigitAPI(ls.LitAPI):
         size = sum(len(g.x) for g in batch.groups)
         for group in batch.groups:
             version = group.held.loaded.version
+            forward = time.monotonic()
             rows, reports = self.compute(group, [batch.inputs[i] for i in group.requests])
+            if tracing.on():
+                self.trace(batch, group, size, (forward, time.monotonic()))
             bounds = np.cumsum([0, *(len(batch.inputs[i].images) for i in group.requests)]).tolist()
             for i, (a, b) in zip(group.requests, itertools.pairwise(bounds)):
                 done[i] = Computed(rows[a:b], version, size, None if reports is None else reports[a:b])
             arrivals = [batch.inputs[i].arrived for i in group.requests]
             metrics.observe_forward(self.endpoint, str(version), arrivals, len(group.x), started)
         return [answer for answer in done if answer is not None]
+
+    def trace(self, batch: Batch, group: Group, size: int, forward: tuple[float, float]) -> None:
+        """Each traced request of ``group``: its queue wait, its batch and the forward (``service.tracing``).
+        A batch serves many requests, each of its own trace: each gets a batch span of its own, alike."""
+        attributes = {"digitserve.batch.size": size, "digitserve.batch.requests": len(batch.inputs),
+                      "digitserve.model.version": group.held.loaded.version, "digitserve.pool": self.endpoint}
+        for i in group.requests:
+            work = batch.inputs[i]
+            if work.trace is not None:
+                tracing.batch(work.trace, work.queued, batch.started, forward, attributes)
 
     def unbatch(self, output: list[Computed]) -> list[Computed]:
         return output
