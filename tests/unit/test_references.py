@@ -21,8 +21,8 @@ from harness.server import ROOT
 SERVICE = ROOT / "service"
 PACKAGES = sorted(p.name for p in SERVICE.iterdir() if p.is_dir() and not p.name.startswith("__"))
 # Backticked names that start like one of our packages but are not ours: the grpc library, /info fields,
-# torch's Module.apply.
-NOT_OURS = {"grpc.aio", "model.static_graph", "model.version", "model.apply"}
+# torch's Module.apply, OpenTelemetry's resource attribute service.name.
+NOT_OURS = {"grpc.aio", "model.static_graph", "model.version", "model.apply", "service.name"}
 PATH = re.compile(r"(?<![\w/.-])service/[\w/*]*(?:\.\w+)?")
 DOTTED = re.compile(r"(?<![\w.])service(?:\.[A-Za-z_]\w*)+")
 OURS = "|".join(PACKAGES)
