@@ -32,8 +32,12 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def code(status: int) -> grpc.StatusCode:
-    """The gRPC code of one of our HTTP statuses (INTERNAL for a 5xx it does not name)."""
+def code(status: int, refusal: str | None = None) -> grpc.StatusCode:
+    """The gRPC code of one of our HTTP statuses (INTERNAL for a 5xx it does not name). A call admission
+    refuses because it would wait past its own deadline (``refusal`` "deadline", HTTP's 503) is
+    DEADLINE_EXCEEDED, as Triton answers it: the client's deadline cannot be met, retrying sooner won't help."""
+    if refusal == "deadline":
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT)
 
 

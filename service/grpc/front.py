@@ -90,7 +90,7 @@ class InferenceService:
             trailing = [("x-request-id", call.request_id)]
             if e.headers and "Retry-After" in e.headers:
                 trailing.append(("retry-after", e.headers["Retry-After"]))
-            await context.abort(codec.code(e.status), _ascii(e.detail), tuple(trailing))
+            await context.abort(codec.code(e.status, call.refusal), _ascii(e.detail), tuple(trailing))
             raise  # not reached: abort raises
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed first
             status = 499

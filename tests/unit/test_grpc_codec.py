@@ -113,6 +113,9 @@ def test_statuses_map_onto_grpc_codes():
     assert codec.code(401) == grpc.StatusCode.UNAUTHENTICATED and codec.code(404) == grpc.StatusCode.NOT_FOUND
     assert codec.code(413) == grpc.StatusCode.RESOURCE_EXHAUSTED and codec.code(503) == grpc.StatusCode.UNAVAILABLE
     assert codec.code(504) == grpc.StatusCode.DEADLINE_EXCEEDED and codec.code(500) == grpc.StatusCode.INTERNAL
+    # refused because it would wait past its own deadline: that deadline is what it exceeds
+    assert codec.code(503, "deadline") == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert codec.code(503, "queue_wait") == grpc.StatusCode.UNAVAILABLE
 
 
 def test_the_generated_modules_are_current(tmp_path):
