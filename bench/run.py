@@ -54,7 +54,7 @@ from bench import procs, report
 from bench.data import data_dir, mnist_pngs, write_bodies
 from bench.grpcload import MODEL_INFER
 from bench.load import LoadSettings, Workload, measure, verify_grpc, verify_v2
-from harness.server import ROOT, Server, free_port
+from harness.server import ROOT, Server, free_port, metric_samples
 from service.model import static, store
 from service.work import METHODS
 
@@ -198,12 +198,9 @@ def shadowing(server: Server, share: float) -> Iterator[dict]:
 
 def _shadow_counts(client: httpx.Client) -> tuple[float, float]:
     """digitserve_shadow_total and digitserve_shadow_dropped_total, summed over their labels."""
-    totals = {"digitserve_shadow_total": 0.0, "digitserve_shadow_dropped_total": 0.0}
-    for line in client.get("/metrics").text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["digitserve_shadow_total"], totals["digitserve_shadow_dropped_total"]
+    text = client.get("/metrics").text
+    return (sum(metric_samples(text, "digitserve_shadow_total").values()),
+            sum(metric_samples(text, "digitserve_shadow_dropped_total").values()))
 
 
 @contextlib.contextmanager

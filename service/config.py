@@ -8,6 +8,7 @@ a new setting declares its ``--help`` group (and, where the type says too little
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -213,9 +214,7 @@ class Settings(Limits):
 def bind_address(host: str) -> str:
     """``host`` as an IP address: itself, or the first address a host name resolves to, IPv4 first (so that
     ``localhost`` is 127.0.0.1, which every client tries, where it also resolves to ::1)."""
-    try:
+    with contextlib.suppress(ValueError):  # not an address: a host name
         return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
     found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return str(sorted(found, key=lambda entry: entry[0] != socket.AF_INET)[0][4][0])

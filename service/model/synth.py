@@ -58,8 +58,9 @@ def _digit_ink(kind: str, index: int, rng: np.random.Generator, source: Source |
         return np.clip(scaled, 0, 1), int(source[1][index])
     fonts = _sources(held=kind.endswith(HELD_OUT)).fonts
     label = int(rng.integers(10))
-    while (ink := printed.render(printed.DIGITS[label], _by_family(fonts, rng), rng)) is None:
-        pass
+    ink = None
+    while ink is None:  # a font that lacks the digit renders nothing: another family
+        ink = printed.render(printed.DIGITS[label], _by_family(fonts, rng), rng)
     return ink, label
 
 
