@@ -46,12 +46,17 @@ class Costs:
 
     def seconds(self, requests: float, images: float, units: float) -> float:
         """How long the pool takes for this much work: its workers share it (those that fitted a model)."""
-        fits = [self._shared[w * _TERMS:(w + 1) * _TERMS] for w in range(self.workers)]
-        fits = [f for f in fits if any(f)]
-        if not fits:
+        values = self._shared[:]  # one read of the shared array
+        fitted, per_request, per_image, per_unit = 0, 0.0, 0.0, 0.0
+        for at in range(0, len(values), _TERMS):
+            request_s, image_s, unit_s = values[at:at + _TERMS]
+            if request_s or image_s or unit_s:
+                fitted += 1
+                per_request, per_image, per_unit = per_request + request_s, per_image + image_s, per_unit + unit_s
+        if not fitted:
             return 0.0
-        per_request, per_image, per_unit = (sum(f[i] for f in fits) / len(fits) for i in range(_TERMS))
-        return (per_request * requests + per_image * images + per_unit * units) / len(fits)
+        # the fitted workers' mean costs, the work shared among them
+        return (per_request * requests + per_image * images + per_unit * units) / (fitted * fitted)
 
 
 class Fit:

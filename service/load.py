@@ -18,36 +18,38 @@ from service.config import Settings
 from service.costs import Costs
 from service.work import Pool
 
+_FIELDS = 3  # requests, images, units
+
 
 class PoolLoad:
     def __init__(self, servers: int, workers: int):
-        context = mp.get_context("spawn")
-        self._requests: Any = context.RawArray("i", servers)
-        self._images: Any = context.RawArray("d", servers)
-        self._units: Any = context.RawArray("d", servers)
+        # one array, a (requests, images, units) triple per API server: admission reads it twice a request,
+        # and one slice of one array is the cheapest read of shared memory from Python
+        self._held: Any = mp.get_context("spawn").RawArray("d", servers * _FIELDS)
         self.costs = Costs(workers)
 
     def add(self, slot: int, images: int, units: float) -> Callable[[], None]:
         """API server ``slot`` admitted a request of ``images`` and ``units``: counted until the returned
         release is called (once)."""
-        requests, queued_images, queued_units = self._requests, self._images, self._units
-        requests[slot] += 1
-        queued_images[slot] += images
-        queued_units[slot] += units
+        held, at = self._held, slot * _FIELDS
+        held[at] += 1
+        held[at + 1] += images
+        held[at + 2] += units
 
         def release() -> None:
-            requests[slot] -= 1
-            queued_images[slot] -= images
-            queued_units[slot] -= units
+            held[at] -= 1
+            held[at + 1] -= images
+            held[at + 2] -= units
 
         return release
 
     def held(self) -> tuple[int, float, float]:
         """Requests, images and work units admitted and not yet answered, every API server together."""
-        return sum(self._requests), sum(self._images), sum(self._units)
+        values = self._held[:]
+        return round(sum(values[0::_FIELDS])), sum(values[1::_FIELDS]), sum(values[2::_FIELDS])
 
     def requests(self) -> int:
-        return sum(self._requests)
+        return round(sum(self._held[0::_FIELDS]))
 
     def coming(self, collected: int) -> bool:
         """In a worker collecting a batch: whether more requests than the ``collected`` ones are in flight

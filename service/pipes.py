@@ -197,8 +197,8 @@ class AnswerPipes:
 
     def __init__(self, pools: dict[Pool, int], consumers: int, magic: bytes):
         self._offsets, offset = {}, 0
-        for api_path, size in pools.items():
-            self._offsets[api_path], offset = offset, offset + size
+        for pool, size in pools.items():
+            self._offsets[pool], offset = offset, offset + size
         self._readers, self._writers = _pipes(offset, consumers)
         self._magic = magic
         self._slot: int | None = None
@@ -208,12 +208,12 @@ class AnswerPipes:
         # request id -> (slot of the worker it was sent to, where its answer goes)
         self._held: dict[int, tuple[int, Pending]] = {}
 
-    def slot(self, api_path: str, worker_id: int) -> int:
-        return self._offsets[Pool(api_path)] + worker_id
+    def slot(self, pool: Pool, worker_id: int) -> int:
+        return self._offsets[pool] + worker_id
 
-    def bind(self, api_path: str, worker_id: int) -> None:
+    def bind(self, pool: Pool, worker_id: int) -> None:
         """In a worker process: which worker this is, so that ``answer`` writes to its own pipes."""
-        self._slot = self.slot(api_path, worker_id)
+        self._slot = self.slot(pool, worker_id)
 
     def answer(self, answers: list[tuple[int, int, Any, bool]]) -> None:
         """In a worker: ``(api_server, uid, response, ok)`` each; one message per API server."""
@@ -224,20 +224,20 @@ class AnswerPipes:
         for server, payload in by_server.items():
             _write_all(self._writers[self._slot][server].fileno(), pack(self._magic, (_ANSWERS, payload)))
 
-    def sent(self, uid: int, api_path: str, worker_id: int, pending: Pending) -> None:
+    def sent(self, uid: int, pool: Pool, worker_id: int, pending: Pending) -> None:
         """In an API server: request ``uid`` went to this worker; its answer (or ``WorkerDied``, if that
         worker dies first) goes into ``pending``."""
-        self._held[uid] = (self.slot(api_path, worker_id), pending)
+        self._held[uid] = (self.slot(pool, worker_id), pending)
 
     def forget(self, uid: int) -> None:
         """In an API server: nobody waits for ``uid`` any more (it timed out); drop its answer if one comes.
         An answered request needs no call: its entry went when the answer was delivered."""
         self._held.pop(uid, None)
 
-    def worker_died(self, api_path: str, worker_id: int) -> None:
+    def worker_died(self, pool: Pool, worker_id: int) -> None:
         """In the main process, after the worker died and before its replacement starts (so this is
         the pipes' only writer): tell every API server."""
-        for writer in self._writers[self.slot(api_path, worker_id)]:
+        for writer in self._writers[self.slot(pool, worker_id)]:
             _write_all(writer.fileno(), pack(self._magic, (_DIED, None)))
 
     def watch(self, server: int) -> None:

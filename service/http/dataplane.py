@@ -174,18 +174,18 @@ class DataPlane:
 
 
 def answer_of(count: int, computed: Computed, notes: list[Note] | None, below: float) -> Answer:
-    """The worker's rows put back among the request's instances, and each instance's flags."""
+    """The worker's rows put back among the request's instances, and each instance's flags. (Plain Python
+    over the typicality column: a request is mostly one or a few instances, where numpy's per-call cost
+    would outweigh the work.)"""
+    flags = [list(note["flags"]) for note in notes] if notes is not None else [[] for _ in range(count)]
     if notes is None or len(computed.rows) == count:
         rows, no_digit = computed.rows, np.zeros(count, bool)
     else:
         no_digit = np.fromiter((NO_DIGIT in note["flags"] for note in notes), bool, count)
         rows = np.zeros((count, ROW), np.float32)
         rows[~no_digit] = computed.rows
-    flags = [list(note["flags"]) for note in notes] if notes is not None else [[] for _ in range(count)]
-    with np.errstate(invalid="ignore"):  # NaN (no calibration) is never below
-        unlike = rows[:, -1] < below
-    if unlike.any():
-        for i in np.flatnonzero(unlike & ~no_digit).tolist():
+    for i, (typicality, none) in enumerate(zip(rows[:, -1].tolist(), no_digit.tolist(), strict=True)):
+        if typicality < below and not none:  # NaN (no calibration) is never below
             flags[i].append(NOT_A_DIGIT)
     return Answer(rows, no_digit, flags, notes, computed.version, computed.batch_size, computed.reports)
 

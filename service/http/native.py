@@ -28,19 +28,18 @@ def encode(answer: Answer, model: str, options: dict[str, Any]) -> bytes:
 
 
 def records(answer: Answer, options: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = answer.rows
-    probabilities = rows[:, :10]
-    labels = probabilities.argmax(1).tolist()
-    confidences = probabilities.max(1).tolist()
-    typical = [None if math.isnan(t) else t for t in rows[:, -1].tolist()]
     reports = iter(answer.reports or ())
     out: list[dict[str, Any]] = []
-    for i, p in enumerate(probabilities.tolist()):
-        if answer.no_digit[i]:
+    no_digit = answer.no_digit.tolist()
+    for i, row in enumerate(answer.rows.tolist()):  # one conversion, then plain Python: see answer_of
+        if no_digit[i]:
             out.append(no_digit_record(options))
             continue
+        probabilities, typicality = row[:-1], row[-1]
+        confidence = max(probabilities)
         record: dict[str, Any] = next(reports) if answer.reports is not None else {}
-        record.update(label=labels[i], confidence=confidences[i], probabilities=p, typicality=typical[i])
+        record.update(label=probabilities.index(confidence), confidence=confidence, probabilities=probabilities,
+                      typicality=None if math.isnan(typicality) else typicality)
         if answer.notes is not None:
             record.update(answer.notes[i])
         if answer.notes is not None or answer.flags[i]:

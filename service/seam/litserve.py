@@ -157,7 +157,7 @@ class WorkerLoop(LitLoop):
 
     def run(self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: RequestPipes,
             transport: _AnswerTransport, workers_setup_status: dict[str, str], callback_runner: Any) -> None:
-        transport.pipes.bind(lit_api.api_path, worker_id)
+        transport.pipes.bind(Pool(lit_api.api_path), worker_id)
         request_queue.bind(worker_id)
         batching.serve(lit_api, request_queue, transport.pipes, self.load, worker_id)
 
