@@ -56,9 +56,10 @@ train: $(STAMP) system-deps
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. service/grpc/oip.proto
 
-# The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; VERSION=N.
+# The static graph of a version for --runtime export (docs/runtimes.md): AOTInductor, about a minute; the
+# highest version (the one served), or VERSION=N.
 export: $(STAMP)
-	$(PY) -m service.export --store model_store --version $(or $(VERSION),2) --data-dir $(TRAIN_DATA) --download
+	$(PY) -m service.export --store model_store $(if $(VERSION),--version $(VERSION)) --data-dir $(TRAIN_DATA) --download
 
 # Not part of `make test`: digitserve vs. a LitServe-README baseline under wrk (~10 min; BENCH_QUICK=1 ~3 min).
 bench: $(STAMP) system-deps

@@ -9,7 +9,9 @@ photo-like pictures of MNIST test digits (``tests/photos.py``, another generator
 printed digits from the font families held out of training. Non-digit sets, per kind, drawn from the
 held-out fonts and photographs (``-heldout`` kinds): share recognised (flagged, or no digit found).
 Every picture goes through ``service.imaging.prepare``, as the server does. Typicality scores are
-compared on the same sets: each score's reference is the version's calibration split.
+compared on the same sets: each score's reference is made as the version's was (``service.model.reference``:
+its calibration split, and the pictured and printed kinds its metadata names). Nothing here is fitted on
+the evaluation sets.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from service.config import Limits
 from service.errors import InputError
 from service.imaging import normalize, prepare
-from service.model import data, negatives, store, synth
+from service.model import data, negatives, reference, store, synth
 from service.model.calibration import SCORES, Calibration, expected_calibration_error
 from tests import photos
 
@@ -66,13 +68,15 @@ def _features(loaded: store.LoadedModel, frames: torch.Tensor) -> tuple[torch.Te
     return loaded.model.features(x.reshape(len(frames), -1))
 
 
-def _calibration_split(loaded: store.LoadedModel, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The version's calibration split (the seed split of MNIST train its training held out)."""
+def _reference(loaded: store.LoadedModel, data_dir: Path) -> reference.Reference:
+    """The version's reference pictures, made again as its calibration made them (a version calibrated on
+    MNIST alone records no make-up: its calibration split)."""
     training = (loaded.metadata.model_extra or {}).get("training", {})
     images, labels = data.load_mnist(data_dir, train=True)
-    split = torch.randperm(len(images), generator=torch.Generator().manual_seed(training.get("seed", 1)))
-    held = split[:training.get("val_size", 5000)]
-    return images[held], labels[held]
+    held, _ = reference.version_split(training, len(images))
+    record = loaded.metadata.calibration
+    kinds = ",".join((record.model_extra or {}).get("reference", {}).get("pictures", {})) if record else ""
+    return reference.build(images[held], labels[held], training.get("seed", 1), reference.parse_kinds(kinds or "mnist"))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -90,15 +94,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
     other_sets = {kind: synth.build(kind + synth.HELD_OUT, args.negatives, args.seed)[0] for kind in negatives.KINDS}
 
-    # every score's reference on the calibration split; Mahalanobis' parameters are the stored ones
-    cal_images, cal_labels = _calibration_split(loaded, args.data_dir)
-    cal_hidden, cal_logits = _features(loaded, cal_images)
+    # every score's reference on the version's reference pictures; Mahalanobis' parameters are the stored ones
+    pictures = _reference(loaded, args.data_dir)
+    cal_hidden, cal_logits = _features(loaded, pictures.frames)
     params = calibration.params if calibration is not None and calibration.score_name == "mahalanobis" else None
-    candidates = {name: Calibration.fit(name, params or {}, cal_hidden, cal_logits, cal_labels)
+    candidates = {name: Calibration.fit(name, params or {}, cal_hidden, cal_logits, pictures.labels)
                   for name in SCORES if name != "mahalanobis" or params is not None}
 
     results: dict = {"version": loaded.version, "below": args.below, "served_score": None if calibration is None
-                     else calibration.score_name, "digits": {}, "non_digits": {}, "scores": {}}
+                     else calibration.score_name, "reference": pictures.composition["pictures"],
+                     "digits": {}, "non_digits": {}, "scores": {}}
     flagged: dict[str, dict[str, float]] = {name: {} for name in candidates}
     for name, (frames, labels) in digit_sets.items():
         hidden, logits = _features(loaded, frames)
@@ -132,9 +137,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = [f"version {results['version']}, typicality from {results['served_score']}, "
-             f"not_a_digit below {results['below']}", "", "| digit set | images | accuracy | ECE before | ECE after | "
-             "flagged |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"version {results['version']}, typicality from {results['served_score']} (reference: "
+             + " + ".join(f"{n} {kind}" for kind, n in results["reference"].items())
+             + f"), not_a_digit below {results['below']}", "",
+             "| digit set | images | accuracy | ECE before | ECE after | flagged |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, e in results["digits"].items():
         lines.append(f"| {name} | {e['images']} | {e['accuracy']:.2%} | {e['ece_before']:.2%} | "
                      f"{e.get('ece_after', float('nan')):.2%} | {e.get('flagged', float('nan')):.2%} |")

@@ -1,13 +1,14 @@
 """How sure, and how typical: temperature scaling and a conformal typicality, applied after the forward pass.
 
-Both are fitted on a calibration split of MNIST train that no weight was fitted on (``docs/typicality.md``):
+Both are fitted on a reference no weight was fitted on: the calibration split of MNIST train and the same
+digits pictured, with printed ones, as people send them (``service.model.reference``, ``docs/typicality.md``):
 
 - ``temperature``: the T minimising the negative log-likelihood of softmax(logits / T) there;
 - ``typicality``: a conformal p-value. A *score* says how atypical an input looks to the model (from the
-  hidden layer and the logits, both from one forward pass); the reference is the scores of the
-  calibration digits, and an input's typicality is the share of them at least as atypical as it,
-  ``(1 + #{reference >= s}) / (n + 1)``. On real digits it is uniform on 0..1; a threshold of a flags
-  about a of them, and non-digits, scored as atypical as few digits are, sit near 0.
+  hidden layer and the logits, both from one forward pass); the reference is the scores of those
+  digits, and an input's typicality is the share of them at least as atypical as it,
+  ``(1 + #{reference >= s}) / (n + 1)``. On digits drawn like them it is uniform on 0..1; a threshold of
+  a flags about a of them, and non-digits, scored as atypical as few digits are, sit near 0.
 
 A ``Calibration`` is a handful of tensors, saved weights-only next to the weights (``store``).
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ def score(name: str, hidden: torch.Tensor, logits: torch.Tensor, params: dict[st
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the NLL of the calibration split (Guo et al., 2017): a golden-section
+    """The temperature minimising the NLL of the reference digits (Guo et al., 2017): a golden-section
     search over log T in [-3, 3] (the NLL is convex in 1/T, so it has one minimum)."""
     logits = logits.double()
 
@@ -102,7 +104,8 @@ class Calibration:
     temperature: float
     score_name: str
     params: dict[str, torch.Tensor]
-    reference: torch.Tensor  # the calibration split's scores, ascending
+    reference: torch.Tensor  # the reference digits' scores, ascending
+    composition: dict[str, Any] = field(default_factory=dict)  # what the reference holds (metadata.json only)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits / self.temperature, 1)
@@ -131,7 +134,7 @@ class Calibration:
 
     @classmethod
     def fit(cls, score_name: str, params: dict[str, torch.Tensor], hidden: torch.Tensor, logits: torch.Tensor,
-            labels: torch.Tensor) -> Calibration:
-        """Fit on the calibration split: the temperature, and the reference scores."""
+            labels: torch.Tensor, composition: dict[str, Any] | None = None) -> Calibration:
+        """Fit on the reference digits: the temperature, and their scores."""
         reference = score(score_name, hidden.float(), logits.float(), params).sort().values
-        return cls(fit_temperature(logits, labels), score_name, params, reference)
+        return cls(fit_temperature(logits, labels), score_name, params, reference, composition or {})

@@ -43,7 +43,8 @@ def fonts() -> tuple[Font, ...]:
                                  capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
         raise RuntimeError("fc-list not found: printed digits and letters need fontconfig and fonts "
-                           "(make system-deps), or train without them: --printed 0 --negatives 0") from None
+                           "(make system-deps), or train without them: --printed 0 --negatives 0 "
+                           "--reference mnist,canvas,dressed") from None
     found: dict[str, Font] = {}
     for line in listing.splitlines():
         family, style, path = [*line.split("\t"), "", ""][:3]

@@ -288,6 +288,8 @@ def write_version(store: Path, name: str, state_dict: dict[str, torch.Tensor], m
             record["calibration"] = {"file": CALIBRATION_FILE, "sha256": sha256_file(calibration_path),
                                      "temperature": calibration.temperature, "score": calibration.score_name,
                                      "reference_size": len(calibration.reference)}
+            if calibration.composition:
+                record["calibration"]["reference"] = calibration.composition
         while True:
             versions = list_versions(store, name)
             version = (versions[-1] + 1) if versions else 1

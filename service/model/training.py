@@ -10,7 +10,8 @@ Read top to bottom, like pytorch/examples' mnist/main.py: arguments, data, ``tra
   framed by the service's own preprocessing, so the model learns on the frames it is served;
 - non-digits (letters, symbols, shapes, scribbles, textures, photographs) with a uniform target
   (outlier exposure, Hendrycks et al. 2019), so that what is not a digit does not look like one;
-- a calibration split of MNIST train, never fitted on: the temperature and the typicality reference.
+- a calibration split of MNIST train, never fitted on, and those digits pictured, with printed ones
+  (``reference``): the temperature and the typicality reference.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from service.device import resolve_device
-from service.model import augment, data, negatives, static, store, synth
+from service.model import augment, data, negatives, reference, static, store, synth
 from service.model.calibration import SCORES, Calibration, expected_calibration_error, mahalanobis_fit
 from service.model.fnn import FNN, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the uniform-target loss on non-digits (0: no outlier exposure)")
     p.add_argument("--typicality-score", choices=SCORES, default="energy",
                    help="what typicality is computed from (docs/typicality.md)")
+    add_reference_argument(p)
     p.add_argument("--workers", type=int, default=None, help="processes making the picture sets (default: cores)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for per-epoch validation")
     p.add_argument("--limit", type=int, default=None, help="train on only this many images (fast runs, tests)")
@@ -86,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     return args
+
+
+def add_reference_argument(p: argparse.ArgumentParser) -> None:
+    """``--reference``, the same for training and for ``service.calibrate``."""
+    p.add_argument("--reference", type=reference.parse_kinds, default=reference.KINDS, metavar="KINDS",
+                   help=f"what the calibration reference mixes, in equal shares (some of {','.join(reference.KINDS)}; "
+                        "printed needs fonts)")
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -161,12 +170,22 @@ def features(model: FNN, x: torch.Tensor, device: torch.device) -> tuple[torch.T
 
 
 def calibrate(model: FNN, device: torch.device, fit: tuple[torch.Tensor, torch.Tensor],
-              held: tuple[torch.Tensor, torch.Tensor], score_name: str) -> Calibration:
-    """The score's parameters from training digits (``fit``), then T and the reference on the held split."""
-    hidden, _ = features(model, fit[0], device)
-    params = mahalanobis_fit(hidden, fit[1], NUM_CLASSES) if score_name == "mahalanobis" else {}
-    hidden, logits = features(model, held[0], device)
-    return Calibration.fit(score_name, params, hidden, logits, held[1])
+              held: tuple[torch.Tensor, torch.Tensor], seed: int, score_name: str,
+              kinds: tuple[str, ...] = reference.KINDS, workers: int | None = None) -> Calibration:
+    """The score's parameters from training digits (``fit``, normalised), then T and the reference scores on
+    the reference made from the calibration split (``held``: uint8 digits and labels) and ``seed``."""
+    params: dict[str, torch.Tensor] = {}
+    if score_name == "mahalanobis":
+        params = mahalanobis_fit(features(model, fit[0], device)[0], fit[1], NUM_CLASSES)
+    mix = reference.build(*held, seed, kinds, workers)
+    hidden, logits = features(model, normalize(mix.frames), device)
+    return Calibration.fit(score_name, params, hidden, logits, mix.labels, mix.composition)
+
+
+def describe(calibration: Calibration) -> str:
+    """The reference's make-up in a few words, e.g. ``4839 mnist + 4839 canvas + ...``."""
+    pictures = calibration.composition.get("pictures", {})
+    return " + ".join(f"{count} {kind}" for kind, count in pictures.items()) or f"{len(calibration.reference)} digits"
 
 
 @torch.inference_mode()
@@ -192,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    split = torch.randperm(len(train_images), generator=generator)
-    val_idx, train_idx = split[:args.val_size], split[args.val_size:]
+    val_idx, train_idx = reference.split(len(train_images), generator, args.val_size)
     if args.limit is not None:
         train_idx, val_idx = train_idx[:args.limit], val_idx[:max(1, min(len(val_idx), args.limit // 5))]
     x_train, y_train = normalize(train_images[train_idx]), train_labels[train_idx]
@@ -225,12 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     print(f"test accuracy: {test_accuracy:.4%} on {len(x_test)} MNIST test images ({training_seconds:.1f} s training)")
     fit_digits = (torch.cat([x_train, normalize(pictures.digits)]), torch.cat([y_train, pictures.labels]))
-    calibration = calibrate(model, device, fit_digits, (x_val, y_val), args.typicality_score)
+    calibration = calibrate(model, device, fit_digits, (train_images[val_idx], y_val), args.seed,
+                            args.typicality_score, args.reference, args.workers)
     _, test_logits = features(model, x_test, device)
     ece_before = expected_calibration_error(torch.softmax(test_logits, 1), y_test)
     ece_after = expected_calibration_error(calibration.probabilities(test_logits), y_test)
     print(f"calibration: temperature {calibration.temperature:.3f}; expected calibration error on MNIST test "
-          f"{ece_before:.2%} before, {ece_after:.2%} after; typicality from {calibration.score_name}")
+          f"{ece_before:.2%} before, {ece_after:.2%} after; typicality from {calibration.score_name} on "
+          f"{describe(calibration)}")
 
     hyperparameters = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metadata = {

@@ -1,10 +1,11 @@
 """Capture in a real server, then replay: what was served is what the files hold, and replay agrees.
 
 The server captures every instance (share 1) of 300 real MNIST test digits sent over V2 REST twice: to the
-served version 2 and pinned to version 1. Once it has drained, the files hold each request's frames (the
-digits' own bytes), answers, versions and request ids; ``python -m service.replay`` with version 2 agrees
-fully with what version 2 served, and with what version 1 served as often as the two versions' answers
-over HTTP agreed. A capture folder that disappears under a running server stops capture, not serving.
+served version (the committed default) and pinned to version 1. Once it has drained, the files hold each
+request's frames (the digits' own bytes), answers, versions and request ids; ``python -m service.replay``
+with the served version agrees fully with what it served, and with what version 1 served as often as the
+two versions' answers over HTTP agreed. A capture folder that disappears under a running server stops
+capture, not serving.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import pytest
 
 from harness.server import ROOT, metric_samples, running
 from service import capture
+from tests.conftest import SERVED
 
 MODEL = "mnist-fnn"
 ADMIN = {"X-Admin-Key": "adm-" + os.urandom(8).hex()}
 COUNT = 300
+SERVING = int(SERVED)  # the committed default, calibrated; version 1 is not
 
 
 def infer(client, frames: np.ndarray, request_id: str, version: int | None = None) -> np.ndarray:
@@ -41,8 +44,8 @@ def infer(client, frames: np.ndarray, request_id: str, version: int | None = Non
 
 @pytest.fixture(scope="module")
 def captured(mnist_test, tmp_path_factory) -> Iterator[dict]:
-    """The capture folder after a drained server served 300 digits with v2 and again pinned to v1, and what
-    each request was answered (request id -> labels)."""
+    """The capture folder after a drained server served 300 digits with its default and again pinned to v1,
+    and what each request was answered (request id -> labels)."""
     images = mnist_test[0].numpy()[:COUNT].reshape(COUNT, 784)
     frames = (images / 255).astype(np.float32)
     directory = tmp_path_factory.mktemp("captured")
@@ -55,7 +58,7 @@ def captured(mnist_test, tmp_path_factory) -> Iterator[dict]:
         start = 0
         while start < COUNT:
             end = min(COUNT, start + int(sizes[start]))
-            for version in (2, 1):
+            for version in (SERVING, 1):
                 request_id = f"v{version}-{start}"
                 labels = infer(client, frames[start:end], request_id, version if version == 1 else None)
                 answered[request_id] = (version, images[start:end], labels)
@@ -84,24 +87,24 @@ def test_the_files_hold_every_instance_as_it_was_served(captured):
         np.testing.assert_array_equal(records["label"][mine], labels, err_msg=request_id)
         np.testing.assert_array_equal(records["frames"][mine].reshape(len(labels), 784), images,
                                       err_msg="the frame the model saw: the digit's own bytes")
-        assert np.isfinite(records["typicality"][mine]).all() == (version == 2), "version 2 is calibrated"
+        assert np.isfinite(records["typicality"][mine]).all() == (version == SERVING), "the default is calibrated"
     np.testing.assert_allclose(records["probabilities"].sum(1), 1, atol=1e-5)
     assert not list(captured["directory"].glob(".*.tmp")), "no half-written file left"
 
 
 def test_replay_agrees_with_what_each_version_served(captured):
-    done = subprocess.run([sys.executable, "-m", "service.replay", str(captured["directory"]), "--version", "2",
+    done = subprocess.run([sys.executable, "-m", "service.replay", str(captured["directory"]), "--version", SERVED,
                            "--json", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     served = {v: np.concatenate([labels for version, _, labels in captured["answered"].values() if version == v])
-              for v in (1, 2)}
-    between = float((served[1] == served[2]).mean())
+              for v in (1, SERVING)}
+    between = float((served[1] == served[SERVING]).mean())
     assert 0.9 < between < 1, "the two committed versions differ on a few of these digits"
     assert report["records"] == 2 * COUNT
     assert report["by_served_version"] == {
         "1": {"records": COUNT, "agreement": pytest.approx(between, abs=1e-12)},
-        "2": {"records": COUNT, "agreement": 1.0}}
+        SERVED: {"records": COUNT, "agreement": 1.0}}
 
 
 def test_a_capture_folder_that_goes_away_stops_capture_not_serving(mnist_test, tmp_path):

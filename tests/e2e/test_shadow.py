@@ -1,4 +1,4 @@
-"""Shadow traffic in a real server: version 2 (the committed default) serves, version 1 shadows it.
+"""Shadow traffic in a real server: the committed default version serves, version 1 shadows it.
 
 What the shadow says is checked against what the two versions answer over HTTP when asked directly
 (pinned requests, which are never shadowed); under load, every served answer still comes from the served
@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from harness.server import Server, metric_samples, running
+from tests.conftest import SERVED
 
 MODEL = "mnist-fnn"
 ADMIN = {"X-Admin-Key": "adm-" + os.urandom(8).hex()}
+SERVING = int(SERVED)  # the committed default
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +82,25 @@ def chosen(server, mnist_test) -> dict[str, np.ndarray]:
     frames = (mnist_test[0].numpy()[:3000].reshape(3000, 784) / 255).astype(np.float32)
     with server.client() as client:
         v1 = np.concatenate([infer(client, frames[i:i + 60], 1)[1] for i in range(0, 3000, 60)])
-        v2 = np.concatenate([infer(client, frames[i:i + 60], 2)[1] for i in range(0, 3000, 60)])
-    differ, same = np.flatnonzero(v1 != v2), np.flatnonzero(v1 == v2)
+        default = np.concatenate([infer(client, frames[i:i + 60], SERVING)[1] for i in range(0, 3000, 60)])
+    differ, same = np.flatnonzero(v1 != default), np.flatnonzero(v1 == default)
     assert len(differ) >= 20, "the committed versions differ on enough of these digits"
     picked = np.random.default_rng(4).permutation(np.concatenate([differ[:20], same[:40]]))
-    return {"frames": frames[picked], "same": (v1 == v2)[picked]}
+    return {"frames": frames[picked], "same": (v1 == default)[picked]}
 
 
 def test_the_shadow_agrees_as_often_as_the_versions_do(server, chosen):
     frames = chosen["frames"]
     with server.client() as client:
-        direct = {v: [infer(client, frames[i:i + 6], v) for i in range(0, 60, 6)] for v in (1, 2)}
+        direct = {v: [infer(client, frames[i:i + 6], v) for i in range(0, 60, 6)] for v in (1, SERVING)}
         before = tally(client)
         state = shadow(client, 1, 1.0)
-        assert state["shadow"] == {"version": 1, "share": 1.0} and state["serving"] == 2
+        assert state["shadow"] == {"version": 1, "share": 1.0} and state["serving"] == SERVING
         for n, i in enumerate(range(0, 60, 6)):
             version, labels, confidence = infer(client, frames[i:i + 6])
-            assert version == "2", "the served version answers"
-            np.testing.assert_array_equal(labels, direct[2][n][1])
-            np.testing.assert_allclose(confidence, direct[2][n][2], atol=1e-6)
+            assert version == SERVED, "the served version answers"
+            np.testing.assert_array_equal(labels, direct[SERVING][n][1])
+            np.testing.assert_allclose(confidence, direct[SERVING][n][2], atol=1e-6)
             settled(client, before["instances"] + before["dropped"] + i + 6)  # one at a time: none dropped
         after = tally(client)
         shadow(client, None)
@@ -107,7 +109,7 @@ def test_the_shadow_agrees_as_often_as_the_versions_do(server, chosen):
     assert compared == 60
     agreeing = after["agreement"] * after["instances"] - (before["agreement"] or 0) * before["instances"]
     assert round(agreeing) == int(chosen["same"].sum()) == 40
-    differences = np.concatenate([np.abs(d1[2] - d2[2]) for d1, d2 in zip(direct[1], direct[2], strict=True)])
+    differences = np.concatenate([np.abs(d1[2] - d2[2]) for d1, d2 in zip(direct[1], direct[SERVING], strict=True)])
     mean_before = before["mean_abs_confidence_difference"] or 0
     summed = after["mean_abs_confidence_difference"] * after["instances"] - mean_before * before["instances"]
     assert summed == pytest.approx(differences.sum(), abs=1e-4)
@@ -130,7 +132,7 @@ def test_under_load_served_answers_are_unchanged_and_every_shadow_is_counted(ser
         after = settled(client, before["instances"] + before["dropped"] + 640)
         metrics_after = counted(client)
         shadow(client, None)
-    assert len(answers) == 160 and {version for _, version, _ in answers} == {"2"}
+    assert len(answers) == 160 and {version for _, version, _ in answers} == {SERVED}
     for i, _, labels in answers:
         np.testing.assert_array_equal(labels, alone[i:i + 4], err_msg="shadowing changed no served answer")
     accounted = (after["instances"] - before["instances"]) + (after["dropped"] - before["dropped"])
@@ -144,7 +146,7 @@ def test_pinned_and_unshadowed_requests_are_not_shadowed(server, mnist_test):
     with server.client() as client:
         before = tally(client)
         shadow(client, 1, 1.0)
-        infer(client, frames, 2)  # pinned: not shadowed
+        infer(client, frames, SERVING)  # pinned: not shadowed
         shadow(client, None)
         infer(client, frames)  # no shadow
         time.sleep(1)
@@ -158,7 +160,7 @@ def test_admin_shadow_refusals(server):
             return response.status_code, response.text
 
         assert status({"version": 9})[0] == 404
-        code, text = status({"version": 2})
+        code, text = status({"version": SERVING})
         assert code == 409 and "served" in text
         assert status({"version": 1, "share": 0})[0] == 422
         assert status({"version": 1, "share": 1.5})[0] == 422
@@ -168,4 +170,4 @@ def test_admin_shadow_refusals(server):
         assert client.post("/admin/versions/1/unload", headers=ADMIN).status_code == 409, "the shadow stays loaded"
         served = client.post("/admin/serve", json={"version": 1}, headers=ADMIN).json()
         assert served["serving"] == 1 and served["shadow"] is None, "the served version shadows nothing"
-        assert client.post("/admin/serve", json={"version": 2}, headers=ADMIN).json()["serving"] == 2
+        assert client.post("/admin/serve", json={"version": SERVING}, headers=ADMIN).json()["serving"] == SERVING

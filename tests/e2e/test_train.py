@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from harness.server import ROOT
-from service.model import static, store
+from service.model import reference, static, store
 from service.model import training as train
 
 LIMIT = 256
@@ -163,13 +163,17 @@ def test_process_killed_during_save_leaves_no_version(data_dir, tmp_path, os_cal
 
 
 def test_a_version_carries_its_calibration_and_picture_counts(two_runs):
-    """Training calibrates what it trained (temperature, typicality reference on the held-out split) and
-    says what pictures it mixed in."""
+    """Training calibrates what it trained (temperature, typicality reference on the held-out split and those
+    digits pictured, with printed ones: service.model.reference) and says what pictures it mixed in."""
     root = two_runs[0]
     loaded = store.load(root, version=1)
     assert loaded.calibration is not None and (loaded.path / store.CALIBRATION_FILE).is_file()
-    assert loaded.calibration.temperature > 0 and len(loaded.calibration.reference) == loaded.metadata.model_extra[
-        "data"]["val_images"]
+    made_of = loaded.metadata.calibration.model_extra["reference"]["pictures"]  # type: ignore[union-attr]
+    share = made_of["mnist"]
+    assert made_of == {kind: share for kind in reference.KINDS}
+    assert 0.8 * loaded.metadata.model_extra["data"]["val_images"] < share <= loaded.metadata.model_extra["data"][
+        "val_images"], "the framing drops few pictures"
+    assert loaded.calibration.temperature > 0 and len(loaded.calibration.reference) == 4 * share
     pictures = loaded.metadata.model_extra["data"]["pictures"]
     assert pictures["printed"] > 0 and pictures["dressed"] > 0 and pictures["letters"] > 0
     assert "after_temperature" in loaded.metadata.model_extra["metrics"]["test_ece"]

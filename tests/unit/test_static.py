@@ -105,6 +105,15 @@ def test_the_command_line_exports_and_says_what_it_wrote(tmp_path, default_model
     served(tmp_path)
 
 
+def test_the_command_line_exports_the_highest_version_unless_told(tmp_path, default_model, data_dir, capsys):
+    for version in ("1", "2"):
+        shutil.copytree(default_model.path, tmp_path / MODEL / version)
+    assert export_cli.main(["--store", str(tmp_path), "--data-dir", str(data_dir), "--no-compile"]) == 0
+    assert capsys.readouterr().out.startswith("v2: exported static graph")
+    assert (tmp_path / MODEL / "2" / static.ARTIFACT_FILE).is_file()
+    assert not (tmp_path / MODEL / "1" / static.ARTIFACT_FILE).exists()
+
+
 def test_the_command_line_refuses_a_missing_version_in_one_line(tmp_path, default_model, data_dir, capsys):
     shutil.copytree(default_model.path, tmp_path / MODEL / "1")
     assert export_cli.main(["--store", str(tmp_path), "--version", "7", "--data-dir", str(data_dir)]) == 2
