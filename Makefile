@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DIGITSERVE_DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),$(abspath ../shared/datasets))
 TRAIN_DATA := $(or $(DIGITSERVE_DATA_DIR),$(HOME)/.cache/digitserve)
 
-.PHONY: serve test test-fast lint train export proto venv system-deps triton-venv clean bench soak profile rolling-update
+.PHONY: serve test test-fast lint train export proto venv system-deps triton-venv clean bench soak profile pair rolling-update
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ bench: $(STAMP) system-deps
 # Not part of `make test`: py-spy and per-process CPU under one bench workload (PROFILE_ARGS, e.g. --workload predict-1img@64).
 profile: $(STAMP) system-deps
 	$(PY) -m bench.profile $(PROFILE_ARGS)
+
+# Not part of `make test`: two commits loaded side by side on the same CPUs (PAIR_ARGS, e.g. "2875244 HEAD").
+pair: $(STAMP) system-deps
+	$(PY) -m bench.pair $(PAIR_ARGS)
 
 # 3 replicas behind a real HAProxy, replaced one by one under load, then one killed (also in make test).
 rolling-update: $(STAMP) system-deps

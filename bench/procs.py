@@ -57,8 +57,10 @@ class ServerDied(RuntimeError):
     """A server under test exited while it was being measured."""
 
 
-def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server, float]:
+def start(name: str, log_dir: Path, ready_timeout: float = 180, cpus: set[int] | None = None
+          ) -> tuple[Server, float]:
     """Start a fresh server on a free port; return it and its cold start (process start to /health 200, s).
+    With ``cpus``, the server and every process it starts run on those CPUs only (``bench.pair``).
     The environment carries no ``DIGITSERVE_*`` setting but the store and the admin key (``use_store``), and
     no ``OTEL_*`` one, so digitserve runs its default configuration, traces off (and a variant's settings,
     for ``add_variant``'s), and a free gRPC port of its own: with the default (8001) every digitserve of a
@@ -81,7 +83,8 @@ def start(name: str, log_dir: Path, ready_timeout: float = 180) -> tuple[Server,
     started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", SERVERS[name], *args], cwd=tree, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     server = Server(process, port, log, grpc_port)
     _live.add(server)
     while not healthy(port):

@@ -40,3 +40,18 @@ def test_profile_samples_every_process_of_the_default_server(tmp_path: Path):
     summary = (tmp_path / "summary.md").read_text()
     assert summary == done.stdout
     assert summary.count("## api server") == defaults.api_servers
+
+
+@pytest.mark.slow
+def test_pair_loads_two_commits_side_by_side_and_cleans_up():
+    """``make pair``: HEAD against this tree (the same code here, or nearly), both answering, their ratio
+    printed, and the temporary worktree gone afterwards."""
+    done = subprocess.run([sys.executable, "-m", "bench.pair", "HEAD", ".", "--workload", "predict-1img@8",
+                           "--rounds", "2", "--seconds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and all("errors" not in line for line in rounds), done.stdout
+    ratio = float(done.stdout.strip().splitlines()[-1].split("after/before ")[1].split("x")[0])
+    assert 0.3 < ratio < 3, done.stdout  # both served: a server that failed would have made it 0 or fail the run
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "digitserve-pair-" not in worktrees
