@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = loaded.metadata.model_dump()
     training = meta.get("training", {})
     held, fit = reference.version_split(training, len(images))
+    if "printed" in args.reference and "font_partitions" not in training:
+        print(f"note: version {args.version} predates the calibration font groups: it was trained on them, so the "
+              "reference's printed digits are in fonts it has seen (docs/typicality.md)", file=sys.stderr)
     device = torch.device("cpu")
     calibration = calibrate(loaded.model, device, (normalize(images[fit]), labels[fit]), (images[held], labels[held]),
                             training.get("seed", 1), args.score, args.reference, args.workers)

@@ -30,15 +30,19 @@ FACES, HELD_OUT_FACES = range(0, 80), range(80, 100)  # of scikit-image's lfw_su
 
 @dataclass(frozen=True)
 class Sources:
-    """What the non-digits are drawn from: the fonts and bundled photographs of training, or those held out."""
+    """What pictures are drawn from: a font partition (``printed.partition``) and its bundled photographs and
+    faces (the calibration partition has fonts only: it makes the reference's printed digits, no non-digits)."""
 
     fonts: tuple[printed.Font, ...]
     photos: tuple[str, ...]
     faces: range
 
     @classmethod
-    def of(cls, held: bool) -> Sources:
-        fonts = tuple(f for f in printed.fonts() if printed.held_out(f.family) == held)
+    def of(cls, part: printed.Partition) -> Sources:
+        fonts = printed.fonts_in(part)
+        if part == "calibration":
+            return cls(fonts, (), range(0))
+        held = part == "heldout"
         return cls(fonts, HELD_OUT_PHOTOS if held else PHOTOS, HELD_OUT_FACES if held else FACES)
 
 

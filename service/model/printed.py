@@ -2,7 +2,13 @@
 
 Fonts are found through fontconfig (``fc-list``). GNU FreeFont and the URW base35 fonts (and the TeX
 Gyre fonts derived from them) are never used: held-out checks use them, so training on them would
-measure nothing. Fonts are grouped by family so that evaluation can hold whole families out.
+measure nothing. Fonts are grouped by family, and whole groups are split three ways (``partition``):
+
+- ``train``: what training renders digits, letters and symbols from;
+- ``calibration``: never trained on, never evaluated on; only the typicality reference's printed digits
+  (``reference``), so that the reference holds printed digits in fonts the model has not seen, as the
+  service is sent;
+- ``heldout``: evaluation's (``bench.evaluate``'s ``-heldout`` kinds), never trained or calibrated on.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +32,11 @@ DIGITS = "0123456789"
 # About a fifth of the groups, of every kind (sans, serif, mono, rounded, script, Computer Modern).
 HELD_OUT_GROUPS = frozenset({"berenis", "cantarell", "cmu", "comfortaa", "courier", "femkeklaver", "gillius", "hack",
                              "inconsolata", "junicode", "kristi", "quicksand"})
+# About a fifth of the rest, of every kind: mono (Anonymous Pro), humanist sans (Cabin), serif (Charis SIL),
+# script (Dancing Script), didone (GFS Didot), sans with its mono (Go), condensed display (Yanone Kaffeesatz).
+CALIBRATION_GROUPS = frozenset({"anonymous", "cabin", "charis", "dancing", "gfs", "go", "yanone"})
+Partition = Literal["train", "calibration", "heldout"]
+PARTITIONS: tuple[Partition, ...] = ("train", "calibration", "heldout")
 _SAME_DESIGN = {"arimo": "liberation", "tinos": "liberation", "cousine": "liberation"}  # Croscore = Liberation 2
 
 
@@ -61,9 +73,25 @@ def group(family: str) -> str:
     return _SAME_DESIGN.get(first, first)
 
 
-def held_out(family: str) -> bool:
-    """Whether a family's group is kept for evaluation, never trained on."""
-    return group(family) in HELD_OUT_GROUPS
+def partition(family: str) -> Partition:
+    """Which of training, the reference (``calibration``) or evaluation (``heldout``) a family's group is for."""
+    name = group(family)
+    return "heldout" if name in HELD_OUT_GROUPS else "calibration" if name in CALIBRATION_GROUPS else "train"
+
+
+def fonts_in(part: Partition) -> tuple[Font, ...]:
+    """The fonts of one partition, in ``fonts()``'s order."""
+    return tuple(f for f in fonts() if partition(f.family) == part)
+
+
+def summary() -> dict[str, dict[str, object]]:
+    """Each partition's groups and counts of families and font files on this machine (a version's metadata)."""
+    made: dict[str, dict[str, object]] = {}
+    for part in PARTITIONS:
+        found = fonts_in(part)
+        made[part] = {"groups": sorted({group(f.family) for f in found}), "families": len({f.family for f in found}),
+                      "fonts": len(found)}
+    return made
 
 
 @cache

@@ -7,7 +7,10 @@ the nominal rate. The reference therefore mixes, one share each:
 
 - ``mnist``: the calibration split, MNIST training-file digits no weight was fitted on;
 - ``canvas`` and ``dressed``: those same digits on clean paper and dressed as photographs;
-- ``printed``: digits from the *training* font groups (never the held-out ones evaluation uses).
+- ``printed``: digits from the *calibration* font groups (``printed.CALIBRATION_GROUPS``): fonts the model
+  was never trained on and evaluation never uses, so that this share is exchangeable with printed digits
+  in fonts the model has not seen (a version trained before those groups were kept out, such as version
+  3's weights, has seen them).
 
 The pictures are drawn with their own seed (``PICTURE_SEED`` + the version's seed): training draws
 with the seed itself and ``bench.evaluate`` with 1000, so no reference picture is a training or an
@@ -22,12 +25,14 @@ from typing import Any
 
 import torch
 
-from service.model import synth
+from service.model import printed, synth
 
 KINDS = ("mnist", "canvas", "dressed", "printed")
+SYNTH_KINDS = {"canvas": "canvas", "dressed": "dressed", "printed": "printed" + synth.CALIBRATION}  # synth's kind
 PICTURE_SEED = 10_000  # the reference's pictures use PICTURE_SEED + the version's seed
 MADE_OF = ("mnist: the calibration split (seed-split MNIST train, never fitted on); canvas, dressed: those digits "
-           "pictured; printed: the training font groups; pictures framed by service.imaging.prepare")
+           "pictured; printed: the calibration font groups (never trained on, never evaluated on); pictures "
+           "framed by service.imaging.prepare")
 
 
 def split(count: int, generator: torch.Generator, held: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +74,15 @@ def build(digits: torch.Tensor, labels: torch.Tensor, seed: int, kinds: tuple[st
         if kind == "mnist":
             parts[kind] = (digits, labels)
         else:
-            parts[kind] = synth.build(kind, len(digits), picture_seed, None if kind == "printed" else source,
-                                      workers=workers)
+            parts[kind] = synth.build(SYNTH_KINDS[kind], len(digits), picture_seed,
+                                      None if kind == "printed" else source, workers=workers)
     share = min(len(frames) for frames, _ in parts.values())
     if share == 0:
         counts = ", ".join(f"{kind} {len(frames)}" for kind, (frames, _) in parts.items())
         raise ValueError(f"no reference pictures of some kind ({counts})")
-    composition = {"pictures": {kind: share for kind in parts}, "picture_seed": picture_seed,
-                   "picture_recipe": synth.RECIPE, "made_of": MADE_OF}
+    composition: dict[str, Any] = {"pictures": {kind: share for kind in parts}, "picture_seed": picture_seed,
+                                   "picture_recipe": synth.RECIPE, "made_of": MADE_OF}
+    if "printed" in parts:
+        composition["printed_groups"] = sorted(printed.CALIBRATION_GROUPS)
     return Reference(torch.cat([frames[:share] for frames, _ in parts.values()]),
                      torch.cat([kind_labels[:share] for _, kind_labels in parts.values()]), composition)

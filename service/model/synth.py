@@ -3,13 +3,16 @@
 ``build(kind, count, seed)`` gives uint8 (N, 28, 28) frames (white ink on black, as MNIST) and labels
 (the digit, or -1 for a non-digit). Sets are made in seeded chunks on worker processes, so a set is
 the same on any number of cores, and cached under ``~/.cache/digitserve/synth`` keyed by what made it
-(the arguments, the fonts, ``RECIPE``); nothing is committed.
+(the arguments, ``RECIPE``, and the MNIST digits given or the fonts and photographs drawn from); nothing
+is committed.
 
-Kinds: ``printed`` (digits from the training font families), ``dressed`` (MNIST digits given as
+Kinds: ``printed`` (digits from the training font groups), ``dressed`` (MNIST digits given as
 ``source``, pictured), ``canvas`` (the same on clean paper, as a scan), and the non-digit kinds of
 ``negatives.KINDS``; with the suffix ``-heldout`` (``printed-heldout``, ``letters-heldout``, ...) drawn
-from the held-out font families and photographs, for evaluation only. A digit that dressing lost (its
-frame unlike that of its clean picture) is left out, as is a non-digit a person would read as a 1.
+from the held-out font groups and photographs, for evaluation only; ``printed-calibration``: digits
+from the calibration font groups, for the typicality reference only (``printed.partition``). A digit
+that dressing lost (its frame unlike that of its clean picture) is left out, as is a non-digit a person
+would read as a 1.
 """
 
 from __future__ import annotations
@@ -31,11 +34,24 @@ CACHE = Path(os.environ.get("DIGITSERVE_CACHE", Path.home() / ".cache" / "digits
 CHUNK = 256
 RECIPE = 2  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
 HELD_OUT = "-heldout"  # a kind's suffix: drawn from the held-out fonts and photographs (evaluation only)
+CALIBRATION = "-calibration"  # printed digits from the calibration font groups (the typicality reference only)
+_SUFFIXES: dict[str, printed.Partition] = {HELD_OUT: "heldout", CALIBRATION: "calibration"}
+
+
+def split_kind(kind: str) -> tuple[str, printed.Partition]:
+    """A kind's base and the partition it is drawn from: ``printed-calibration`` -> ("printed", "calibration")."""
+    for suffix, part in _SUFFIXES.items():
+        if kind.endswith(suffix):
+            base = kind.removesuffix(suffix)
+            if part == "calibration" and base != "printed":
+                raise ValueError(f"the calibration fonts make printed digits only, not {kind!r}")
+            return base, part
+    return kind, "train"
 
 
 @cache
-def _sources(held: bool) -> negatives.Sources:
-    return negatives.Sources.of(held)
+def _sources(part: printed.Partition) -> negatives.Sources:
+    return negatives.Sources.of(part)
 
 
 def _by_family(fonts: tuple[printed.Font, ...], rng: np.random.Generator) -> printed.Font:
@@ -56,7 +72,10 @@ def _digit_ink(kind: str, index: int, rng: np.random.Generator, source: Source |
         side = int(rng.integers(28, 200))
         scaled = np.asarray(digit.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32) / 255
         return np.clip(scaled, 0, 1), int(source[1][index])
-    fonts = _sources(held=kind.endswith(HELD_OUT)).fonts
+    part = split_kind(kind)[1]
+    fonts = _sources(part).fonts
+    if not fonts:
+        raise RuntimeError(f"no font of the {part} groups on this machine (make system-deps; service/model/printed.py)")
     label = int(rng.integers(10))
     ink = None
     while ink is None:  # a font that lacks the digit renders nothing: another family
@@ -67,8 +86,9 @@ def _digit_ink(kind: str, index: int, rng: np.random.Generator, source: Source |
 def _chunk(kind: str, seed: int, chunk: int, count: int, source: Source | None) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, chunk, zlib.crc32(kind.encode())])
     frames, labels = [], []
-    sources = _sources(held=kind.endswith(HELD_OUT))
-    maker = negatives.MAKERS.get(kind.removesuffix(HELD_OUT))
+    base, part = split_kind(kind)
+    sources = _sources(part)
+    maker = negatives.MAKERS.get(base)
     for i in range(count):
         if maker is not None:
             ink, label = maker(sources, rng), -1
@@ -104,12 +124,18 @@ def _narrow(frame: np.ndarray) -> bool:
 
 
 def _key(kind: str, count: int, seed: int, source: Source | None) -> str:
+    """The cache key: the arguments, ``RECIPE``, and what the pictures are drawn from: the MNIST digits given,
+    or the kind's fonts, photographs and faces, so that a set is made anew when its partition changes (a
+    group moved between training and calibration) or other fonts are installed."""
     digest = hashlib.sha256(f"{kind}|{count}|{seed}|{CHUNK}|{RECIPE}".encode())
-    for font in printed.fonts():
-        digest.update(font.path.encode())
     if source is not None:
         digest.update(source[0].tobytes())
         digest.update(source[1].tobytes())
+    else:
+        sources = _sources(split_kind(kind)[1])
+        for font in sources.fonts:
+            digest.update(font.path.encode())
+        digest.update(f"{sources.photos}|{sources.faces}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -10,8 +10,9 @@ Read top to bottom, like pytorch/examples' mnist/main.py: arguments, data, ``tra
   framed by the service's own preprocessing, so the model learns on the frames it is served;
 - non-digits (letters, symbols, shapes, scribbles, textures, photographs) with a uniform target
   (outlier exposure, Hendrycks et al. 2019), so that what is not a digit does not look like one;
-- a calibration split of MNIST train, never fitted on, and those digits pictured, with printed ones
-  (``reference``): the temperature and the typicality reference.
+- a calibration split of MNIST train, never fitted on, and those digits pictured, with printed ones in
+  the calibration font groups, never trained on (``reference``): the temperature and the typicality
+  reference.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from service.device import resolve_device
-from service.model import augment, data, negatives, reference, static, store, synth
+from service.model import augment, data, negatives, printed, reference, static, store, synth
 from service.model.calibration import SCORES, Calibration, expected_calibration_error, mahalanobis_fit
 from service.model.fnn import FNN, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--elastic", type=float, default=24.0,
                    help="elastic distortion: Simard's alpha, pixels before smoothing (0 disables)")
     p.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic distortion: smoothing, pixels")
-    p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font families")
+    p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font groups")
     p.add_argument("--dressed", type=int, default=10000, help="MNIST training digits pictured as photographs")
     p.add_argument("--negatives", type=int, default=3000,
                    help=f"non-digit pictures of each kind ({', '.join(negatives.KINDS)})")
@@ -95,6 +96,12 @@ def add_reference_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", type=reference.parse_kinds, default=reference.KINDS, metavar="KINDS",
                    help=f"what the calibration reference mixes, in equal shares (some of {','.join(reference.KINDS)}; "
                         "printed needs fonts)")
+
+
+def uses_fonts(args: argparse.Namespace) -> bool:
+    """Whether this run renders from fonts (``--printed 0 --negatives 0`` and a reference without printed
+    digits need none, nor fontconfig)."""
+    return args.printed > 0 or args.negatives > 0 or "printed" in args.reference
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -270,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                  "pictures": picture_counts, "sha256": data.raw_checksums(args.data_dir)},
         "training": {**hyperparameters, "optimizer": "SGD (Nesterov) + OneCycleLR", "device": str(device),
                      "recipe": "MNIST with elastic distortion and affine jitter (Simard 2003); printed digits "
-                               "and dressed MNIST framed by service.imaging; outlier exposure on non-digits"},
+                               "(training font groups) and dressed MNIST framed by service.imaging; outlier "
+                               "exposure on non-digits; the reference's printed digits from the calibration "
+                               "font groups",
+                     "font_partitions": printed.summary() if uses_fonts(args) else None},
         "seed": args.seed,
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from harness.server import ROOT
-from service.model import reference, static, store
+from service.model import printed, reference, static, store
 from service.model import training as train
 
 LIMIT = 256
@@ -164,7 +164,8 @@ def test_process_killed_during_save_leaves_no_version(data_dir, tmp_path, os_cal
 
 def test_a_version_carries_its_calibration_and_picture_counts(two_runs):
     """Training calibrates what it trained (temperature, typicality reference on the held-out split and those
-    digits pictured, with printed ones: service.model.reference) and says what pictures it mixed in."""
+    digits pictured, with printed ones in the calibration font groups: service.model.reference) and says what
+    pictures and font partitions it used."""
     root = two_runs[0]
     loaded = store.load(root, version=1)
     assert loaded.calibration is not None and (loaded.path / store.CALIBRATION_FILE).is_file()
@@ -176,4 +177,8 @@ def test_a_version_carries_its_calibration_and_picture_counts(two_runs):
     assert loaded.calibration.temperature > 0 and len(loaded.calibration.reference) == 4 * share
     pictures = loaded.metadata.model_extra["data"]["pictures"]
     assert pictures["printed"] > 0 and pictures["dressed"] > 0 and pictures["letters"] > 0
+    fonts = loaded.metadata.model_extra["training"]["font_partitions"]
+    assert fonts["calibration"]["families"] > 0 and set(fonts["calibration"]["groups"]) <= printed.CALIBRATION_GROUPS
+    assert loaded.metadata.calibration.model_extra["reference"]["printed_groups"] == sorted(  # type: ignore[union-attr]
+        printed.CALIBRATION_GROUPS), "the reference's printed digits are in fonts training never drew"
     assert "after_temperature" in loaded.metadata.model_extra["metrics"]["test_ece"]

@@ -14,7 +14,7 @@ from service import calibrate
 from service.model import reference, store, synth
 from service.model.fnn import FNN
 
-SHORT = {"canvas": 0, "dressed": 2, "printed": 3}  # pictures each stand-in kind loses to the framing
+SHORT = {"canvas": 0, "dressed": 2, "printed-calibration": 3}  # pictures each stand-in kind loses to the framing
 
 
 @pytest.fixture
@@ -49,11 +49,11 @@ def test_the_reference_holds_every_kind_in_equal_shares(calls):
 def test_the_pictures_are_drawn_apart_from_training_and_evaluation(calls):
     digits, labels = _digits(40)
     composition = reference.build(digits, labels, seed=7).composition
-    assert {c["kind"] for c in calls} == {"canvas", "dressed", "printed"}, "training fonts, never -heldout"
+    assert {c["kind"] for c in calls} == {"canvas", "dressed", "printed-calibration"}, "unseen fonts"
     for c in calls:
         assert c["seed"] == composition["picture_seed"] == reference.PICTURE_SEED + 7
         assert c["seed"] not in (7, 1000), "neither training's draw (its seed) nor bench.evaluate's (1000)"
-        if c["kind"] == "printed":
+        if c["kind"] == "printed-calibration":
             assert c["source"] is None
         else:
             assert (c["source"][0] == digits.numpy()).all(), "the calibration split's digits, pictured"
@@ -83,7 +83,9 @@ def version_1(tmp_path):
 
 def test_calibrate_writes_a_version_calibrated_on_every_kind(version_1, data_dir, calls, capsys):
     assert calibrate.main(["--data-dir", str(data_dir), "--store", str(version_1), "--version", "1"]) == 0
-    assert "on 57 mnist + 57 canvas + 57 dressed + 57 printed" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "on 57 mnist + 57 canvas + 57 dressed + 57 printed" in said.out
+    assert "predates the calibration font groups" in said.err, "version 1's training records no font partitions"
     loaded = store.load(version_1, store.DEFAULT_NAME, 2)
     assert loaded.calibration is not None and len(loaded.calibration.reference) == 4 * 57
     meta = json.loads((loaded.path / store.METADATA_FILE).read_text())
