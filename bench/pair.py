@@ -18,10 +18,8 @@ import concurrent.futures
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench import procs
@@ -40,37 +38,20 @@ def cpu_list(text: str) -> set[int]:
     return cpus
 
 
-@contextlib.contextmanager
-def checkouts(commits: list[str], work: Path) -> Iterator[list[Path]]:
-    """A detached worktree of each commit (``.``: this working tree, as it is), removed afterwards."""
-    trees: list[Path] = []
-    try:
-        for i, commit in enumerate(commits):
-            if commit == ".":
-                trees.append(ROOT)
-                continue
-            tree = work / f"tree-{i}"
-            subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
-            trees.append(tree)
-        yield trees
-    finally:
-        for tree in trees:
-            if tree != ROOT:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-
-
 def pair(before: str, after: str, workload_name: str, rounds: int, seconds: float, server_cpus: set[int],
          load_cpus: set[int]) -> list[tuple[float, float]]:
     """Each round's (before, after) requests a second, both loaded at once."""
     workload = next(w for w in WORKLOADS if w.name == workload_name)
     os.sched_setaffinity(0, load_cpus)  # the load generators are this process's children
     settings = LoadSettings(warmup_s=2, duration_s=seconds, wrk_threads=1, wrk_timeout_s=10)
-    with (tempfile.TemporaryDirectory(prefix="digitserve-pair-") as temp,
-          checkouts([before, after], Path(temp)) as trees):
+    with tempfile.TemporaryDirectory(prefix="digitserve-pair-") as temp, contextlib.ExitStack() as trees:
         work = Path(temp)
+        # ``.``: this working tree as it is, not a checkout
+        paths = [ROOT if commit == "." else trees.enter_context(procs.checkout(commit, work / f"tree-{i}"))
+                 for i, commit in enumerate((before, after))]
         bodies = write_bodies(work, mnist_pngs(1000)[0], **EXPLAIN_METHODS)[workload.bodies]
         names = ["before", "after"]
-        for name, tree in zip(names, trees, strict=True):
+        for name, tree in zip(names, paths, strict=True):
             procs.add_tree(name, tree)
         servers = [procs.start(name, work, cpus=server_cpus)[0] for name in names]
         rates = []

@@ -3,6 +3,7 @@ memory (PSS of the whole process tree) and make sure none of them outlives the b
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -40,6 +41,17 @@ def use_store(store: Path, admin_key: str) -> None:
 def add_tree(name: str, tree: Path) -> None:
     """One more digitserve, run from ``tree`` (a checkout of another commit) with this venv."""
     SERVERS[name], TREES[name] = "service", tree
+
+
+@contextlib.contextmanager
+def checkout(commit: str, tree: Path) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` at ``tree`` (a server of another commit runs from it:
+    ``add_tree``), removed afterwards."""
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
 def add_variant(name: str, settings: dict[str, str]) -> str:

@@ -234,15 +234,11 @@ def before_tree(commit: str | None, work: Path, traces: str | None) -> Iterator[
     if not commit:
         yield chosen
         return
-    tree = work / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], cwd=ROOT, check=True)
-    try:
+    with procs.checkout(commit, work / "before") as tree:
         procs.add_tree("before", tree)
         # not the switching and shadow workloads: an older commit may have no admin API or no shadow
         yield [dataclasses.replace(w, servers=(*w.servers, "before"))
                if "digitserve" in w.servers and not (w.switch_every_s or w.shadow_share) else w for w in chosen]
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
 def bench_round(order: list[str], workloads: list[Workload], files: dict[str, Path], labels: list[int],
