@@ -97,9 +97,9 @@ def _chunk(kind: str, seed: int, chunk: int, count: int, source: Source | None) 
         else:
             ink, label = _digit_ink(kind, chunk * CHUNK + i, rng, source)
         if not kind.startswith(("photos", "faces")) or rng.random() < 0.3:
-            ink = dress.canvas(ink, rng, margin=(0.02, 0.3) if rng.random() < 0.3 else (0.15, 1.2))
+            ink = on_page(ink, rng)
         framed = dress.frame(dress.dress(ink, rng, plain=1.0 if kind == "canvas" else 0.15))
-        if framed is None or (label < 0 and _narrow(framed)) or (label >= 0 and _lost(framed, ink)):
+        if framed is None or (label < 0 and _narrow(framed)) or (label >= 0 and lost(framed, ink)):
             continue
         frames.append(np.round(framed * 255).astype(np.uint8))
         labels.append(label)
@@ -108,7 +108,12 @@ def _chunk(kind: str, seed: int, chunk: int, count: int, source: Source | None) 
     return np.stack(frames), np.array(labels, dtype=np.int64)
 
 
-def _lost(framed: np.ndarray, ink: np.ndarray) -> bool:
+def on_page(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ink placed on a page as pictures come: mostly with a margin, now and then cropped close."""
+    return dress.canvas(ink, rng, margin=(0.02, 0.3) if rng.random() < 0.3 else (0.15, 1.2))
+
+
+def lost(framed: np.ndarray, ink: np.ndarray) -> bool:
     """Whether dressing lost the digit: its frame is unlike the frame of the same ink on clean paper (the
     framing took a shadow's edge or a stain for it). Such a picture is no digit to learn from."""
     clean = dress.frame(dress.scan(ink))

@@ -126,3 +126,17 @@ def test_pictured_mnist_digits_are_keyed_by_their_digits_not_the_fonts(fresh, mo
     monkeypatch.setattr(printed, "fonts", no_fonts)
     source = (torch.zeros(4, 28, 28, dtype=torch.uint8).numpy(), torch.arange(4).numpy())
     assert synth._key("dressed", 4, 1, source) != synth._key("dressed", 4, 1, (source[0] + 1, source[1]))
+
+
+def test_bench_fonts_reports_each_family_of_a_partition(fresh, monkeypatch):
+    """``python -m bench.fonts``: every family of the partition, each with its own digits, read by the model."""
+    from bench import fonts as bench_fonts
+
+    mono = str(FONT_DIR / "DejaVuSansMono.ttf")
+    stand_ins = (*STAND_INS, printed.Font("Inconsolata", "Regular", mono), printed.Font("Lato", "Bold", mono))
+    monkeypatch.setattr(printed, "fonts", lambda: stand_ins)
+    rows, confusions = bench_fonts.measure(bench_fonts.parse_args(["--per-family", "20", "--style", "clean"]))
+    assert sorted(family for family, *_ in rows) == ["Hack", "Inconsolata"]
+    for family, digits, read, flagged in rows:
+        assert 15 <= digits <= 20 and read >= 0.8 and 0 <= flagged <= 1, (family, digits, read, flagged)
+    assert sum(confusions.values()) == round(sum(n * (1 - r) for _, n, r, _ in rows))
