@@ -97,7 +97,7 @@ def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
         found = photo.photo_ink(gray)
     except ink.Blank:
         found = None
-    noise = margin.noise(gray)
+    noise = ink.border_noise(gray)
     border = margin.levels(gray, noise)
     if border is None and found is None:  # faint ink along the border (a blurred stroke cut by the crop)
         border = margin.paper_only(gray)

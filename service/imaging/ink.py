@@ -56,6 +56,19 @@ def border_median(grays: np.ndarray) -> np.ndarray:
     return np.partition(border, middle, axis=1)[:, middle]
 
 
+def ring(gray: np.ndarray) -> np.ndarray:
+    """The picture's border, clockwise from the top left corner, each pixel once."""
+    return np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])
+
+
+def border_noise(gray: np.ndarray) -> float:
+    """The picture's noise (standard deviation) at its own resolution, from differences of neighbours
+    along its border: cheap at any size, and robust to the few strokes that cross it, also where the
+    digit fills the picture (cropped tight) and its edges are most of the picture's differences."""
+    steps = np.diff(ring(gray))
+    return float(1.4826 * np.median(np.abs(steps)) / np.sqrt(2)) if len(steps) else 0.0
+
+
 def _border(grays: np.ndarray) -> np.ndarray:
     return np.concatenate([grays[:, 0], grays[:, -1], grays[:, :, 0], grays[:, :, -1]], axis=1)
 

@@ -22,34 +22,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.imaging.ink import MIN_CONTRAST
+from service.imaging import ink
 from service.imaging.photo import NOISE_MARGIN
 
 MARGIN_SHARE = 0.25  # the margin on each side, a share of the picture's longer side
 MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on the ink's side ...
-NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and MIN_CONTRAST)
+NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and ink.MIN_CONTRAST)
 AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
 PAPER_BAND = 0.02  # border pixels this share of the ink's contrast from the paper's level (or noise) are paper
 TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
 
 
-def noise(gray: np.ndarray) -> float:
-    """The picture's noise (standard deviation) at its own resolution, from differences of neighbours
-    along its border: cheap at any size, and robust to the few strokes that cross it."""
-    steps = np.diff(_ring(gray))
-    return float(1.4826 * np.median(np.abs(steps)) / np.sqrt(2)) if len(steps) else 0.0
-
-
 def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
     """The paper's and the ink's level along the border of a picture whose border holds ink, or None."""
-    ring = _ring(gray)
+    ring = ink.ring(gray)
     split = _otsu(ring)
     dark = ring < split
     share = float(dark.mean())
     if min(share, 1 - share) < MIN_INK_SHARE:
         return None
     low, high = float(np.median(ring[dark])), float(np.median(ring[~dark]))
-    if high - low < max(MIN_CONTRAST, NOISE_SEPARATION * noise) or _between(ring, dark) < TWO_LEVELS:
+    if high - low < max(ink.MIN_CONTRAST, NOISE_SEPARATION * noise) or _between(ring, dark) < TWO_LEVELS:
         return None
     return (low, high) if share >= AMBIGUOUS else (high, low)
 
@@ -58,21 +51,21 @@ def paper_only(gray: np.ndarray) -> tuple[float, float] | None:
     """Where the border is not two clear levels: its median as the paper, and the picture's ink level
     (its 1st or 99th percentile, the farther from the paper), or None unless that ink lies beyond
     every level of the border (as a gradient's or a shadow's ends do not: they reach the border)."""
-    ring = _ring(gray)
+    ring = ink.ring(gray)
     paper = float(np.median(ring))
     step = max(1, max(gray.shape) // 256)
     low, high = np.percentile(gray[::step, ::step], (1, 99))
     edge_low, edge_high = np.percentile(ring, (2, 98))
     if paper - low >= high - paper:
-        return (paper, float(low)) if edge_low - low >= MIN_CONTRAST else None
-    return (paper, float(high)) if high - edge_high >= MIN_CONTRAST else None
+        return (paper, float(low)) if edge_low - low >= ink.MIN_CONTRAST else None
+    return (paper, float(high)) if high - edge_high >= ink.MIN_CONTRAST else None
 
 
 def pad(gray: np.ndarray, paper_level: float, ink_level: float, noise: float) -> tuple[np.ndarray, int]:
     """``gray`` with a margin of paper around it (``levels``), and the margin's width. ``noise``: the
     picture's noise (standard deviation)."""
     height, width = gray.shape
-    ring = _ring(gray)
+    ring = ink.ring(gray)
     # the paper's own pixels: as far from its level as its noise takes them, not a stroke's fringe
     paper = np.abs(ring - paper_level) <= max(NOISE_MARGIN * noise + 1, PAPER_BAND * abs(ink_level - paper_level))
     if not paper.any():  # no pixel that close (a median between two levels): the paper's side of the border
@@ -100,11 +93,6 @@ def unpad(box: tuple[int, int, int, int], margin: int, shape: tuple[int, ...]) -
     left, top = min(max(x - margin, 0), shape[1] - 1), min(max(y - margin, 0), shape[0] - 1)
     right, bottom = max(min(x + w - margin, shape[1]), left + 1), max(min(y + h - margin, shape[0]), top + 1)
     return left, top, right - left, bottom - top
-
-
-def _ring(gray: np.ndarray) -> np.ndarray:
-    """The picture's border, clockwise from the top left corner, each pixel once."""
-    return np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])
 
 
 def _between(values: np.ndarray, side: np.ndarray) -> float:

@@ -4,7 +4,8 @@ A lamp to one side makes a gradient, a hand or a phone casts a shadow with a sha
 grain and the sensor adds noise, so no one grey is the paper. On a copy of the picture at most
 ``ANALYSIS_SIDE`` a side (block means: cheap, and they average the noise away):
 
-1. noise: measured from differences of neighbours; where there is any, a 3x3 median first;
+1. noise: measured from differences of neighbours (along the border too: a digit cropped tight is
+   mostly edges, its border mostly paper); where there is any, a 3x3 median first;
 2. polarity: dark ink on light paper or light on dark (``_polarity``), and the strokes' width;
 3. background: a morphological opening of the picture turned so that ink is bright, four strokes
    wide: it removes the strokes and keeps the paper's gradients and the edges of shadows. Picture
@@ -37,6 +38,7 @@ from service.imaging.ink import (
     STRONG_SHARE,
     Blank,
     Ink,
+    border_noise,
     choose,
 )
 
@@ -68,14 +70,18 @@ class Flattened:
 def flatten(gray: np.ndarray) -> Flattened:
     """Steps 1-3 of the module docstring, on the analysis copy."""
     small, factor = _analysis_copy(gray)
-    noise = _noise(small)
-    if noise >= 0.5:  # sensor noise or grain: a 3x3 median before anything is thresholded
+    noise = min(_noise(small), border_noise(small))  # a digit cropped tight is mostly edges: its border tells
+    clean = noise < 0.5  # a render, a screenshot, a clean scan
+    if not clean:  # sensor noise or grain: a 3x3 median before anything is thresholded
         small = ndimage.median_filter(small, size=3, mode="nearest")
         noise *= MEDIAN_NOISE
     sign, width = _polarity(small, noise)
-    background = _background(small * np.float32(sign), _opening_size(width, small.shape))
+    size = _opening_size(width, small.shape)
+    # on a clean picture, what runs along the edge only a stroke deep is a stroke, not a shadow
+    background = _background(small * np.float32(sign), size, max(2, size // 4 + 1) if clean else 1)
     flat, gain, offset = _flatten(small, sign, background)
-    noise = max(noise * float(np.median(gain)), _spread(flat))
+    # the paper's spread, not the ink's: in a digit cropped tight, ink is much of the picture
+    noise = max(noise * float(np.median(gain)), _spread(flat[flat <= INK_SHARE * float(flat.max())]))
     return Flattened(flat, factor, sign, background, gain, offset, noise, width)
 
 
@@ -206,19 +212,22 @@ def _opening_size(width: float, shape: tuple[int, ...]) -> int:
     return max(3, int(min(max(4 * width, max(shape) / 8), max(shape) / 2)) | 1)
 
 
-def _background(turned: np.ndarray, size: int) -> np.ndarray:
+def _background(turned: np.ndarray, size: int, depth: int = 1) -> np.ndarray:
     """The background of a picture whose ink is bright: a morphological opening (every bright part
     narrower than ``size`` lowered to its surroundings; gradients and the edges of shadows stay)."""
-    return np.minimum(ndimage.grey_dilation(_wide(turned, size), size=(size, size), mode="nearest"), turned)
+    return np.minimum(ndimage.grey_dilation(_wide(turned, size, depth), size=(size, size), mode="nearest"), turned)
 
 
-def _wide(turned: np.ndarray, size: int) -> np.ndarray:
+def _wide(turned: np.ndarray, size: int, depth: int = 1) -> np.ndarray:
     """Where the picture is at least ``size`` wide at its level (a grey erosion). Where light or shadow
     is cut by the picture's edge it may be narrow, but it runs along the edge, where a stroke only
-    crosses it: along the edge, a run of ``size`` pixels is wide enough."""
+    crosses it: along the edge, a run of ``size`` pixels, ``depth`` deep, is wide enough. (In a digit
+    cropped tight a stroke does run along the edge, but only a stroke's width deep.)"""
     marker = ndimage.grey_erosion(turned, size=(size, size), mode="nearest")
-    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
-        marker[edge] = np.maximum(marker[edge], ndimage.minimum_filter1d(turned[edge], size, mode="nearest"))
+    bands = ((np.s_[0, :], turned[:depth].min(0)), (np.s_[-1, :], turned[-depth:].min(0)),
+             (np.s_[:, 0], turned[:, :depth].min(1)), (np.s_[:, -1], turned[:, -depth:].min(1)))
+    for edge, band in bands:
+        marker[edge] = np.maximum(marker[edge], ndimage.minimum_filter1d(band, size, mode="nearest"))
     return marker
 
 
