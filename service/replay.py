@@ -1,6 +1,6 @@
 """Replay captured frames with a stored version: would it answer what was served? (docs/capture.md)
 
-    python -m service.replay DIR --store model_store --version 3 [--labels labels.csv] [--json]
+    python -m service.replay DIR --store model_store --version 4 [--labels labels.csv] [--json]
 
 Reads every complete capture file in DIR (``--capture-dir``, ``service.capture``), oldest first,
 recomputes each frame with version N of the store exactly as a worker does (verified load, on the CPU,
