@@ -1,6 +1,6 @@
 """Capture in a real server, then replay: what was served is what the files hold, and replay agrees.
 
-The server captures every instance (share 1) of 300 real MNIST test digits sent over V2 REST twice: to the
+The server captures every instance (share 1) of 1,000 real MNIST test digits sent over V2 REST twice: to the
 served version (the committed default) and pinned to version 1. Once it has drained, the files hold each
 request's frames (the digits' own bytes), answers, versions and request ids; ``python -m service.replay``
 with the served version agrees fully with what it served, and with what version 1 served as often as the
@@ -28,7 +28,7 @@ from tests.conftest import SERVED
 
 MODEL = "mnist-fnn"
 ADMIN = {"X-Admin-Key": "adm-" + os.urandom(8).hex()}
-COUNT = 300
+COUNT = 1000  # enough digits that version 1 and the default answer a few of them differently
 SERVING = int(SERVED)  # the committed default, calibrated; version 1 is not
 
 
@@ -44,7 +44,7 @@ def infer(client, frames: np.ndarray, request_id: str, version: int | None = Non
 
 @pytest.fixture(scope="module")
 def captured(mnist_test, tmp_path_factory) -> Iterator[dict]:
-    """The capture folder after a drained server served 300 digits with its default and again pinned to v1,
+    """The capture folder after a drained server served 1,000 digits with its default and again pinned to v1,
     and what each request was answered (request id -> labels)."""
     images = mnist_test[0].numpy()[:COUNT].reshape(COUNT, 784)
     frames = (images / 255).astype(np.float32)
