@@ -32,7 +32,7 @@ from service.model import dress, negatives, printed
 
 CACHE = Path(os.environ.get("DIGITSERVE_CACHE", Path.home() / ".cache" / "digitserve")) / "synth"
 CHUNK = 256
-RECIPE = 3  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
+RECIPE = 4  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
 HELD_OUT = "-heldout"  # a kind's suffix: drawn from the held-out fonts and photographs (evaluation only)
 CALIBRATION = "-calibration"  # printed digits from the calibration font groups (the typicality reference only)
 _SUFFIXES: dict[str, printed.Partition] = {HELD_OUT: "heldout", CALIBRATION: "calibration"}
@@ -117,8 +117,8 @@ def lost(framed: np.ndarray, ink: np.ndarray) -> bool:
     """Whether dressing lost the digit: its frame is unlike the frame of the same ink on clean paper (the
     framing took a shadow's edge or a stain for it). Such a picture is no digit to learn from."""
     clean = dress.frame(dress.scan(ink))
-    if clean is None:
-        return True
+    if clean is None or framed.min() == framed.max() or clean.min() == clean.max():
+        return True  # a blank frame (no correlation to take) holds no digit
     return float(np.corrcoef(framed.ravel(), clean.ravel())[0, 1]) < 0.5
 
 

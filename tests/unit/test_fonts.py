@@ -9,10 +9,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
-from service.model import printed, reference, synth
+from service.model import dress, printed, reference, synth
 from tests.crops import FONT_DIR
 
 DEJAVU = str(FONT_DIR / "DejaVuSans.ttf")
@@ -140,3 +141,10 @@ def test_bench_fonts_reports_each_family_of_a_partition(fresh, monkeypatch):
     for family, digits, read, flagged in rows:
         assert 15 <= digits <= 20 and read >= 0.8 and 0 <= flagged <= 1, (family, digits, read, flagged)
     assert sum(confusions.values()) == round(sum(n * (1 - r) for _, n, r, _ in rows))
+
+
+def test_a_picture_framed_blank_is_lost_not_a_digit_to_learn():
+    ink = printed.render("7", STAND_INS[1], np.random.default_rng(0))
+    assert ink is not None
+    assert synth.lost(np.zeros((28, 28), np.float32), ink), "a blank frame has no correlation: it is lost"
+    assert not synth.lost(dress.frame(dress.scan(ink)), ink), "the clean scan's own frame is the digit"
