@@ -10,8 +10,9 @@ printed digits from the font families held out of training. Non-digit sets, per 
 held-out fonts and photographs (``-heldout`` kinds): share recognised (flagged, or no digit found).
 Every picture goes through ``service.imaging.prepare``, as the server does. Typicality scores are
 compared on the same sets: each score's reference is made as the version's was (``service.model.reference``:
-its calibration split, and the pictured and printed kinds its metadata names). Nothing here is fitted on
-the evaluation sets.
+its calibration split, and the pictured and printed kinds its metadata names), or of the kinds
+``--reference`` names, to measure another make-up without a new version. Nothing here is fitted on the
+evaluation sets.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--negatives", type=int, default=500, help="non-digit pictures per kind")
     p.add_argument("--seed", type=int, default=1000, help="seed of the generated sets (training uses others)")
     p.add_argument("--below", type=float, default=0.01, help="the not_a_digit threshold")
+    p.add_argument("--reference", type=reference.parse_kinds, default=None, metavar="KINDS",
+                   help="the compared scores' reference kinds (mnist,canvas,dressed,printed); default: the version's")
     p.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -68,15 +71,16 @@ def _features(loaded: store.LoadedModel, frames: torch.Tensor) -> tuple[torch.Te
     return loaded.model.features(x.reshape(len(frames), -1))
 
 
-def _reference(loaded: store.LoadedModel, data_dir: Path) -> reference.Reference:
+def _reference(loaded: store.LoadedModel, data_dir: Path, kinds: tuple[str, ...] | None) -> reference.Reference:
     """The version's reference pictures, made again as its calibration made them (a version calibrated on
-    MNIST alone records no make-up: its calibration split)."""
+    MNIST alone records no make-up: its calibration split), of ``kinds`` if given."""
     training = (loaded.metadata.model_extra or {}).get("training", {})
     images, labels = data.load_mnist(data_dir, train=True)
     held, _ = reference.version_split(training, len(images))
     record = loaded.metadata.calibration
-    kinds = ",".join((record.model_extra or {}).get("reference", {}).get("pictures", {})) if record else ""
-    return reference.build(images[held], labels[held], training.get("seed", 1), reference.parse_kinds(kinds or "mnist"))
+    recorded = ",".join((record.model_extra or {}).get("reference", {}).get("pictures", {})) if record else ""
+    return reference.build(images[held], labels[held], training.get("seed", 1),
+                           kinds or reference.parse_kinds(recorded or "mnist"))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -95,7 +99,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     other_sets = {kind: synth.build(kind + synth.HELD_OUT, args.negatives, args.seed)[0] for kind in negatives.KINDS}
 
     # every score's reference on the version's reference pictures; Mahalanobis' parameters are the stored ones
-    pictures = _reference(loaded, args.data_dir)
+    pictures = _reference(loaded, args.data_dir, args.reference)
     cal_hidden, cal_logits = _features(loaded, pictures.frames)
     params = calibration.params if calibration is not None and calibration.score_name == "mahalanobis" else None
     candidates = {name: Calibration.fit(name, params or {}, cal_hidden, cal_logits, pictures.labels)
@@ -137,9 +141,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = [f"version {results['version']}, typicality from {results['served_score']} (reference: "
-             + " + ".join(f"{n} {kind}" for kind, n in results["reference"].items())
-             + f"), not_a_digit below {results['below']}", "",
+    lines = [f"version {results['version']}, typicality from {results['served_score']}, not_a_digit below "
+             f"{results['below']}; the compared scores' reference: "
+             + " + ".join(f"{n} {kind}" for kind, n in results["reference"].items()), "",
              "| digit set | images | accuracy | ECE before | ECE after | flagged |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, e in results["digits"].items():

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from bench import evaluate
 from service import calibrate
 from service.model import reference, store, synth
 from service.model.fnn import FNN
@@ -102,3 +103,14 @@ def test_calibrate_on_mnist_alone_is_the_calibration_split(version_1, data_dir, 
     assert loaded.calibration.composition == {}, "read back, the make-up stays in metadata.json"
     assert loaded.metadata.calibration is not None
     assert (loaded.metadata.calibration.model_extra or {})["reference"]["pictures"] == {"mnist": 60}
+
+
+def test_bench_evaluate_refits_the_scores_on_the_kinds_asked(version_1, data_dir, calls):
+    calibrate.main(["--data-dir", str(data_dir), "--store", str(version_1), "--version", "1"])
+    loaded = store.load(version_1, store.DEFAULT_NAME, 2)
+    recorded = evaluate._reference(loaded, data_dir, None).composition["pictures"]
+    assert recorded == {kind: 57 for kind in reference.KINDS}, "by default, as the version's calibration made it"
+    asked = evaluate.parse_args(["--reference", "canvas,mnist"]).reference
+    assert evaluate._reference(loaded, data_dir, asked).composition["pictures"] == {"mnist": 60, "canvas": 60}
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--reference", "photos"])
