@@ -33,9 +33,10 @@ serve: $(STAMP)
 system-deps:
 	bash .ci/system-deps.sh
 
-# The whole suite: lint and types, the unit tier, then the end-to-end tier (real processes).
+# The whole suite: lint and types, the unit tier, then the end-to-end tier (real processes), which lists its
+# 15 slowest tests at the end: where to look when the suite nears its 15 minutes.
 test: lint test-fast system-deps triton-venv
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest tests/e2e --durations=15
 
 # The unit tier alone: in process, no server started (under a minute).
 test-fast: $(STAMP)
