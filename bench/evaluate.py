@@ -77,10 +77,11 @@ def _reference(loaded: store.LoadedModel, data_dir: Path, kinds: tuple[str, ...]
     training = (loaded.metadata.model_extra or {}).get("training", {})
     images, labels = data.load_mnist(data_dir, train=True)
     held, _ = reference.version_split(training, len(images))
-    record = loaded.metadata.calibration
-    recorded = ",".join((record.model_extra or {}).get("reference", {}).get("pictures", {})) if record else ""
-    return reference.build(images[held], labels[held], training.get("seed", 1),
-                           kinds or reference.parse_kinds(recorded or "mnist"))
+    if kinds is None:
+        record = loaded.metadata.calibration
+        recorded = ",".join((record.model_extra or {}).get("reference", {}).get("pictures", {})) if record else ""
+        kinds = reference.parse_kinds(recorded or "mnist")
+    return reference.build(images[held], labels[held], training.get("seed", 1), kinds)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

@@ -15,7 +15,7 @@ from scipy import ndimage  # type: ignore[import-untyped]
 
 from service.config import Limits
 from service.errors import InputError
-from service.imaging import prepare
+from service.imaging import NO_DIGIT, prepare
 
 _LIMITS = Limits()  # type: ignore[call-arg]  # the defaults, as the service has them
 
@@ -88,11 +88,13 @@ def _encode(gray: np.ndarray, rng: np.random.Generator, jpeg: bool) -> bytes:
 
 
 def frame(picture: bytes) -> np.ndarray | None:
-    """The service's 28x28 frame of a picture (float32 in 0..1), or None where it finds no digit."""
+    """The service's 28x28 frame of a picture (float32 in 0..1), or None where it finds no digit (refused, or
+    answered ``no_digit``: the service's black frame is no picture to learn or measure on)."""
     try:
-        return np.asarray(prepare([picture], _LIMITS))[0]
+        prepared = prepare([picture], _LIMITS)
     except InputError:
         return None
+    return None if NO_DIGIT in prepared.notes[0]["flags"] else np.asarray(prepared)[0]
 
 
 def canvas(glyph: np.ndarray, rng: np.random.Generator, margin: tuple[float, float] = (0.15, 1.2),
