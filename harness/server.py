@@ -65,6 +65,15 @@ class Server:
                 time.sleep(0.1)
         raise TimeoutError(f"server not healthy after {timeout} s:\n{self.output()[-4000:]}")
 
+    def wait_announced(self, timeout: float = 10) -> None:
+        """Wait for the ready line, which the service logs once its own poll of /health (one connection
+        every 0.2 s, ``service.ready``) has seen 200: a test that counts connections starts after it."""
+        deadline = time.monotonic() + timeout
+        while "ready: the page is" not in self.output():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no ready line after {timeout} s:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 40) -> int:
         """SIGTERM and wait for the drain; then make sure no process of its group outlives the test."""
         if self.process.poll() is None:
