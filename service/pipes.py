@@ -69,13 +69,17 @@ class MessageReader:
     """Cuts one pipe's byte stream into message payloads, resynchronising after a cut message.
 
     A message is delivered only when whole: its tail follows its payload, and no MAGIC starts
-    inside it (a new writer's message right after one that was cut short).
+    inside it (a new writer's message right after one that was cut short). A writer that died inside
+    the tail, followed by a new writer whose MAGIC begins with the missing tail bytes (1 in 256 for
+    one byte), passes the tail's check: its payload is whole and is delivered, and the new MAGIC,
+    begun inside that tail, is found there (``_began_in_tail``) rather than its message dropped.
     """
 
     def __init__(self, magic: bytes):
         self.magic, self.tail = magic, _tail(magic)
         self.pending = bytearray()
         self.scanned = len(magic)  # where the search for a MAGIC inside the current message resumes
+        self.after_tail = False  # the buffer starts right after a delivered message's tail
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self.pending += chunk
@@ -83,9 +87,11 @@ class MessageReader:
         head = len(magic) + _LENGTH.size
         while pending:
             if not pending.startswith(magic):  # the rest of a message cut short, or one a dead reader began
-                if not self._resync(0):
-                    break
-                continue
+                if self.after_tail and len(pending) < len(magic):
+                    break  # too few bytes yet to tell where the next MAGIC begins
+                if self._began_in_tail() or self._resync(0):
+                    continue
+                break
             if len(pending) < head:
                 break
             end = head + _LENGTH.unpack_from(pending, len(magic))[0]
@@ -102,7 +108,21 @@ class MessageReader:
             payloads.append(bytes(pending[head:end]))
             del pending[:end + len(self.tail)]
             self.scanned = len(magic)
+            self.after_tail = True
         return payloads
+
+    def _began_in_tail(self) -> bool:
+        """Right after a delivered message, whether the next MAGIC began inside its tail (its writer died
+        there): if so, the MAGIC's first bytes, taken for the tail's, are put back."""
+        if not self.after_tail:
+            return False
+        self.after_tail = False
+        joined = self.tail + bytes(self.pending[:len(self.magic)])
+        found = joined.find(self.magic, 1)
+        if not 0 < found < len(self.tail):
+            return False
+        self.pending[:0] = joined[found:len(self.tail)]
+        return True
 
     def _resync(self, start: int) -> bool:
         """Drop what precedes the next MAGIC at or after ``start`` (all but a possible MAGIC's beginning
@@ -113,6 +133,7 @@ class MessageReader:
             log.warning("dropped %d bytes of a message cut short (a process died mid-transfer)", count)
             del self.pending[:count]
         self.scanned = len(self.magic)
+        self.after_tail = False
         return found >= 0
 
 

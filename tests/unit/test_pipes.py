@@ -42,7 +42,11 @@ def test_a_message_cut_short_by_a_dead_writer_is_dropped_and_the_rest_delivered(
     victim %= len(messages)
     cut = messages[victim][:int(len(messages[victim]) * fraction)]  # the writer died after writing this much
     stream = b"".join(messages[:victim]) + cut + b"".join(messages[victim + 1:])
-    assert read(stream, cuts) == items[:victim] + items[victim + 1:]
+    # cut in its tail, and the next message's MAGIC begins with the bytes missing (by chance): its payload
+    # is whole, and it is delivered
+    at = len(b"".join(messages[:victim]))
+    whole = len(cut) >= len(messages[victim]) - len(MAGIC) and stream[at:].startswith(messages[victim])
+    assert read(stream, cuts) == items[:victim] + items[victim + 1 - whole:]
 
 
 @settings(max_examples=300, deadline=None)
@@ -62,3 +66,15 @@ def test_a_cut_message_is_reported_and_its_bytes_released(caplog):
     assert [pickle.loads(p) for p in reader.feed(messages[2])] == ["third"]
     assert reader.pending == b""
     assert "dropped 2000 bytes" in caplog.text
+
+
+def test_a_writer_dead_in_the_tail_whose_successor_s_magic_completes_it_loses_no_message():
+    """The missing last tail byte equals the next MAGIC's first (1 in 256): the payload before is whole
+    and delivered, and the next message is found where its MAGIC began, inside that tail."""
+    magic = bytes([0x5A ^ 0xFF]) + new_magic()[1:-1] + bytes([0x5A])  # ~magic[-1] == magic[0]
+    first, second = pack(magic, "first"), pack(magic, "second")
+    stream = first[:-1] + second
+    for cut in range(len(stream) + 1):
+        reader = MessageReader(magic)
+        got = [pickle.loads(p) for p in reader.feed(stream[:cut]) + reader.feed(stream[cut:])]
+        assert got == ["first", "second"], cut
