@@ -19,12 +19,12 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch._inductor import cpu_vec_isa
 
 from service.imaging import normalize
 from service.model import store
@@ -76,7 +76,7 @@ def export(store_dir: Path, name: str, version: int, images: torch.Tensor, devic
     try:
         if compile:
             try:
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+                _inductor().aoti_compile_and_package(program, package_path=str(tmp))
                 kind = "aoti"
             except Exception as e:  # no (working) C++ compiler, or an inductor failure: say so, keep the graph
                 log.warning("AOTInductor could not compile v%d (%s: %s); storing the exported program uncompiled, "
@@ -95,7 +95,8 @@ def export(store_dir: Path, name: str, version: int, images: torch.Tensor, devic
     record = store.Export(
         artifact=store.StoredFile(file=ARTIFACT_FILE, sha256=store.sha256_file(loaded.path / ARTIFACT_FILE)),
         kind=kind, device=torch.device(device).type, torch_version=torch.__version__,
-        cpu_isa=str(cpu_vec_isa.pick_vec_isa()) if kind == "aoti" and torch.device(device).type == "cpu" else None,
+        cpu_isa=str(_inductor().cpu_vec_isa.pick_vec_isa()) if kind == "aoti" and torch.device(device).type == "cpu"
+        else None,
         parity=store.StoredFile(file=PARITY_FILE, sha256=store.sha256_file(loaded.path / PARITY_FILE)))
     store.record_export(loaded.path, record.model_dump())
     return record
@@ -110,19 +111,28 @@ def load(loaded: store.LoadedModel, device: torch.device) -> Features:
     if record.device != device.type:
         raise Refused("device", f"v{loaded.version}'s static graph was built for {record.device}, this worker is on "
                                 f"{device.type}: export it with --device {device.type}")
-    usable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] if record.cpu_isa is not None else []
+    usable = [str(isa) for isa in _inductor().cpu_vec_isa.valid_vec_isa_list()] if record.cpu_isa is not None else []
     if record.cpu_isa is not None and record.cpu_isa not in usable:
         raise Refused("cpu_isa", f"v{loaded.version}'s static graph uses {record.cpu_isa} instructions, this CPU has "
                                  f"{usable or 'none'}: export it on (a CPU like) this one")
     path = _verified(loaded, record.artifact)
     try:
         if record.kind == "aoti":
-            return torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+            return _inductor().aoti_load_package(str(path), run_single_threaded=True,
                                                      device_index=device.index if device.index is not None else -1)
         module: Features = torch.export.load(path).module()
         return module
     except Exception as e:  # a verified file torch cannot load: a torch or platform difference
         raise Refused("load", f"v{loaded.version}'s static graph {path} does not load: {type(e).__name__}: {e}") from e
+
+
+def _inductor() -> ModuleType:
+    """torch._inductor (with its CPU instruction sets), imported only where a compiled graph is made or
+    loaded: the import takes about as long as torch's own, in every process that makes it, and an eager
+    or exported version needs none of it."""
+    import torch._inductor.cpu_vec_isa
+
+    return torch._inductor
 
 
 def check_parity(loaded: store.LoadedModel, eager: Features, static: Features, device: torch.device) -> None:
