@@ -65,14 +65,16 @@ class Server:
                 time.sleep(0.1)
         raise TimeoutError(f"server not healthy after {timeout} s:\n{self.output()[-4000:]}")
 
-    def wait_announced(self, timeout: float = 10) -> None:
-        """Wait for the ready line, which the service logs once its own poll of /health (one connection
-        every 0.2 s, ``service.ready``) has seen 200: a test that counts connections starts after it."""
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        """Wait until ``text`` is in the log; the log so far. (The ready line, ``ready:``, comes once the
+        service's own poll of /health, one connection every 0.2 s, has seen 200: a test that counts
+        connections starts after it.)"""
         deadline = time.monotonic() + timeout
-        while "ready: the page is" not in self.output():
+        while text not in (output := self.output()):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no ready line after {timeout} s:\n{self.output()[-4000:]}")
+                raise TimeoutError(f"{text!r} not logged after {timeout} s:\n{output[-4000:]}")
             time.sleep(0.05)
+        return output
 
     def stop(self, timeout: float = 40) -> int:
         """SIGTERM and wait for the drain; then make sure no process of its group outlives the test."""

@@ -95,8 +95,8 @@ def export(store_dir: Path, name: str, version: int, images: torch.Tensor, devic
     record = store.Export(
         artifact=store.StoredFile(file=ARTIFACT_FILE, sha256=store.sha256_file(loaded.path / ARTIFACT_FILE)),
         kind=kind, device=torch.device(device).type, torch_version=torch.__version__,
-        cpu_isa=str(_inductor().cpu_vec_isa.pick_vec_isa()) if kind == "aoti" and torch.device(device).type == "cpu"
-        else None,
+        cpu_isa=(str(_inductor().cpu_vec_isa.pick_vec_isa()) if kind == "aoti" and torch.device(device).type == "cpu"
+                 else None),
         parity=store.StoredFile(file=PARITY_FILE, sha256=store.sha256_file(loaded.path / PARITY_FILE)))
     store.record_export(loaded.path, record.model_dump())
     return record

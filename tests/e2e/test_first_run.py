@@ -17,19 +17,11 @@ def service(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
                           timeout=timeout)
 
 
-def wait_for(text: str, server, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in server.output():
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.1)
-    return server.output()
-
-
 def test_one_ready_line_once_healthy_with_the_page_the_docs_and_how_to_stop(tmp_path):
     """``--host localhost`` is accepted, bound as 127.0.0.1 and named as given; the log is text."""
     with running(tmp_path, "--host", "localhost", "--log-format", "text") as server:
         port = server.port
-        output = wait_for("ready:", server)
+        output = server.wait_for("ready:")
         ready = [line for line in output.splitlines() if "ready:" in line]
         assert len(ready) == 1, output
         assert f"http://localhost:{port}/ " in ready[0], ready[0]

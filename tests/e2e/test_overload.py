@@ -291,7 +291,7 @@ def capped(tmp_path_factory) -> Iterator[Server]:
     with running(tmp_path_factory.mktemp("capped"), "--api-servers", "1", "--max-connections", "40",
                  "--max-connections-per-client", "10", "--keep-alive-s", str(CAPPED_KEEP_ALIVE_S),
                  "--read-timeout-s", str(CAPPED_READ_TIMEOUT_S)) as s:
-        s.wait_announced()  # the service's own /health poller is done: it would count as a connection
+        s.wait_for("ready:")  # the service's own /health poller is done: it would count as a connection
         yield s
 
 
