@@ -90,18 +90,20 @@ def _flat_ink(one: np.ndarray, paper: np.ndarray) -> ink.Ink | None:
 def _picture_ink(gray: np.ndarray) -> ink.Ink | None:
     """A picture whose border is not one grey: a photo, or a digit cropped tight. Where the border holds
     ink and the photo steps find nothing, or ink that spans the picture from its edge, or "ink" at the
-    level of the border's paper, the picture is read again with a margin of its own paper
-    (``margin``), and may then be on one grey after all. (Only then: along the border of a photo, the
-    edge of a shadow is not ink, and the photo steps know it better than a margin does.)"""
+    level of the border's paper, or its strokes are too wide for them (``photo.crowded``), the picture
+    is read again with a margin of its own paper (``margin``), and may then be on one grey after all.
+    (Only then: along the border of a photo, the edge of a shadow is not ink, and the photo steps know
+    it better than a margin does.)"""
+    flattened = photo.flatten(gray)
     try:
-        found = photo.photo_ink(gray)
+        found = photo.photo_ink(gray, flattened)
     except ink.Blank:
         found = None
-    noise = ink.border_noise(gray)
+    noise = margin.noise(gray)
     border = margin.levels(gray, noise)
     if border is None and found is None:  # faint ink along the border (a blurred stroke cut by the crop)
         border = margin.paper_only(gray)
-    if border is None or (found is not None and not _fills(found.box, gray.shape)
+    if border is None or (found is not None and not _fills(found.box, gray.shape) and not photo.crowded(flattened)
                           and _agrees(found, gray, *border)):
         return found
     padded, width = margin.pad(gray, *border, noise)

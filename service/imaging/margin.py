@@ -30,7 +30,22 @@ MIN_INK_SHARE = 0.01  # the border holds ink if at least this share of it is on 
 NOISE_SEPARATION = 6.0  # ... and its two levels stand this many noise deviations apart (and ink.MIN_CONTRAST)
 AMBIGUOUS = 0.6  # the paper is the side with at least this share of the border; else the lighter side
 PAPER_BAND = 0.02  # border pixels this share of the ink's contrast from the paper's level (or noise) are paper
+EXACT = 0.8  # the border's commonest grey is exact if this share of what lies within 2 grey levels is it
 TWO_LEVELS = 0.8  # share of the border's variance between its two sides: ink and paper (a gradient has 0.75)
+
+
+def noise(gray: np.ndarray) -> float:
+    """The picture's noise along its border (``ink.border_noise``), or none where the border's commonest
+    grey is exact: four fifths of the border within 2 grey levels of it are that grey, which noise does
+    not leave. (In a small digit cropped tight, a render or a screenshot, the strokes' anti-aliased edges
+    are most of the border's differences: taken for noise, they hid the ink's level and made the margin
+    noisy, and the picture was not read as on one grey.)"""
+    ring = ink.ring(gray)
+    values, counts = np.unique(ring, return_counts=True)
+    common = values[int(np.argmax(counts))]
+    if counts.max() >= EXACT * np.count_nonzero(np.abs(ring - common) <= 2):
+        return 0.0
+    return ink.border_noise(gray)
 
 
 def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:

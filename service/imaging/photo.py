@@ -47,6 +47,7 @@ NOISE_MARGIN = 3.0  # ... nor under this many deviations of its noise: ink stand
 BLANK_SNR = 3.0  # a photo whose strongest ink (averaged across a stroke) stands less far is blank
 MEDIAN_NOISE = 0.5  # what a 3x3 median leaves of Gaussian noise (0.42 in theory; its output is smoother)
 MAX_GAIN = 4.0  # dark ink in a shadow is divided by its paper's brightness, relative to the lit paper, up to this
+SMALL_SIDE = 32  # pixels: a picture whose longer side is under this is too small for these steps (``crowded``)
 ANALYSIS_SIDE = 160  # longer side of the copy the whole-image steps run on
 
 
@@ -85,9 +86,10 @@ def flatten(gray: np.ndarray) -> Flattened:
     return Flattened(flat, factor, sign, background, gain, offset, noise, width)
 
 
-def photo_ink(gray: np.ndarray) -> Ink:
-    """One picture whose paper is not one grey: the steps of the module docstring. Raises ``Blank(0)``."""
-    found = flatten(gray)
+def photo_ink(gray: np.ndarray, found: Flattened | None = None) -> Ink:
+    """One picture whose paper is not one grey: the steps of the module docstring (``found``: its
+    ``flatten``, where the caller has it). Raises ``Blank(0)``."""
+    found = found or flatten(gray)
     flat, seen, noise = found.flat, found.flat, found.noise
     if noise > 0:  # averaged across a stroke's width, a stroke keeps its contrast and noise loses it
         seen = ndimage.gaussian_filter(flat, min(max(found.width / 3, 0.7), 3.0), mode="nearest")
@@ -108,6 +110,16 @@ def photo_ink(gray: np.ndarray) -> Ink:
     ink = _full_resolution(gray, region, found)
     ink *= _upsample_mask(ndimage.binary_dilation(kept, EIGHT), found.factor, region)
     return _strokes(ink, (region[1].start, region[0].start), flags)
+
+
+def crowded(found: Flattened) -> bool:
+    """Whether the picture is too small for these steps to tell its background from its strokes: the
+    background's window, four strokes wide, would reach half of its longer side (where
+    ``_opening_size`` caps it), or that side is under ``SMALL_SIDE``, where their whole-pixel windows
+    and a stroke's anti-aliased fringe are as wide as the strokes. There a stroke along the edge is
+    taken for a shadow's edge: a small digit cropped tight."""
+    side = max(found.flat.shape)
+    return 4 * found.width >= side / 2 or side < SMALL_SIDE
 
 
 def _analysis_copy(gray: np.ndarray) -> tuple[np.ndarray, int]:
