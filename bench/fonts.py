@@ -1,6 +1,6 @@
 """Printed digits read and flagged per font family: where ``bench.evaluate``'s printed figures come from.
 
-    python -m bench.fonts [--store model_store] [--version N] [--part heldout] [--per-family 60] [--style S]
+    python -m bench.fonts [--store model_store] [--version N] [--part heldout] [--per-family 60] [--style S] [--size PX]
 
 ``bench.evaluate`` draws its printed digits family by family (each family equally likely) from the
 held-out font groups and reports one share; one odd family moves it by points. This draws the same
@@ -36,22 +36,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-family", type=int, default=60, help="digits per family (0-9 in turn)")
     p.add_argument("--style", choices=STYLES, default="dressed",
                    help="dressed as bench.evaluate does, clean scans of the page, or clean and cropped to the ink")
+    p.add_argument("--size", type=int, default=None,
+                   help="render at this font size in pixels (default: 22-120 at random); small tight digits: 16-34")
     p.add_argument("--below", type=float, default=0.01, help="the not_a_digit threshold")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     if args.per_family < 1:
         p.error("--per-family must be at least 1")
+    if args.size is not None and args.size < 8:
+        p.error("--size must be at least 8")
     return args
 
 
 def frames(fonts: tuple[printed.Font, ...], count: int, style: str,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``count`` framed digits (float32 (N, 28, 28) in 0..1) from these fonts, and their labels; as in
     ``service.model.synth``'s sets, a picture whose digit the dressing lost is left out."""
     out, labels = [], []
     for i in range(count):
         label = i % 10
-        ink = printed.render(printed.DIGITS[label], fonts[int(rng.integers(len(fonts)))], rng)
+        ink = printed.render(printed.DIGITS[label], fonts[int(rng.integers(len(fonts)))], rng, size)
         if ink is None:
             continue
         if style == "tight":
@@ -79,7 +83,7 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, int, float, float
     fonts = printed.fonts_in(args.part)
     rows, confusions = [], Counter[tuple[int, int]]()
     for family in sorted({f.family for f in fonts}):
-        x, y = frames(tuple(f for f in fonts if f.family == family), args.per_family, args.style, rng)
+        x, y = frames(tuple(f for f in fonts if f.family == family), args.per_family, args.style, rng, args.size)
         hidden, logits = loaded.model.features(torch.from_numpy(normalize(x, norm.mean, norm.std)).reshape(len(x), -1))
         read = logits.argmax(1).numpy()
         flagged = (loaded.calibration.typicality(hidden, logits) < args.below).numpy()
