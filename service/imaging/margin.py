@@ -49,7 +49,10 @@ def noise(gray: np.ndarray) -> float:
 
 
 def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
-    """The paper's and the ink's level along the border of a picture whose border holds ink, or None."""
+    """The paper's and the ink's level along the border of a picture whose border holds ink, or None.
+    Two levels, not a gradient (``TWO_LEVELS``), unless the border's paper is one exact grey (``noise``
+    none): a gradient is not, and what differs from that grey is ink, graded as a turned stroke's
+    anti-aliased edge is."""
     ring = ink.ring(gray)
     split = _otsu(ring)
     dark = ring < split
@@ -57,7 +60,8 @@ def levels(gray: np.ndarray, noise: float) -> tuple[float, float] | None:
     if min(share, 1 - share) < MIN_INK_SHARE:
         return None
     low, high = float(np.median(ring[dark])), float(np.median(ring[~dark]))
-    if high - low < max(ink.MIN_CONTRAST, NOISE_SEPARATION * noise) or _between(ring, dark) < TWO_LEVELS:
+    graded = noise > 0 and _between(ring, dark) < TWO_LEVELS
+    if high - low < max(ink.MIN_CONTRAST, NOISE_SEPARATION * noise) or graded:
         return None
     return (low, high) if share >= AMBIGUOUS else (high, low)
 
