@@ -89,7 +89,7 @@ def flatten(gray: np.ndarray) -> Flattened:
 def photo_ink(gray: np.ndarray, found: Flattened | None = None) -> Ink:
     """One picture whose paper is not one grey: the steps of the module docstring (``found``: its
     ``flatten``, where the caller has it). Raises ``Blank(0)``."""
-    found = found or flatten(gray)
+    found = flatten(gray) if found is None else found
     flat, seen, noise = found.flat, found.flat, found.noise
     if noise > 0:  # averaged across a stroke's width, a stroke keeps its contrast and noise loses it
         seen = ndimage.gaussian_filter(flat, min(max(found.width / 3, 0.7), 3.0), mode="nearest")

@@ -106,21 +106,32 @@ def _draws(path: str, ch: str) -> bool:
 
 
 def render(text: str, font: Font, rng: np.random.Generator, size: int | None = None) -> np.ndarray | None:
-    """float32 ink (1 = ink) of ``text`` in ``font``, cropped to its strokes: a random size, now and then
-    a heavier stroke, a slight rotation and shear, as printing and photographing give. None if the font
-    lacks a glyph."""
+    """``draw`` at a random size, now and then with a heavier stroke, mostly turned and sheared a little,
+    as printing and photographing give. None if the font lacks a glyph."""
     size = size or int(rng.integers(22, 120))
+    left, top, right, bottom = _font(font.path, size).getbbox(text)
+    if right <= left or bottom <= top:  # before drawing the rest: the same stream of draws as ever
+        return None
+    stroke = int(rng.integers(1, max(2, size // 14))) if rng.random() < 0.25 else 0
+    angle, shear = rng.uniform(-6, 6), rng.uniform(-0.15, 0.15)
+    return draw(text, font, size, stroke, (shear, angle) if rng.random() < 0.8 else None)
+
+
+def draw(text: str, font: Font, size: int, stroke: int = 0,
+         turn: tuple[float, float] | None = None) -> np.ndarray | None:
+    """float32 ink (1 = ink) of ``text`` in ``font`` at ``size`` pixels, its strokes ``stroke`` pixels
+    heavier, sheared and then rotated by ``turn`` (shear, degrees), cropped to its strokes (a tenth of full
+    ink). None if the font lacks a glyph."""
     pil_font = _font(font.path, size)
     left, top, right, bottom = pil_font.getbbox(text)
     if right <= left or bottom <= top:
         return None
     pad = size // 2 + 4
     image = Image.new("L", (int(right - left) + 2 * pad, int(bottom - top) + 2 * pad), 0)
-    stroke = int(rng.integers(1, max(2, size // 14))) if rng.random() < 0.25 else 0
     ImageDraw.Draw(image).text((pad - left, pad - top), text, fill=255, font=pil_font,
                                stroke_width=stroke, stroke_fill=255)
-    angle, shear = rng.uniform(-6, 6), rng.uniform(-0.15, 0.15)
-    if rng.random() < 0.8:
+    if turn is not None:
+        shear, angle = turn
         h = image.size[1]
         image = image.transform(image.size, Image.Transform.AFFINE, (1, shear, -shear * h / 2, 0, 1, 0),
                                 resample=Image.Resampling.BILINEAR).rotate(angle, resample=Image.Resampling.BILINEAR)

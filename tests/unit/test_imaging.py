@@ -483,21 +483,14 @@ def test_small_printed_digits_cropped_tight_are_framed_as_with_a_margin(heights,
 
 def printed_turned(digit: str, face: str, size: int, angle: float, shear: float) -> np.ndarray:
     """A DejaVu digit sheared and turned a little (as printed and photographed), dark on white, cropped to
-    its ink as a renderer crops it: at a tenth of full ink, so that its border holds faint, graded ink."""
-    from PIL import ImageDraw, ImageFont
-
+    its ink as the training renderer crops it: at a tenth of full ink, so that its border holds faint,
+    graded ink."""
+    from service.model import printed
     from tests.crops import FONT_DIR
 
-    font = ImageFont.truetype(str(FONT_DIR / face), size)
-    left, top, right, bottom = font.getbbox(digit)
-    image = Image.new("L", (right - left + 2 * size, bottom - top + 2 * size), 0)
-    ImageDraw.Draw(image).text((size - left, size - top), digit, fill=255, font=font)
-    height = image.size[1]
-    image = image.transform(image.size, Image.Transform.AFFINE, (1, shear, -shear * height / 2, 0, 1, 0),
-                            resample=Image.Resampling.BILINEAR).rotate(angle, resample=Image.Resampling.BILINEAR)
-    ink = np.asarray(image, np.float32) / 255
-    rows, cols = np.flatnonzero(ink.max(1) > 0.1), np.flatnonzero(ink.max(0) > 0.1)
-    return np.round(255 * (1 - 0.9 * ink[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]))
+    ink = printed.draw(digit, printed.Font(face, "", str(FONT_DIR / face)), size, turn=(shear, angle))
+    assert ink is not None
+    return np.round(255 * (1 - 0.9 * ink))
 
 
 def test_turned_printed_digits_cropped_tight_are_framed_as_with_a_margin():
