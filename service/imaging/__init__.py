@@ -4,7 +4,8 @@ MNIST was made by fitting each digit into a 20x20 box (keeping its aspect ratio,
 anti-aliasing) and placing that box in a 28x28 image so that the centre of mass of the ink
 lies at the centre. We do the same to whatever a client sends (``docs/pictures.md``):
 
-- ``decode``: bytes -> a grey picture (transparency on white; a phone's JPEG decoded smaller);
+- ``decode``: bytes -> a grey picture (transparency on white, or on black under a light drawing; a phone's
+  JPEG decoded smaller);
 - ``margin``: a margin of the picture's own paper around a digit cropped tight;
 - ``ink``: where the digit's ink is, the way a document scanner finds it (local background,
   polarity, noise, threshold, connected components), and what made that uncertain;

@@ -141,7 +141,9 @@ def _plain_png(data: bytes, limits: Limits) -> Picture | None:
         pixels = pyspng.load(data, _SPNG_FORMATS[colour])
     except RuntimeError:  # truncated data, a broken zlib stream or filter byte...
         raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)") from None
-    return Picture(_in_strips(pixels, shrink_factor(width, height), _spng_gray), (width, height))
+    backdrop = _backdrop(pixels) if pixels.ndim == 3 and pixels.shape[2] == 4 else 255.0
+    return Picture(_in_strips(pixels, shrink_factor(width, height), lambda rows: _spng_gray(rows, backdrop)),
+                   (width, height))
 
 
 def shrink_factor(width: int, height: int) -> int:
@@ -169,17 +171,35 @@ def _block_means(plane: np.ndarray, factor: int) -> np.ndarray:
     return (sums / counts).astype(np.float32)
 
 
-def _spng_gray(pixels: np.ndarray) -> np.ndarray:
-    """libspng's L, RGB or RGBA pixels -> float32 luminance, transparency on white (as ``_to_gray``)."""
+def _spng_gray(pixels: np.ndarray, backdrop: float) -> np.ndarray:
+    """libspng's L, RGB or RGBA pixels -> float32 luminance, transparency on ``backdrop`` (``_to_gray``'s)."""
     if pixels.ndim == 2:
         return pixels.astype(np.float32)
     # Channel by channel and in place: a big canvas needs a few float planes, not float RGBA copies.
     gray = pixels[..., 0] * _LUMA[0] + pixels[..., 1] * _LUMA[1] + pixels[..., 2] * _LUMA[2]
-    if pixels.shape[2] == 4:  # transparency on white, as _to_gray does
-        gray -= 255
+    if pixels.shape[2] == 4:
+        gray -= backdrop
         gray *= pixels[..., 3] * np.float32(1 / 255)
-        gray += 255
+        gray += backdrop
     return gray
+
+
+def _backdrop(rgba: np.ndarray) -> float:
+    """The grey that transparency is shown on: white, unless the picture's background is transparent (most
+    of its border) and what is drawn on it is light (a canvas drawn in white on a dark page): then black,
+    so that the drawing stands out as it did where it was drawn. Measured on at most about 2^14 pixels."""
+    alpha = rgba[..., 3]
+    border = np.concatenate([alpha[0], alpha[-1], alpha[1:-1, 0], alpha[1:-1, -1]])
+    if np.count_nonzero(border < 128) * 2 < border.size:
+        return 255.0
+    step = max(1, math.isqrt(alpha.size >> 14))
+    sample = rgba[::step, ::step]
+    weight = sample[..., 3].astype(np.float32)
+    drawn = float(weight.sum())
+    if drawn == 0:
+        return 255.0
+    luminance = sample[..., :3].astype(np.float32) @ _LUMA
+    return 0.0 if float((luminance * weight).sum()) > 127.5 * drawn else 255.0
 
 
 def _checked_chunks(png: bytes) -> set[bytes]:
@@ -220,7 +240,8 @@ def _shrunk_gray(image: Image.Image) -> np.ndarray:
 
 
 def _to_gray(image: Image.Image) -> np.ndarray:
-    """Any mode (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK...) -> float32 luminance 0..255, transparency on white."""
+    """Any mode (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK...) -> float32 luminance 0..255, transparency on
+    ``_backdrop``."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float32)
         if not np.isfinite(arr).all():
@@ -231,6 +252,6 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
+        grey = round(_backdrop(np.asarray(rgba)))
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (grey, grey, grey, 255)), rgba)
     return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.float32)

@@ -147,3 +147,22 @@ def test_a_photo_of_blank_paper_is_answered_no_digit(server):
                                                                                           "JPEG"))}]})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["flags"] == ["no_digit"], response.text
+
+
+def test_canvases_exported_with_a_transparent_background_are_read(server, mnist_test):
+    """A drawing app's export: strokes on transparent pixels, white strokes from a dark page and black ones
+    from a light page, as PNG and WebP; every one is read as the digit drawn, none as blank paper."""
+    digits, labels = mnist_test
+    instances, expected = [], []
+    for index in range(8):
+        ink = np.asarray(digits[index]).repeat(10, 0).repeat(10, 1)  # a 280x280 canvas
+        colour = np.full_like(ink, 255 if index % 2 else 0)
+        drawn = np.dstack([colour, colour, colour, ink])
+        instances.append({"image_b64": b64(encode(drawn, "PNG" if index < 4 else "WEBP", lossless=True))})
+        expected.append(int(labels[index]))
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == expected, predictions
+    assert not any("no_digit" in p.get("flags", []) for p in predictions), predictions

@@ -61,6 +61,35 @@ def test_plain_png_decodes_like_pillow(mode):
     assert np.ptp(from_png) > 100  # the picture survived: not flattened to one colour
 
 
+@pytest.mark.parametrize(("mode", "fmt", "scale"), [("RGBA", "PNG", 1), ("LA", "PNG", 1), ("RGBA", "WEBP", 1),
+                                                    ("RGBA", "TIFF", 1), ("RGBA", "PNG", 50), ("RGBA", "WEBP", 50)])
+def test_a_light_drawing_on_transparency_is_shown_on_black(mnist_test, mode, fmt, scale):
+    """A canvas drawn in white on a dark page, exported with a transparent background, is that drawing:
+    on white it would vanish. Every decoder, the big pictures' too, shows it as the same digit opaque."""
+    seven = digits(mnist_test, 1)[0]
+    if scale > 1:
+        seven = np.asarray(Image.fromarray(seven).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR))
+    white = np.full_like(seven, 255)
+    drawn = np.dstack([white, seven]) if mode == "LA" else np.dstack([white, white, white, seven])
+    transparent = decode_image(encode(Image.fromarray(drawn, mode), fmt, lossless=True), Limits())
+    opaque = decode_image(encode(Image.fromarray(seven), "PNG"), Limits())
+    np.testing.assert_allclose(transparent, opaque, atol=1.0)
+    assert np.ptp(transparent) > 200
+
+
+def test_dark_drawings_and_opaque_pictures_keep_transparency_on_white(mnist_test):
+    """The usual case is unchanged: dark ink on a transparent background, and a picture whose border is
+    opaque (a photo with a transparent corner), show their transparency as white paper."""
+    seven = digits(mnist_test, 1)[0]
+    black = np.zeros_like(seven)
+    dark = decode_image(encode(Image.fromarray(np.dstack([black, black, black, seven]), "RGBA"), "PNG"), Limits())
+    np.testing.assert_allclose(dark, 255 - seven.astype(np.float32), atol=1.0)
+    photo = np.dstack([np.full((28, 28, 3), 200, np.uint8), np.full((28, 28), 255, np.uint8)])
+    photo[:6, :6, 3] = 0  # a transparent corner in an opaque, light picture
+    corner = decode_image(encode(Image.fromarray(photo, "RGBA"), "PNG"), Limits())
+    assert corner[0, 0] == 255 and corner[20, 20] == 200
+
+
 def test_a_request_frames_each_image_as_if_alone(mnist_test):
     """Mixed sizes, contrasts, polarities and positions in one call: each frame equals that image framed alone."""
     seven, two, one, zero, four = digits(mnist_test, 5)
