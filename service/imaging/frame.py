@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage  # type: ignore[import-untyped]
 
 from service.errors import InputError
 from service.imaging import ink, margin, photo
@@ -15,6 +16,9 @@ from service.model.fnn import IMAGE_SIDE
 BOX = 20  # MNIST fits each digit in a 20x20 box
 AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its paper are ink
 FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
+SOLID_RING = 0.9  # ink along this share of its box's border, ...
+ENCLOSES = 0.005  # ... round holes (paper, or a digit) that are this share of the box: a frame (``_inside``)
+PEELS = 3  # frames within frames read through: a box drawn on paper, inside a picture's dark border
 
 
 class BlankImage(InputError):
@@ -62,15 +66,44 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
     return frames, found
 
 
-def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
+def _inks(stack: np.ndarray, peels: int = PEELS) -> list[ink.Ink | None]:
     """The ink of each image of one size (None where there is none): pictures on one exact paper grey
-    together, the others alone."""
+    together, the others alone; inside a frame, the ink within it (``_inside``)."""
     paper, flat = ink.paper_grey(stack)
     if flat.all():
-        return _flat_together(stack, paper)
-    flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
-    return [next(flats) if is_flat else _picture_ink(stack[position])
-            for position, is_flat in enumerate(flat.tolist())]
+        found = _flat_together(stack, paper)
+    else:
+        flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
+        found = [next(flats) if is_flat else _picture_ink(stack[position])
+                 for position, is_flat in enumerate(flat.tolist())]
+    return [_inside(stack[position], digit, peels) if digit is not None and peels else digit
+            for position, digit in enumerate(found)]
+
+
+def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
+    """Where what was found is a frame, not a digit, the ink within it, read as a picture of its own (its
+    box given in ``gray``'s pixels); else, or where the frame holds nothing (a 0 drawn square), ``found``.
+
+    A frame is ink all round its box (``SOLID_RING`` of the box's border) round holes (``ENCLOSES`` of
+    the box). A box drawn round a digit is one: what is inside its line is read. So is the paper inside
+    a dark border (a scan's dark margin, a picture with a border), where the border's grey is taken for
+    the paper and the paper, with the digit as its hole, for ink: that paper is read. A digit is not."""
+    if min(found.strokes.shape) < 3 or (ink.ring(found.strokes) > 0.5).mean() < SOLID_RING:
+        return found
+    strokes = found.strokes > 0.5
+    holes = ndimage.binary_fill_holes(strokes) & ~strokes
+    if holes.mean() < ENCLOSES:
+        return found
+    x, y, w, h = found.box
+    if strokes.mean() < 0.5:  # a line drawn round the digit: inside the line
+        rows, cols = np.flatnonzero(holes.any(1)), np.flatnonzero(holes.any(0))
+        x, y, w, h = x + int(cols[0]), y + int(rows[0]), int(cols[-1] - cols[0]) + 1, int(rows[-1] - rows[0]) + 1
+    inner = _inks(np.ascontiguousarray(gray[y: y + h, x: x + w])[None], peels - 1)[0]
+    if inner is None:
+        return found
+    ix, iy, iw, ih = inner.box
+    inner.box = (ix + x, iy + y, iw, ih)
+    return inner
 
 
 def _flat_together(stack: np.ndarray, paper: np.ndarray) -> list[ink.Ink | None]:

@@ -166,3 +166,29 @@ def test_canvases_exported_with_a_transparent_background_are_read(server, mnist_
     predictions = response.json()["predictions"]
     assert [p["label"] for p in predictions] == expected, predictions
     assert not any("no_digit" in p.get("flags", []) for p in predictions), predictions
+
+
+def test_digits_in_a_form_box_or_inside_a_dark_border_are_read(server, mnist_test):
+    """A form's field (a box drawn round the digit) and a scan's dark margin are frames, not the digit:
+    both are read as the digit written inside, and the box given is the digit's."""
+    digits, labels = mnist_test
+    instances, expected = [], []
+    for index in range(10, 18):
+        paper = np.full((240, 200), 230, np.uint8)
+        big = np.asarray(digits[index]).repeat(4, 0).repeat(4, 1)
+        paper[64:176, 44:156] -= (big * 0.8).astype(np.uint8)
+        if index % 2:
+            paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 40
+            paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 40
+        else:
+            paper[:10], paper[-10:], paper[:, :10], paper[:, -10:] = 15, 15, 15, 15
+        instances.append({"image_b64": b64(encode(paper, "PNG"))})
+        expected.append(int(labels[index]))
+    with server.client() as client:
+        response = client.post("/predict", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == expected, predictions
+    for prediction in predictions:
+        x, y, w, h = prediction["box"]
+        assert 40 <= x and x + w <= 160 and 60 <= y and y + h <= 180, prediction["box"]

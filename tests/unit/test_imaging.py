@@ -90,6 +90,40 @@ def test_dark_drawings_and_opaque_pictures_keep_transparency_on_white(mnist_test
     assert corner[0, 0] == 255 and corner[20, 20] == 200
 
 
+def framed_on_paper(digit: np.ndarray, box: bool, border: bool) -> np.ndarray:
+    """A real digit, 4x, dark on light paper; with a box drawn round it (a form's field) and/or a dark
+    border at the picture's edge (a scan's margin)."""
+    paper = np.full((240, 200), 235, np.uint8)
+    big = np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR))
+    paper[64:176, 44:156] -= (big * (200 / 255)).astype(np.uint8)
+    if box:
+        paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 50
+        paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 50
+    if border:
+        paper[:8], paper[-8:], paper[:, :8], paper[:, -8:] = 10, 10, 10, 10
+    return paper.astype(np.float32)
+
+
+@pytest.mark.parametrize(("box", "border"), [(True, False), (False, True), (True, True)])
+def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, box, border):
+    """A box drawn round the digit, or a dark border round the picture, is a frame, not the digit: the
+    digit inside is framed as it is on bare paper, and its box is given in the picture's pixels."""
+    for digit in digits(mnist_test, 6):
+        plain = framed_on_paper(digit, False, False)
+        (alone, framed), found = framing.to_mnist_with_ink([plain, framed_on_paper(digit, box, border)])
+        assert np.corrcoef(alone.ravel(), framed.ravel())[0, 1] > 0.95
+        assert found[1] is not None and found[1].box == found[0].box
+
+
+def test_a_square_drawn_alone_is_still_what_there_is_to_read():
+    """A frame round nothing is itself the drawing (a 0 drawn square, a shape): it is not peeled away."""
+    square = np.full((100, 100), 240, np.float32)
+    square[20:80, 30:70] = 20
+    square[26:74, 36:64] = 240
+    _, (found,) = framing.to_mnist_with_ink([square])
+    assert found is not None and found.box == (30, 20, 40, 60)
+
+
 def test_a_request_frames_each_image_as_if_alone(mnist_test):
     """Mixed sizes, contrasts, polarities and positions in one call: each frame equals that image framed alone."""
     seven, two, one, zero, four = digits(mnist_test, 5)
