@@ -18,6 +18,9 @@ AGREES = 0.1  # strokes found this share of the border's ink contrast beyond its
 FILLS = 0.75  # ink that touches the picture's edge and spans this share of it: the picture may be cropped tight
 SOLID_RING = 0.9  # ink along this share of its box's border, ...
 ENCLOSES = 0.005  # ... round holes (paper, or a digit) that are this share of the box: a frame (``_inside``)
+UNDERLINE_GAP = 0.05  # a line under the digit stands this share of the digit's height below it ...
+UNDERLINE_FLAT = 0.25  # ... is at most this share as tall as it is wide ...
+UNDERLINE_SPAN = 0.8  # ... and at least this share as wide as the digit (``_underlined``)
 PEELS = 3  # frames within frames read through: a box drawn on paper, inside a picture's dark border
 
 
@@ -76,8 +79,34 @@ def _inks(stack: np.ndarray, peels: int = PEELS) -> list[ink.Ink | None]:
         flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
         found = [next(flats) if is_flat else _picture_ink(stack[position])
                  for position, is_flat in enumerate(flat.tolist())]
-    return [_inside(stack[position], digit, peels) if digit is not None and peels else digit
+    return [_underlined(_inside(stack[position], digit, peels) if peels else digit) if digit is not None else None
             for position, digit in enumerate(found)]
+
+
+def _underlined(found: ink.Ink) -> ink.Ink:
+    """The digit without a line drawn under it (people underline a 6 or a 9; a form's field has one):
+    a part of the ink of its own along the box's last row, below the rest with a gap (``UNDERLINE_GAP``
+    of the rest's height), flat (``UNDERLINE_FLAT``) and about as wide as the rest (``UNDERLINE_SPAN``),
+    and no heavier than it."""
+    if found.strokes.shape[0] < 8 or (found.strokes[-1] > 0.5).mean() < 0.5:  # no line across the last row
+        return found
+    strokes = found.strokes > 0.5
+    labels, _ = ndimage.label(strokes, ink.EIGHT)
+    line = labels == labels[-1][strokes[-1]][0]
+    rows, cols = np.flatnonzero(line.any(1)), np.flatnonzero(line.any(0))
+    rest = strokes & ~line
+    above, left = np.flatnonzero(rest.any(1)), np.flatnonzero(rest.any(0))
+    if (not len(above) or rest.sum() < line.sum() or len(rows) > UNDERLINE_FLAT * len(cols)
+            or len(cols) < UNDERLINE_SPAN * (left[-1] - left[0] + 1)
+            or rows[0] - above[-1] - 1 < UNDERLINE_GAP * (above[-1] - above[0] + 1)):
+        return found
+    kept = (found.strokes > 0) & ~ndimage.binary_dilation(line, ink.EIGHT, 2)  # the digit's faint fringe too
+    above, left = np.flatnonzero(kept.any(1)), np.flatnonzero(kept.any(0))
+    top, bottom, first, last = above[0], above[-1] + 1, left[0], left[-1] + 1
+    digit = np.where(kept, found.strokes, 0)[top:bottom, first:last]
+    x, y, _, _ = found.box
+    return ink.Ink(digit / max(float(digit.max()), 1e-6), (x + int(first), y + int(top), int(last - first),
+                                                            int(bottom - top)), found.flags)
 
 
 def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:

@@ -115,6 +115,33 @@ def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, box, border):
         assert found[1] is not None and found[1].box == found[0].box
 
 
+@pytest.mark.parametrize("mark", ["underline", "comb"])
+def test_a_line_drawn_under_the_digit_is_not_the_digit(mnist_test, mark):
+    """People underline a 6 or a 9, and a form's field has a line (or a comb) under the digit: the digit
+    is framed as it is alone, its box without the line."""
+    for digit in digits(mnist_test, 6):
+        plain = framed_on_paper(digit, False, False)
+        marked = plain.copy()
+        marked[195:199, 30:170] = 35  # as dark as the digit's darkest: the same threshold for ink
+        if mark == "comb":
+            marked[187:199, 30:33], marked[187:199, 167:170] = 35, 35
+        (alone, underlined), found = framing.to_mnist_with_ink([plain, marked])
+        assert np.corrcoef(alone.ravel(), underlined.ravel())[0, 1] > 0.99
+        assert found[1].box == found[0].box
+
+
+def test_a_stroke_close_under_the_digit_stays_part_of_it(mnist_test):
+    """A line just under the strokes, as a 2's base drawn apart, is part of the digit: it stays."""
+    digit = digits(mnist_test, 1)[0]
+    plain = framed_on_paper(digit, False, False)
+    (alone,) = framing.to_mnist_with_ink([plain])[1]
+    _, top, _, height = alone.box
+    marked = plain.copy()
+    marked[top + height + 1: top + height + 4, 50:150] = 30
+    (found,) = framing.to_mnist_with_ink([marked])[1]
+    assert found.box[3] >= height + 3
+
+
 def test_a_square_drawn_alone_is_still_what_there_is_to_read():
     """A frame round nothing is itself the drawing (a 0 drawn square, a shape): it is not peeled away."""
     square = np.full((100, 100), 240, np.float32)
