@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 
 from service.config import Limits
 from service.errors import InputError
+from service.imaging.ink import ring
 
 # A picture whose longer side is at least twice this is decoded smaller, down to no less than this: a digit
 # a tenth of the picture's side still spans 64 pixels, three times the 20 of MNIST's box.
@@ -189,7 +190,7 @@ def _backdrop(rgba: np.ndarray) -> float:
     of its border) and what is drawn on it is light (a canvas drawn in white on a dark page): then black,
     so that the drawing stands out as it did where it was drawn. Measured on at most about 2^14 pixels."""
     alpha = rgba[..., 3]
-    border = np.concatenate([alpha[0], alpha[-1], alpha[1:-1, 0], alpha[1:-1, -1]])
+    border = ring(alpha)
     if np.count_nonzero(border < 128) * 2 < border.size:
         return 255.0
     step = max(1, math.isqrt(alpha.size >> 14))

@@ -69,18 +69,21 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
     return frames, found
 
 
-def _inks(stack: np.ndarray, peels: int = PEELS) -> list[ink.Ink | None]:
-    """The ink of each image of one size (None where there is none): pictures on one exact paper grey
-    together, the others alone; inside a frame, the ink within it (``_inside``)."""
+def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
+    """The digit of each image of one size (None where there is none): inside a frame, the ink within it
+    (``_inside``), without a line drawn under it (``_underlined``)."""
+    return [None if found is None else _underlined(_inside(stack[position], found, PEELS))
+            for position, found in enumerate(_found(stack))]
+
+
+def _found(stack: np.ndarray) -> list[ink.Ink | None]:
+    """The ink of each image of one size: pictures on one exact paper grey together, the others alone."""
     paper, flat = ink.paper_grey(stack)
     if flat.all():
-        found = _flat_together(stack, paper)
-    else:
-        flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
-        found = [next(flats) if is_flat else _picture_ink(stack[position])
-                 for position, is_flat in enumerate(flat.tolist())]
-    return [_underlined(_inside(stack[position], digit, peels) if peels else digit) if digit is not None else None
-            for position, digit in enumerate(found)]
+        return _flat_together(stack, paper)
+    flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
+    return [next(flats) if is_flat else _picture_ink(stack[position])
+            for position, is_flat in enumerate(flat.tolist())]
 
 
 def _underlined(found: ink.Ink) -> ink.Ink:
@@ -93,31 +96,28 @@ def _underlined(found: ink.Ink) -> ink.Ink:
     strokes = found.strokes > 0.5
     labels, _ = ndimage.label(strokes, ink.EIGHT)
     line = labels == labels[-1][strokes[-1]][0]
-    rows, cols = np.flatnonzero(line.any(1)), np.flatnonzero(line.any(0))
     rest = strokes & ~line
-    above, left = np.flatnonzero(rest.any(1)), np.flatnonzero(rest.any(0))
-    if (not len(above) or rest.sum() < line.sum() or len(rows) > UNDERLINE_FLAT * len(cols)
-            or len(cols) < UNDERLINE_SPAN * (left[-1] - left[0] + 1)
-            or rows[0] - above[-1] - 1 < UNDERLINE_GAP * (above[-1] - above[0] + 1)):
+    if not rest.any():
         return found
-    kept = (found.strokes > 0) & ~ndimage.binary_dilation(line, ink.EIGHT, 2)  # the digit's faint fringe too
-    above, left = np.flatnonzero(kept.any(1)), np.flatnonzero(kept.any(0))
-    top, bottom, first, last = above[0], above[-1] + 1, left[0], left[-1] + 1
-    digit = np.where(kept, found.strokes, 0)[top:bottom, first:last]
-    x, y, _, _ = found.box
-    return ink.Ink(digit / max(float(digit.max()), 1e-6), (x + int(first), y + int(top), int(last - first),
-                                                            int(bottom - top)), found.flags)
+    _, line_top, line_width, line_height = ink.box_of(line)
+    _, rest_top, rest_width, rest_height = ink.box_of(rest)
+    if (rest.sum() < line.sum() or line_height > UNDERLINE_FLAT * line_width or line_width < UNDERLINE_SPAN * rest_width
+            or line_top - (rest_top + rest_height) < UNDERLINE_GAP * rest_height):
+        return found
+    kept = ~ndimage.binary_dilation(line, ink.EIGHT, 2)  # the digit's faint fringe too, not the line's
+    return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
 
 
 def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     """Where what was found is a frame, not a digit, the ink within it, read as a picture of its own (its
-    box given in ``gray``'s pixels); else, or where the frame holds nothing (a 0 drawn square), ``found``.
+    box given in ``gray``'s pixels), up to ``peels`` frames deep; else, or where the frame holds nothing
+    (a 0 drawn square), ``found``.
 
     A frame is ink all round its box (``SOLID_RING`` of the box's border) round holes (``ENCLOSES`` of
     the box). A box drawn round a digit is one: what is inside its line is read. So is the paper inside
     a dark border (a scan's dark margin, a picture with a border), where the border's grey is taken for
     the paper and the paper, with the digit as its hole, for ink: that paper is read. A digit is not."""
-    if min(found.strokes.shape) < 3 or (ink.ring(found.strokes) > 0.5).mean() < SOLID_RING:
+    if not peels or min(found.strokes.shape) < 3 or (ink.ring(found.strokes) > 0.5).mean() < SOLID_RING:
         return found
     strokes = found.strokes > 0.5
     holes = ndimage.binary_fill_holes(strokes) & ~strokes
@@ -125,11 +125,13 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
         return found
     x, y, w, h = found.box
     if strokes.mean() < 0.5:  # a line drawn round the digit: inside the line
-        rows, cols = np.flatnonzero(holes.any(1)), np.flatnonzero(holes.any(0))
-        x, y, w, h = x + int(cols[0]), y + int(rows[0]), int(cols[-1] - cols[0]) + 1, int(rows[-1] - rows[0]) + 1
-    inner = _inks(np.ascontiguousarray(gray[y: y + h, x: x + w])[None], peels - 1)[0]
+        left, top, w, h = ink.box_of(holes)
+        x, y = x + left, y + top
+    crop = np.ascontiguousarray(gray[y: y + h, x: x + w])
+    inner = _found(crop[None])[0]
     if inner is None:
         return found
+    inner = _inside(crop, inner, peels - 1)
     ix, iy, iw, ih = inner.box
     inner.box = (ix + x, iy + y, iw, ih)
     return inner

@@ -61,6 +61,24 @@ def ring(gray: np.ndarray) -> np.ndarray:
     return np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])
 
 
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The box (x, y, width, height) of a mask's true pixels (it has some)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+
+
+def cropped(ink: np.ndarray, origin: tuple[int, int], flags: list[str]) -> Ink:
+    """Ink contrast (zero off the kept components) -> the strokes in their box, the strongest at 1, the
+    box offset by ``origin`` (x, y). Raises ``Blank(0)`` where there is none."""
+    peak = float(ink.max())
+    if peak <= 0:
+        raise Blank(0)
+    strokes = ink >= INK_SHARE * peak
+    left, top, w, h = box_of(strokes)
+    box = np.where(strokes, ink, 0)[top: top + h, left: left + w] * np.float32(1 / peak)
+    return Ink(box.astype(np.float32), (origin[0] + left, origin[1] + top, w, h), flags)
+
+
 def border_noise(gray: np.ndarray) -> float:
     """The picture's noise (standard deviation) at its own resolution, from differences of neighbours
     along its border: cheap at any size, and robust to the few strokes that cross it, also where the

@@ -40,6 +40,7 @@ from service.imaging.ink import (
     Ink,
     border_noise,
     choose,
+    cropped,
 )
 
 MIN_PHOTO_CONTRAST = 8.0  # grey levels: under this nothing stands out of a photo's flattened paper ...
@@ -105,11 +106,11 @@ def photo_ink(gray: np.ndarray, found: Flattened | None = None) -> Ink:
     if peak < max(LOW_CONTRAST, LOW_SNR * noise):
         flags.append(FAINT)
     if found.factor == 1:
-        return _strokes(np.where(kept, flat, 0), (0, 0), flags)
+        return cropped(np.where(kept, flat, 0), (0, 0), flags)
     region = _region(kept, found.factor, gray.shape)
     ink = _full_resolution(gray, region, found)
     ink *= _upsample_mask(ndimage.binary_dilation(kept, EIGHT), found.factor, region)
-    return _strokes(ink, (region[1].start, region[0].start), flags)
+    return cropped(ink, (region[1].start, region[0].start), flags)
 
 
 def crowded(found: Flattened) -> bool:
@@ -287,18 +288,6 @@ def _full_resolution(gray: np.ndarray, region: tuple[slice, slice], found: Flatt
         contrast *= _upsample(found.gain, found.factor, region)
     contrast -= np.float32(found.offset)
     return contrast
-
-
-def _strokes(ink: np.ndarray, origin: tuple[int, int], flags: list[str]) -> Ink:
-    """Ink contrast (zero off the kept components) -> the strokes in their box, the strongest at 1."""
-    peak = float(ink.max())
-    if peak <= 0:
-        raise Blank(0)
-    strokes = ink >= INK_SHARE * peak
-    rows, cols = np.flatnonzero(strokes.any(1)), np.flatnonzero(strokes.any(0))
-    top, left, h, w = int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
-    box = np.where(strokes, ink, 0)[top: top + h, left: left + w] * np.float32(1 / peak)
-    return Ink(box.astype(np.float32), (origin[0] + left, origin[1] + top, w, h), flags)
 
 
 def _upsample(small: np.ndarray, factor: int, region: tuple[slice, slice]) -> np.ndarray:

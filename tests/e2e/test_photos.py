@@ -16,7 +16,7 @@ import pytest
 
 from harness.server import b64, encode, running
 from service import imaging
-from tests import photos
+from tests import forms, photos
 
 
 @pytest.fixture(scope="module")
@@ -175,19 +175,8 @@ def test_digits_in_a_form_box_inside_a_dark_border_or_underlined_are_read(server
     """A form's field (a box drawn round the digit), a scan's dark margin and a line drawn under the
     digit are not the digit: each is read as the digit written there, and the box given is the digit's."""
     digits, labels = mnist_test
-    pictures = []
-    for index in range(10, 19):
-        paper = np.full((240, 200), 230, np.uint8)
-        big = np.asarray(digits[index]).repeat(4, 0).repeat(4, 1)
-        paper[64:176, 44:156] -= (big * 0.8).astype(np.uint8)
-        if index % 3 == 0:
-            paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 40
-            paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 40
-        elif index % 3 == 1:
-            paper[:10], paper[-10:], paper[:, :10], paper[:, -10:] = 15, 15, 15, 15
-        else:
-            paper[192:196, 36:164] = 40
-        pictures.append(encode(paper, "PNG"))
+    marks = ("box", "border", "underline")
+    pictures = [encode(forms.page(digits[index].numpy(), marks[index % 3]), "PNG") for index in range(10, 19)]
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[10:19].tolist(), predictions
     for prediction in predictions:

@@ -32,6 +32,7 @@ from service.imaging import (
 )
 from service.imaging import frame as framing
 from service.imaging.decode import decode_picture
+from tests import forms
 
 
 def digits(mnist_test, count: int) -> list[np.ndarray]:
@@ -90,27 +91,13 @@ def test_dark_drawings_and_opaque_pictures_keep_transparency_on_white(mnist_test
     assert corner[0, 0] == 255 and corner[20, 20] == 200
 
 
-def framed_on_paper(digit: np.ndarray, box: bool, border: bool) -> np.ndarray:
-    """A real digit, 4x, dark on light paper; with a box drawn round it (a form's field) and/or a dark
-    border at the picture's edge (a scan's margin)."""
-    paper = np.full((240, 200), 235, np.uint8)
-    big = np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR))
-    paper[64:176, 44:156] -= (big * (200 / 255)).astype(np.uint8)
-    if box:
-        paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 50
-        paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 50
-    if border:
-        paper[:8], paper[-8:], paper[:, :8], paper[:, -8:] = 10, 10, 10, 10
-    return paper.astype(np.float32)
-
-
-@pytest.mark.parametrize(("box", "border"), [(True, False), (False, True), (True, True)])
-def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, box, border):
+@pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border")])
+def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, marks):
     """A box drawn round the digit, or a dark border round the picture, is a frame, not the digit: the
     digit inside is framed as it is on bare paper, and its box is given in the picture's pixels."""
     for digit in digits(mnist_test, 6):
-        plain = framed_on_paper(digit, False, False)
-        (alone, framed), found = framing.to_mnist_with_ink([plain, framed_on_paper(digit, box, border)])
+        plain = forms.page(digit).astype(np.float32)
+        (alone, framed), found = framing.to_mnist_with_ink([plain, forms.page(digit, *marks).astype(np.float32)])
         assert np.corrcoef(alone.ravel(), framed.ravel())[0, 1] > 0.95
         assert found[1] is not None and found[1].box == found[0].box
 
@@ -120,11 +107,7 @@ def test_a_line_drawn_under_the_digit_is_not_the_digit(mnist_test, mark):
     """People underline a 6 or a 9, and a form's field has a line (or a comb) under the digit: the digit
     is framed as it is alone, its box without the line."""
     for digit in digits(mnist_test, 6):
-        plain = framed_on_paper(digit, False, False)
-        marked = plain.copy()
-        marked[195:199, 30:170] = 35  # as dark as the digit's darkest: the same threshold for ink
-        if mark == "comb":
-            marked[187:199, 30:33], marked[187:199, 167:170] = 35, 35
+        plain, marked = forms.page(digit).astype(np.float32), forms.page(digit, mark).astype(np.float32)
         (alone, underlined), found = framing.to_mnist_with_ink([plain, marked])
         assert np.corrcoef(alone.ravel(), underlined.ravel())[0, 1] > 0.99
         assert found[1].box == found[0].box
@@ -133,7 +116,7 @@ def test_a_line_drawn_under_the_digit_is_not_the_digit(mnist_test, mark):
 def test_a_stroke_close_under_the_digit_stays_part_of_it(mnist_test):
     """A line just under the strokes, as a 2's base drawn apart, is part of the digit: it stays."""
     digit = digits(mnist_test, 1)[0]
-    plain = framed_on_paper(digit, False, False)
+    plain = forms.page(digit).astype(np.float32)
     (alone,) = framing.to_mnist_with_ink([plain])[1]
     _, top, _, height = alone.box
     marked = plain.copy()

@@ -1,0 +1,26 @@
+"""A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
+dark border (a scan's margin), with a line or a comb drawn under it. Both test tiers draw from here."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+DIGIT = (slice(64, 176), slice(44, 156))  # where the digit is written on the 240x200 page (rows, columns)
+
+
+def page(digit: np.ndarray, *marks: str) -> np.ndarray:
+    """A 28x28 MNIST digit, 4x, dark (its darkest 35) on paper of grey 235, with ``marks``; uint8."""
+    paper = np.full((240, 200), 235, np.uint8)
+    big = np.asarray(Image.fromarray(np.asarray(digit, np.uint8)).resize((112, 112), Image.Resampling.BILINEAR))
+    paper[DIGIT] -= (big * (200 / 255)).astype(np.uint8)
+    if "box" in marks:
+        paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 50
+        paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 50
+    if "border" in marks:
+        paper[:8], paper[-8:], paper[:, :8], paper[:, -8:] = 10, 10, 10, 10
+    if "underline" in marks or "comb" in marks:
+        paper[195:199, 30:170] = 35  # as dark as the digit's darkest: the same threshold for ink
+    if "comb" in marks:
+        paper[187:199, 30:33], paper[187:199, 167:170] = 35, 35
+    return paper
