@@ -121,34 +121,12 @@ def _png(image: Image.Image) -> bytes:
 def _main() -> None:
     import os
 
-    import torch
-
-    from service import imaging
-    from service.config import Limits
-    from service.errors import InputError
-    from service.model import store
-
     parser = argparse.ArgumentParser(description="share of tight crops the committed model reads, by kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=500)
     args = parser.parse_args()
     digits, labels = photos.validation_digits(Path(os.environ.get("DIGITSERVE_DATA_DIR", "../shared/datasets")))
-    loaded = store.load(Path("model_store"), store.DEFAULT_NAME)
-    norm = loaded.metadata.normalization
-    pictures, predicted, unread = [], [], 0
-    for crop in crops(digits, labels, args.count, args.seed):
-        pictures.append(crop)
-        try:
-            prepared = imaging.prepare([crop.data], Limits())
-        except InputError:  # a blank picture, before no_digit answers
-            prepared = None
-        if prepared is None or "no_digit" in prepared.notes[0]["flags"]:
-            unread += 1
-            predicted.append(-1)
-            continue
-        x = torch.from_numpy(imaging.normalize(np.asarray(prepared), norm.mean, norm.std)).reshape(1, -1)
-        with torch.inference_mode():
-            predicted.append(int(loaded.model(x).argmax(1)))
+    pictures, predicted, unread = photos.read(crops(digits, labels, args.count, args.seed))
     scores = photos.accuracy_by_kind(pictures, predicted)
     print({kind: round(score, 3) for kind, score in scores.items()}, f"no digit found: {unread}")
 

@@ -1,5 +1,6 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
-dark border (a scan's margin), with a line or a comb drawn under it. Both test tiers draw from here."""
+dark border (a scan's margin), with a line or a comb drawn under it, on ruled or squared paper. Both test
+tiers draw from here."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ DIGIT = (slice(64, 176), slice(44, 156))  # where the digit is written on the 24
 
 
 def page(digit: np.ndarray, *marks: str) -> np.ndarray:
-    """A 28x28 MNIST digit, 4x, dark (its darkest 35) on paper of grey 235, with ``marks``; uint8."""
+    """A 28x28 MNIST digit, 4x, dark (its darkest 35) on paper of grey 235, with ``marks`` (box, border,
+    underline, comb, ruled, squared); uint8."""
     paper = np.full((240, 200), 235, np.uint8)
+    if "ruled" in marks or "squared" in marks:  # a notebook's lines, 2 pixels every 24, fainter than the ink
+        for at in range(10, 240, 24):
+            paper[at: at + 2] = 175
+    if "squared" in marks:
+        for at in range(8, 200, 24):
+            paper[:, at: at + 2] = 175
     big = np.asarray(Image.fromarray(np.asarray(digit, np.uint8)).resize((112, 112), Image.Resampling.BILINEAR))
-    paper[DIGIT] -= (big * (200 / 255)).astype(np.uint8)
+    paper[DIGIT] = np.minimum(paper[DIGIT], 235 - (big * (200 / 255)).astype(np.uint8))
     if "box" in marks:
         paper[30:210, 20:180][[0, 1, 2, -3, -2, -1], :] = 50
         paper[30:210, 20:180][:, [0, 1, 2, -3, -2, -1]] = 50

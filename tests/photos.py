@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +252,31 @@ def accuracy_by_kind(pictures: list[Photo], predicted: list[int]) -> dict[str, f
         right.setdefault(photo.kind, []).append(photo.label == label)
         right.setdefault("all", []).append(photo.label == label)
     return {kind: sum(r) / len(r) for kind, r in right.items()}
+
+
+def read(pictures: Iterable[Photo]) -> tuple[list[Photo], list[int], int]:
+    """The pictures, what the committed model reads in each (-1 where no digit is found), and how many
+    had none found: the in-process reading of ``python -m tests.crops`` and ``python -m tests.ruled``."""
+    import torch
+
+    from service import imaging
+    from service.config import Limits
+    from service.model import store
+
+    loaded = store.load(Path("model_store"), store.DEFAULT_NAME)
+    norm = loaded.metadata.normalization
+    seen, predicted, unread = [], [], 0
+    for picture in pictures:
+        seen.append(picture)
+        prepared = imaging.prepare([picture.data], Limits())
+        if "no_digit" in prepared.notes[0]["flags"]:
+            unread += 1
+            predicted.append(-1)
+            continue
+        x = torch.from_numpy(imaging.normalize(np.asarray(prepared), norm.mean, norm.std)).reshape(1, -1)
+        with torch.inference_mode():
+            predicted.append(int(loaded.model(x).argmax(1)))
+    return seen, predicted, unread
 
 
 def _main() -> None:

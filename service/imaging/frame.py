@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage  # type: ignore[import-untyped]
 
 from service.errors import InputError
-from service.imaging import ink, margin, photo
+from service.imaging import ink, margin, photo, ruled
 from service.model.fnn import IMAGE_SIDE
 
 BOX = 20  # MNIST fits each digit in a 20x20 box
@@ -77,12 +77,17 @@ def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
 
 
 def _found(stack: np.ndarray) -> list[ink.Ink | None]:
-    """The ink of each image of one size: pictures on one exact paper grey together, the others alone."""
+    """The ink of each image of one size: pictures on one exact paper grey together, the others alone,
+    without the lines of ruled or squared paper (``ruled``: a page whose lines were erased, however
+    clean, is read as a picture)."""
     paper, flat = ink.paper_grey(stack)
+    grays = {position: stack[position] for position in np.flatnonzero(~flat | ruled.crossed(stack, paper)).tolist()}
+    unruled = {position: ruled.unruled(gray) for position, gray in grays.items()}
+    flat[[position for position, gray in grays.items() if unruled[position] is not gray]] = False  # lines were erased
     if flat.all():
         return _flat_together(stack, paper)
     flats = iter(_flat_together(stack[flat], paper[flat]) if flat.any() else [])
-    return [next(flats) if is_flat else _picture_ink(stack[position])
+    return [next(flats) if is_flat else _picture_ink(unruled[position])
             for position, is_flat in enumerate(flat.tolist())]
 
 

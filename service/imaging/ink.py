@@ -51,7 +51,7 @@ class Ink:
 def border_median(grays: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N,): each picture's border median, its paper if the paper is one grey (robust to a
     digit touching an edge)."""
-    border = _border(grays)
+    border = borders(grays)
     middle = border.shape[1] // 2
     return np.partition(border, middle, axis=1)[:, middle]
 
@@ -87,7 +87,8 @@ def border_noise(gray: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(steps)) / np.sqrt(2)) if len(steps) else 0.0
 
 
-def _border(grays: np.ndarray) -> np.ndarray:
+def borders(grays: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, 2W + 2H): each picture's top row, bottom row, left column and right column."""
     return np.concatenate([grays[:, 0], grays[:, -1], grays[:, :, 0], grays[:, :, -1]], axis=1)
 
 
@@ -95,7 +96,7 @@ def paper_grey(grays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) -> each picture's border median (N,), and whether the paper is that one exact grey (N,
     bool): four fifths of the border are exactly that grey (its 10th and 90th percentiles are), which no
     gradient, shadow, grain or noise leaves; what differs inside is the digit."""
-    border = _border(grays)
+    border = borders(grays)
     size = border.shape[1]
     low, middle, high = size // 10, size // 2, size - 1 - size // 10
     ranked = np.partition(border, (low, middle, high), axis=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from harness.server import b64, encode, running
 from service import imaging
@@ -182,3 +183,31 @@ def test_digits_in_a_form_box_inside_a_dark_border_or_underlined_are_read(server
     for prediction in predictions:
         x, y, w, h = prediction["box"]
         assert 40 <= x <= x + w <= 160 and 60 <= y <= y + h <= 180, prediction["box"]
+
+
+def ruled_pictures(digits) -> list[bytes]:
+    """Digits written across a notebook's lines and on graph paper: flat scans (PNG), and photos turned
+    by up to 2 degrees under uneven light (JPEG)."""
+    pictures = []
+    for index, digit in enumerate(digits):
+        page = forms.page(digit, "ruled" if index % 2 else "squared")
+        if index % 3 == 0:
+            pictures.append(encode(page, "PNG"))
+            continue
+        light = np.linspace(0.8, 1.0, page.shape[1], dtype=np.float32)[None, :]
+        turned = Image.fromarray((page * light).astype(np.uint8)).rotate(
+            2.0 if index % 3 == 1 else -1.5, Image.Resampling.BILINEAR, fillcolor=int(235 * 0.9))
+        pictures.append(encode(turned, "JPEG", quality=85))
+    return pictures
+
+
+def test_digits_on_ruled_and_squared_paper_are_read(server, mnist_test):
+    """The lines of a notebook's page or a graph paper are paper, not ink: each digit written across them
+    is read as the digit, not flagged, and its box is the digit's, not the page's."""
+    digits, labels = mnist_test
+    predictions = predictions_for(server, ruled_pictures(digits[30:42].numpy()))
+    assert [p["label"] for p in predictions] == labels[30:42].tolist(), predictions
+    assert not any("not_a_digit" in p["flags"] for p in predictions), predictions
+    for prediction in predictions:
+        x, y, w, h = prediction["box"]
+        assert 30 <= x <= x + w <= 170 and 50 <= y <= y + h <= 190, prediction["box"]

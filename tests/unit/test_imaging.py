@@ -27,6 +27,7 @@ from service.imaging import (
     normalize,
     photo,
     prepare,
+    ruled,
     to_mnist,
     validate_pixels,
 )
@@ -123,6 +124,43 @@ def test_a_stroke_close_under_the_digit_stays_part_of_it(mnist_test):
     marked[top + height + 1: top + height + 4, 50:150] = 30
     (found,) = framing.to_mnist_with_ink([marked])[1]
     assert found.box[3] >= height + 3
+
+
+@pytest.mark.parametrize("mark", ["ruled", "squared"])
+def test_ruled_and_squared_paper_is_paper(mnist_test, default_model, mark):
+    """A digit written across a notebook's lines (or a graph paper's squares) is read as on bare paper:
+    the lines are gone, the strokes they crossed are kept, and the box is the digit's."""
+    pages = [forms.page(digit) for digit in digits(mnist_test, 20)]
+    plain, plain_inks = framing.to_mnist_with_ink([page.astype(np.float32) for page in pages])
+    lined = [forms.page(digit, mark).astype(np.float32) for digit in digits(mnist_test, 20)]
+    framed, inks = framing.to_mnist_with_ink(lined)
+    labels = [default_model.model(torch.from_numpy(normalize(frames, 0.1307, 0.3081)).reshape(20, -1)).argmax(1)
+              for frames in (plain, framed)]
+    assert (labels[0] == labels[1]).sum() >= 19, labels
+    assert all(max(abs(a - b) for a, b in zip(one.box, other.box)) <= 3 for one, other in zip(plain_inks, inks))
+    assert np.median([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(plain, framed)]) > 0.98
+
+
+def test_a_stroke_along_a_line_is_kept_and_the_line_beside_it_goes():
+    """Where a stroke runs along a line it is darker than the line: it stays, and the rest of the line goes."""
+    page = forms.page(np.zeros((28, 28), np.uint8), "ruled").astype(np.float32)
+    page[129:133, 60:140] = 35  # a bar written on the line at rows 130-131
+    cleaned = ruled.unruled(page)
+    assert (cleaned[130:132, 62:138] <= 40).all()
+    assert (cleaned[130:132, :55] == 235).all() and (cleaned[130:132, 145:] == 235).all()
+    assert (cleaned[34:36] == 235).all()  # a line with nothing on it
+
+
+def test_a_digits_own_bars_are_not_a_ruling():
+    """Strokes a digit is made of are never taken for a ruling: a thin "3" of three bars cropped tight (its
+    bars span the picture, evenly spaced), pictures with no lines, a single line under a digit."""
+    three = np.full((200, 120), 240, np.float32)
+    three[np.r_[0:3, 99:102, 197:200]] = 20  # top, middle and bottom bars, edge to edge
+    three[:, 117:] = 20
+    plain = forms.page(np.full((28, 28), 255, np.uint8)).astype(np.float32)
+    underlined = forms.page(np.full((28, 28), 255, np.uint8), "underline").astype(np.float32)
+    for picture in (three, plain, underlined, np.ascontiguousarray(three.T)):
+        assert ruled.unruled(picture) is picture  # untouched: framed on one exact grey, as before
 
 
 def test_a_square_drawn_alone_is_still_what_there_is_to_read():
