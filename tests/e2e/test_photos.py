@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
+from skimage.morphology import skeletonize
 
 from harness.server import b64, encode, running
 from service import imaging
@@ -211,3 +213,18 @@ def test_digits_on_ruled_and_squared_paper_are_read(server, mnist_test):
     for prediction in predictions:
         x, y, w, h = prediction["box"]
         assert 30 <= x <= x + w <= 170 and 50 <= y <= y + h <= 190, prediction["box"]
+
+
+def test_digits_drawn_with_a_fine_pen_are_read_and_not_flagged(server, mnist_test):
+    """A canvas app's thin brush (2 px on a 280 px canvas, 4 px on a 600 px one) draws strokes far finer
+    than MNIST's: each digit is read, and none is called "not a digit" for being drawn finely."""
+    digits, labels = mnist_test
+    pictures = []
+    for index in range(50, 62):
+        side, pen = (280, 2) if index % 2 else (600, 4)
+        enlarged = Image.fromarray(digits[index].numpy()).resize((side, side), Image.Resampling.BICUBIC)
+        line = ndimage.binary_dilation(skeletonize(np.asarray(enlarged) > 100), iterations=pen // 2)
+        pictures.append(encode(np.where(line, 0, 255).astype(np.uint8), "PNG"))  # dark ink on white
+    predictions = predictions_for(server, pictures)
+    assert [p["label"] for p in predictions] == labels[50:62].tolist(), predictions
+    assert not any("not_a_digit" in p["flags"] for p in predictions), predictions

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy import ndimage
+from skimage.morphology import skeletonize
 
 from harness.server import encode
 from service import imaging
@@ -161,6 +162,33 @@ def test_a_digits_own_bars_are_not_a_ruling():
     underlined = forms.page(np.full((28, 28), 255, np.uint8), "underline").astype(np.float32)
     for picture in (three, plain, underlined, np.ascontiguousarray(three.T)):
         assert ruled.unruled(picture) is picture  # untouched: framed on one exact grey, as before
+
+
+def hairline(digit: np.ndarray, side: int = 280, pen: int = 1) -> np.ndarray:
+    """A real digit redrawn with a fine pen on a big canvas: the skeleton of its strokes, ``pen`` px wide."""
+    line = skeletonize(np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)) > 100)
+    if pen > 1:
+        line = ndimage.binary_dilation(line, iterations=pen // 2)
+    return np.where(line, 255, 0).astype(np.float32)
+
+
+def stroke_width(frame: np.ndarray) -> float:
+    """Ink over the length of the skeleton: MNIST's strokes are about 2.5 px wide (1% of them under 1.5)."""
+    return float(frame.sum()) / skeletonize(frame > 0.3).sum()
+
+
+def test_a_digit_drawn_with_a_fine_pen_is_framed_with_mnists_strokes(mnist_test, monkeypatch):
+    """A 1-3 px pen on a 280 or 600 px canvas leaves strokes a tenth of a pixel wide in the 20x20 box,
+    which the model has never seen; they are framed about as wide as MNIST's. Strokes as wide as MNIST's
+    (the same digits enlarged) are framed as they are without the step."""
+    hairlines = [hairline(digit, side, pen) for digit in digits(mnist_test, 10) for side, pen in ((280, 1), (600, 3))]
+    canvases = [np.asarray(Image.fromarray(digit).resize((280, 280), Image.Resampling.BICUBIC)).astype(np.float32)
+                for digit in digits(mnist_test, 10)]
+    framed = to_mnist(canvases)
+    assert all(1.6 <= stroke_width(frame) <= 3.5 for frame in to_mnist(hairlines))
+    monkeypatch.setattr(framing, "STROKE", 0.0)  # the step off
+    assert all(stroke_width(frame) < 1.3 for frame in to_mnist(hairlines))
+    np.testing.assert_array_equal(to_mnist(canvases), framed)
 
 
 def test_a_square_drawn_alone_is_still_what_there_is_to_read():
