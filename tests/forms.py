@@ -1,18 +1,18 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
-dark border (a scan's margin), with a line or a comb drawn under it, on ruled or squared paper. Both test
-tiers draw from here."""
+dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper.
+Both test tiers draw from here."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 DIGIT = (slice(64, 176), slice(44, 156))  # where the digit is written on the 240x200 page (rows, columns)
 
 
 def page(digit: np.ndarray, *marks: str) -> np.ndarray:
     """A 28x28 MNIST digit, 4x, dark (its darkest 35) on paper of grey 235, with ``marks`` (box, border,
-    underline, comb, ruled, squared); uint8."""
+    underline, comb, circle, ruled, squared); uint8."""
     paper = np.full((240, 200), 235, np.uint8)
     if "ruled" in marks or "squared" in marks:  # a notebook's lines, 2 pixels every 24, fainter than the ink
         for at in range(10, 240, 24):
@@ -29,6 +29,10 @@ def page(digit: np.ndarray, *marks: str) -> np.ndarray:
         paper[:8], paper[-8:], paper[:, :8], paper[:, -8:] = 10, 10, 10, 10
     if "underline" in marks or "comb" in marks:
         paper[195:199, 30:170] = 35  # as dark as the digit's darkest: the same threshold for ink
+    if "circle" in marks:  # a pen's ring round the digit, not quite closed
+        circle = Image.fromarray(np.zeros((240, 200), np.uint8))
+        ImageDraw.Draw(circle).arc((22, 42, 178, 198), 100, 430, fill=200, width=4)
+        paper = np.minimum(paper, 235 - np.asarray(circle))
     if "comb" in marks:
         paper[187:199, 30:33], paper[187:199, 167:170] = 35, 35
     return paper

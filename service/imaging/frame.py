@@ -22,6 +22,10 @@ ENCLOSES = 0.005  # ... round holes (paper, or a digit) that are this share of t
 UNDERLINE_GAP = 0.05  # a line under the digit stands this share of the digit's height below it ...
 UNDERLINE_FLAT = 0.25  # ... is at most this share as tall as it is wide ...
 UNDERLINE_SPAN = 0.8  # ... and at least this share as wide as the digit (``_underlined``)
+RING_HOLDS = 0.3  # a ring round ink at least this share of its height: a circled digit ...
+SURROUNDS = 0.8  # ... that it surrounds: a line from the digit's centre meets it in this share of directions ...
+RING_INK = 6.0  # ... and that holds at least a sixth as much ink as it does (a pen's ring round a digit) ...
+RING_TALL = 1.4  # ... and is round: at most this many times as tall as wide (a dotted or outlined zero is taller)
 PEELS = 3  # frames within frames read through: a box drawn on paper, inside a picture's dark border
 STROKE = 1.3  # strokes this wide or less in the 20x20 box (under all but 0.3% of MNIST's) are drawn thicker ...
 STROKE_WIDTH = 2.2  # ... to about this width (MNIST's median is 2.6)
@@ -74,9 +78,46 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
 
 def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
     """The digit of each image of one size (None where there is none): inside a frame, the ink within it
-    (``_inside``), without a line drawn under it (``_underlined``)."""
-    return [None if found is None else _underlined(_inside(stack[position], found, PEELS))
+    (``_inside``), without a ring drawn round it (``_encircled``) or a line drawn under it (``_underlined``)."""
+    return [None if found is None else _underlined(_encircled(_inside(stack[position], found, PEELS)))
             for position, found in enumerate(_found(stack))]
+
+
+def _encircled(found: ink.Ink) -> ink.Ink:
+    """The digit without a ring drawn round it (people circle an answer on a form, closed or not quite):
+    a part of the ink of its own that spans the whole box and surrounds all the rest (``SURROUNDS`` of
+    the directions from the rest's centre meet it), which is a digit's size within it (``RING_HOLDS``
+    of its height) and not a small part of the ink (``RING_INK``); round (``RING_TALL``), where a zero
+    with a dot or an outline's inner line in it is tall."""
+    strokes = found.strokes > 0.5
+    labels, count = ndimage.label(strokes, ink.EIGHT)
+    if count < 2:
+        return found
+    spans = [label for label, (rows, cols) in enumerate(ndimage.find_objects(labels), 1)
+             if rows.stop - rows.start == strokes.shape[0] and cols.stop - cols.start == strokes.shape[1]]
+    if len(spans) != 1:
+        return found
+    ring = labels == spans[0]
+    rest = strokes & ~ring
+    x, y, w, h = ink.box_of(rest)
+    tall, wide = strokes.shape
+    if (h < RING_HOLDS * tall or ring.sum() > RING_INK * rest.sum() or tall > RING_TALL * wide
+            or _surrounded(ring, (y + h / 2, x + w / 2)) < SURROUNDS):
+        return found
+    kept = ~ndimage.binary_dilation(ring, ink.EIGHT, 2)  # the digit's faint fringe too, not the ring's
+    return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
+
+
+def _surrounded(ring: np.ndarray, centre: tuple[float, float], rays: int = 16) -> float:
+    """The share of ``rays`` directions from ``centre`` in which a straight line meets ``ring``."""
+    angles = np.linspace(0, 2 * np.pi, rays, endpoint=False)
+    steps = np.arange(max(ring.shape))
+    rows = np.rint(centre[0] + np.sin(angles)[:, None] * steps).astype(int)
+    cols = np.rint(centre[1] + np.cos(angles)[:, None] * steps).astype(int)
+    within = (rows >= 0) & (rows < ring.shape[0]) & (cols >= 0) & (cols < ring.shape[1])
+    hits = np.zeros_like(within)
+    hits[within] = ring[rows[within], cols[within]]
+    return float(hits.any(1).mean())
 
 
 def _found(stack: np.ndarray) -> list[ink.Ink | None]:

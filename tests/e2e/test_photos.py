@@ -174,12 +174,13 @@ def test_canvases_exported_with_a_transparent_background_are_read(server, mnist_
     assert not any("no_digit" in p.get("flags", []) for p in predictions), predictions
 
 
-def test_digits_in_a_form_box_inside_a_dark_border_or_underlined_are_read(server, mnist_test):
-    """A form's field (a box drawn round the digit), a scan's dark margin and a line drawn under the
-    digit are not the digit: each is read as the digit written there, and the box given is the digit's."""
+def test_digits_in_a_form_box_inside_a_dark_border_underlined_or_circled_are_read(server, mnist_test):
+    """A form's field (a box drawn round the digit), a scan's dark margin, a line drawn under the digit and
+    a ring drawn round it are not the digit: each is read as the digit written there, and the box given
+    is the digit's."""
     digits, labels = mnist_test
-    marks = ("box", "border", "underline")
-    pictures = [encode(forms.page(digits[index].numpy(), marks[index % 3]), "PNG") for index in range(10, 19)]
+    marks = ("box", "border", "underline", "circle")
+    pictures = [encode(forms.page(digits[index].numpy(), marks[index % 4]), "PNG") for index in range(10, 19)]
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[10:19].tolist(), predictions
     for prediction in predictions:

@@ -93,10 +93,10 @@ def test_dark_drawings_and_opaque_pictures_keep_transparency_on_white(mnist_test
     assert corner[0, 0] == 255 and corner[20, 20] == 200
 
 
-@pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border")])
+@pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border"), ("circle",), ("circle", "border")])
 def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, marks):
-    """A box drawn round the digit, or a dark border round the picture, is a frame, not the digit: the
-    digit inside is framed as it is on bare paper, and its box is given in the picture's pixels."""
+    """A box or a ring drawn round the digit, or a dark border round the picture, is a frame, not the
+    digit: the digit inside is framed as it is on bare paper, and its box is given in the picture's pixels."""
     for digit in digits(mnist_test, 6):
         plain = forms.page(digit).astype(np.float32)
         (alone, framed), found = framing.to_mnist_with_ink([plain, forms.page(digit, *marks).astype(np.float32)])
@@ -189,6 +189,20 @@ def test_a_digit_drawn_with_a_fine_pen_is_framed_with_mnists_strokes(mnist_test,
     monkeypatch.setattr(framing, "STROKE", 0.0)  # the step off
     assert all(stroke_width(frame) < 1.3 for frame in to_mnist(hairlines))
     np.testing.assert_array_equal(to_mnist(canvases), framed)
+
+
+def test_a_zero_with_a_dot_or_an_outline_inside_is_not_a_ring_round_a_digit():
+    """A dotted zero (monospace faces) or an outlined one holds ink inside a closed line, as a circled
+    digit does; it is a zero: tall, and its ring's ink is most of the ink. Framed whole."""
+    zero = np.full((200, 120), 240, np.float32)
+    ys, xs = np.mgrid[:200, :120]
+    outer = ((ys - 100) / 95) ** 2 + ((xs - 60) / 55) ** 2
+    zero[(outer <= 1) & (outer >= 0.55)] = 20  # a bold zero
+    for inside in (((ys - 100) / 40) ** 2 + ((xs - 60) / 14) ** 2 <= 1,  # a dot 40% of its height (Hack's)
+                   (outer <= 0.45) & (outer >= 0.38)):  # an outline's inner line
+        drawn = np.where(inside, 20, zero).astype(np.float32)
+        _, (found,) = framing.to_mnist_with_ink([drawn])
+        assert found.box[3] >= 190 and found.box[2] >= 110
 
 
 def test_a_square_drawn_alone_is_still_what_there_is_to_read():
