@@ -17,7 +17,6 @@ Only DejaVu fonts: never GNU FreeFont or URW base35 (held-out checks use them).
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,16 +118,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _main() -> None:
-    import os
-
-    parser = argparse.ArgumentParser(description="share of tight crops the committed model reads, by kind")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--count", type=int, default=500)
-    args = parser.parse_args()
-    digits, labels = photos.validation_digits(Path(os.environ.get("DIGITSERVE_DATA_DIR", "../shared/datasets")))
-    pictures, predicted, unread = photos.read(crops(digits, labels, args.count, args.seed))
-    scores = photos.accuracy_by_kind(pictures, predicted)
-    print({kind: round(score, 3) for kind, score in scores.items()}, f"no digit found: {unread}")
+    photos.report_by_kind("share of tight crops the committed model reads, by kind", crops)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,7 +256,7 @@ def accuracy_by_kind(pictures: list[Photo], predicted: list[int]) -> dict[str, f
 
 def read(pictures: Iterable[Photo]) -> tuple[list[Photo], list[int], int]:
     """The pictures, what the committed model reads in each (-1 where no digit is found), and how many
-    had none found: the in-process reading of ``python -m tests.crops`` and ``python -m tests.ruled``."""
+    had none found, in process."""
     import torch
 
     from service import imaging
@@ -277,6 +277,21 @@ def read(pictures: Iterable[Photo]) -> tuple[list[Photo], list[int], int]:
         with torch.inference_mode():
             predicted.append(int(loaded.model(x).argmax(1)))
     return seen, predicted, unread
+
+
+def report_by_kind(description: str, make: Callable[[np.ndarray, np.ndarray, int, int], Iterable[Photo]]) -> None:
+    """The command line of ``python -m tests.crops`` and ``python -m tests.ruled``: ``make(digits, labels,
+    count, seed)``'s pictures, drawn from the held-out training digits, and the share read by kind."""
+    import os
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=500)
+    args = parser.parse_args()
+    digits, labels = validation_digits(Path(os.environ.get("DIGITSERVE_DATA_DIR", "../shared/datasets")))
+    pictures, predicted, unread = read(make(digits, labels, args.count, args.seed))
+    scores = accuracy_by_kind(pictures, predicted)
+    print({kind: round(score, 3) for kind, score in scores.items()}, f"no digit found: {unread}")
 
 
 def _main() -> None:

@@ -15,7 +15,6 @@ half with a printed one (DejaVu, as ``tests.crops``; never GNU FreeFont or URW b
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,16 +112,7 @@ def _save(page: np.ndarray, fmt: str, blur: ImageFilter.Filter | None = None, **
 
 
 def _main() -> None:
-    import os
-
-    parser = argparse.ArgumentParser(description="share of digits on ruled and squared paper the committed model reads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--count", type=int, default=500)
-    args = parser.parse_args()
-    digits, labels = photos.validation_digits(Path(os.environ.get("DIGITSERVE_DATA_DIR", "../shared/datasets")))
-    pictures, predicted, unread = photos.read(pages(digits, labels, args.count, args.seed))
-    scores = photos.accuracy_by_kind(pictures, predicted)
-    print({kind: round(score, 3) for kind, score in scores.items()}, f"no digit found: {unread}")
+    photos.report_by_kind("share of digits on ruled and squared paper the committed model reads", pages)
 
 
 if __name__ == "__main__":
