@@ -37,6 +37,9 @@ _SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "B
 _PNG = b"\x89PNG\r\n\x1a\n"
 _SPNG_FORMATS = {0: "L", 2: "RGB", 4: "RGBA", 6: "RGBA"}  # by PNG colour type; libspng has no gray+alpha output
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's convert("L")
+ISOLUMINANT = 0.1  # a picture whose luminance changes (neighbour to neighbour) under this share of its colours' ...
+ISOLUMINANT_SPREAD = 8.0  # ... which change by this many levels at least (root mean square) is read by its colours
+Axis = tuple[np.ndarray, np.float32]  # a grey from colours: weights per channel, offset
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, from the header, with our own limits
 # Pillow warns about oddities in client files (corrupt EXIF, malformed MPO...): what matters is
@@ -143,7 +146,8 @@ def _plain_png(data: bytes, limits: Limits) -> Picture | None:
     except RuntimeError:  # truncated data, a broken zlib stream or filter byte...
         raise InputError(400, "image data is truncated or corrupt (it starts like a PNG file)") from None
     backdrop = _backdrop(pixels) if pixels.ndim == 3 and pixels.shape[2] == 4 else 255.0
-    return Picture(_in_strips(pixels, shrink_factor(width, height), lambda rows: _spng_gray(rows, backdrop)),
+    axis = _colour_axis(pixels, backdrop) if pixels.ndim == 3 else None
+    return Picture(_in_strips(pixels, shrink_factor(width, height), lambda rows: _spng_gray(rows, backdrop, axis)),
                    (width, height))
 
 
@@ -172,17 +176,52 @@ def _block_means(plane: np.ndarray, factor: int) -> np.ndarray:
     return (sums / counts).astype(np.float32)
 
 
-def _spng_gray(pixels: np.ndarray, backdrop: float) -> np.ndarray:
-    """libspng's L, RGB or RGBA pixels -> float32 luminance, transparency on ``backdrop`` (``_to_gray``'s)."""
+def _spng_gray(pixels: np.ndarray, backdrop: float, axis: Axis | None = None) -> np.ndarray:
+    """libspng's L, RGB or RGBA pixels -> float32 luminance (or the grey along ``axis``), transparency on
+    ``backdrop`` (``_to_gray``'s)."""
     if pixels.ndim == 2:
         return pixels.astype(np.float32)
+    weights, offset = (_LUMA, np.float32(0)) if axis is None else axis
     # Channel by channel and in place: a big canvas needs a few float planes, not float RGBA copies.
-    gray = pixels[..., 0] * _LUMA[0] + pixels[..., 1] * _LUMA[1] + pixels[..., 2] * _LUMA[2]
+    gray = pixels[..., 0] * weights[0] + pixels[..., 1] * weights[1] + pixels[..., 2] * weights[2]
+    if axis is not None:
+        gray += offset
     if pixels.shape[2] == 4:
-        gray -= backdrop
+        shown = backdrop * float(weights.sum()) + float(offset)  # the backdrop's grey along the same axis
+        gray -= shown
         gray *= pixels[..., 3] * np.float32(1 / 255)
-        gray += backdrop
+        gray += shown
     return gray
+
+
+def _colour_axis(pixels: np.ndarray, backdrop: float = 255.0) -> Axis | None:
+    """Where a colour picture's luminance hardly changes from pixel to pixel but its colours do (red ink on
+    green paper of the same lightness), the grey to read it by instead: the axis along which its colours
+    change most (weights, offset), mapping the picture into 0..255 with its most common colour light.
+    Changes, not values: a gradient of light is smooth. None for every other picture (their luminance is
+    what a person reads): measured on at most about 2^10 pixels, shown on ``backdrop`` where transparent."""
+    step = max(1, math.isqrt((pixels.shape[0] * pixels.shape[1]) >> 10))
+    sample = pixels[::step, ::step, :3].astype(np.float32)
+    if pixels.shape[2] == 4:
+        sample = backdrop + (sample - backdrop) * pixels[::step, ::step, 3:].astype(np.float32) * np.float32(1 / 255)
+    if min(sample.shape[:2]) < 4:
+        return None
+    changes = np.concatenate([np.diff(sample, axis=0).reshape(-1, 3), np.diff(sample, axis=1).reshape(-1, 3)])
+    colours = changes.T @ changes / len(changes)  # luminance's share is _LUMA's quadratic form
+    total = float(np.trace(colours))
+    if total < ISOLUMINANT_SPREAD ** 2 or float(_LUMA @ colours @ _LUMA) > ISOLUMINANT * total:
+        return None  # every ordinary picture stops here
+    spread, axes = np.linalg.eigh(colours)
+    if float(_LUMA @ colours @ _LUMA) > ISOLUMINANT * float(spread[-1]):
+        return None
+    rgb = sample.reshape(-1, 3)
+    mean = rgb.mean(0)
+    principal = axes[:, -1].astype(np.float32)
+    along = (rgb - mean) @ principal
+    if np.median(along) < 0:  # the most common colour (the paper) light
+        principal, along = -principal, -along
+    weights = (principal * np.float32(127 / max(float(np.abs(along).max()), 1e-6))).astype(np.float32)
+    return weights, np.float32(128 - float(mean @ weights))
 
 
 def _backdrop(rgba: np.ndarray) -> float:
@@ -255,4 +294,11 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         grey = round(_backdrop(np.asarray(rgba)))
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (grey, grey, grey, 255)), rgba)
-    return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
+    if image.mode in ("L", "1", "LA", "La"):
+        return np.array(image.convert("L"), dtype=np.float32)
+    step = max(1, math.isqrt((image.width * image.height) >> 10))
+    sample = image.resize((max(1, image.width // step), max(1, image.height // step)), Image.Resampling.NEAREST)
+    axis = _colour_axis(np.asarray(sample.convert("RGB")))
+    if axis is None:
+        return np.array(image.convert("L"), dtype=np.float32)
+    return _spng_gray(np.asarray(image.convert("RGB")), 255.0, axis)

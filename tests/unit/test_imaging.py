@@ -6,6 +6,7 @@ instance's note (box, flags); ``pixels`` checked like pictures. Photos: tests/e2
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import orjson
@@ -91,6 +92,29 @@ def test_dark_drawings_and_opaque_pictures_keep_transparency_on_white(mnist_test
     photo[:6, :6, 3] = 0  # a transparent corner in an opaque, light picture
     corner = decode_image(encode(Image.fromarray(photo, "RGBA"), "PNG"), Limits())
     assert corner[0, 0] == 255 and corner[20, 20] == 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_a_digit_in_colours_of_one_lightness_is_read_by_its_colours(mnist_test, fmt):
+    """Red ink on green paper of the same luminance is blank in luminance, and plain to a person: such a
+    picture is read along its colours, in every decoder, as the same digit in grey is. Colour pictures
+    whose luminance varies keep their luminance, to the grey level."""
+    digit = np.asarray(Image.fromarray(digits(mnist_test, 1)[0]).resize((112, 112), Image.Resampling.BICUBIC))
+    ink = (digit.astype(np.float32) / 255)[..., None]
+    paper, red = np.array([50, 140, 50], np.float32), np.array([217, 51, 51], np.float32)  # luma 107 and 100
+    coloured = encode(Image.fromarray((paper * (1 - ink) + red * ink).astype(np.uint8)), fmt, quality=95)
+    gray = decode_image(coloured, Limits())
+    assert np.ptp(gray) > 100
+    grey_frame, colour_frame = to_mnist([255 - digit.astype(np.float32), gray])
+    assert np.corrcoef(grey_frame.ravel(), colour_frame.ravel())[0, 1] > 0.95
+    lit = encode(Image.fromarray((paper * (1 - ink) + np.float32(20) * ink).astype(np.uint8)), "PNG")
+    luminance = np.asarray(Image.open(io.BytesIO(lit)).convert("L"), np.float32)
+    np.testing.assert_allclose(decode_image(lit, Limits()), luminance, atol=1)
+    if fmt != "JPEG":  # red strokes on a transparent canvas, its hidden colour black: red on white
+        drawn = np.zeros((112, 112, 4), np.uint8)
+        drawn[..., 0], drawn[..., 3] = 255, digit
+        canvas = decode_image(encode(Image.fromarray(drawn, "RGBA"), fmt, lossless=True), Limits())
+        np.testing.assert_allclose(canvas, 255 - digit * np.float32((255 - 76.245) / 255), atol=2)
 
 
 @pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border"), ("circle",), ("circle", "border")])
