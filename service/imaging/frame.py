@@ -89,7 +89,12 @@ def _encircled(found: ink.Ink) -> ink.Ink:
     the directions from the rest's centre meet it), which is a digit's size within it (``RING_HOLDS``
     of its height) and not a small part of the ink (``RING_INK``); round (``RING_TALL``), where a zero
     with a dot or an outline's inner line in it is tall."""
+    if max(found.strokes.shape) <= BOX:  # as small as MNIST's digits: no ring drawn round one is looked for
+        return found
     strokes = found.strokes > 0.5
+    across, down = _runs(strokes[len(strokes) // 2]), _runs(strokes[:, strokes.shape[1] // 2])
+    if min(across, down) < 2 or max(across, down) < 3:  # ring, digit, ring on the middle row or column
+        return found
     labels, count = ndimage.label(strokes, ink.EIGHT)
     if count < 2:
         return found
@@ -106,6 +111,11 @@ def _encircled(found: ink.Ink) -> ink.Ink:
         return found
     kept = ~ndimage.binary_dilation(ring, ink.EIGHT, 2)  # the digit's faint fringe too, not the ring's
     return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
+
+
+def _runs(line: np.ndarray) -> int:
+    """How many runs of ink a row or column of the strokes crosses."""
+    return int(line[0]) + int(np.count_nonzero(line[1:] & ~line[:-1]))
 
 
 def _surrounded(ring: np.ndarray, centre: tuple[float, float], rays: int = 16) -> float:
