@@ -1,5 +1,6 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
-dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper.
+dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper,
+across one printed line or beside a notebook's margin.
 Both test tiers draw from here."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ DIGIT = (slice(64, 176), slice(44, 156))  # where the digit is written on the 24
 
 def page(digit: np.ndarray, *marks: str) -> np.ndarray:
     """A 28x28 MNIST digit, 4x, dark (its darkest 35) on paper of grey 235, with ``marks`` (box, border,
-    underline, comb, circle, ruled, squared); uint8."""
+    underline, comb, circle, ruled, squared, line: one ruled line through the digit's lower strokes,
+    margin: a notebook's margin line left of it); uint8."""
     paper = np.full((240, 200), 235, np.uint8)
     if "ruled" in marks or "squared" in marks:  # a notebook's lines, 2 pixels every 24, fainter than the ink
         for at in range(10, 240, 24):
@@ -20,6 +22,10 @@ def page(digit: np.ndarray, *marks: str) -> np.ndarray:
     if "squared" in marks:
         for at in range(8, 200, 24):
             paper[:, at: at + 2] = 175
+    if "line" in marks:
+        paper[148:150] = 175
+    if "margin" in marks:
+        paper[:, 30:32] = 175
     big = np.asarray(Image.fromarray(np.asarray(digit, np.uint8)).resize((112, 112), Image.Resampling.BILINEAR))
     paper[DIGIT] = np.minimum(paper[DIGIT], 235 - (big * (200 / 255)).astype(np.uint8))
     if "box" in marks:

@@ -4,13 +4,14 @@ A digit written on lined paper crosses the lines, and the steps after this one w
 line for ink: the digit then reads as part of a grid, or not at all. A ruling is told from a digit's
 strokes by what a digit never is: at least ``LINES`` thin lines (``THIN`` of the picture's side at
 most), alike, that run across most of the picture (``ACROSS`` of its strips) at a regular pitch, or
-two that run across all of it (``WHOLE``: a digit written between two lines, cropped with them), not
-the picture's own first and last rows (a thin "3" of three bars, cropped tight). Each line is
-followed strip by strip, so a page photographed slightly turned or bowed is ruled too; a line that a
-big digit hides in most strips is erased where it falls on the ruling's pitch. Each line's pixels
-take the values just above and below the line: the paper's where the line crossed paper, the ink's
-where it crossed a stroke; a pixel far darker than the line is a stroke running along it, and is
-kept. Then the same across the other axis (squared paper).
+two that run across all of it (``WHOLE``: a digit written between two lines, cropped with them), or
+one alone from side to side, fainter than the ink (``FAINT``: a notebook's margin, the line a digit
+was written on), never the picture's own first and last rows (a thin "3" of three bars, cropped
+tight). Each line is followed strip by strip, so a page photographed slightly turned or bowed is
+ruled too; a line that a big digit hides in most strips is erased where it falls on the ruling's
+pitch. Each line's pixels take the values just above and below the line: the paper's where the line
+crossed paper, the ink's where it crossed a stroke; a pixel far darker than the line is a stroke
+running along it, and is kept. Then the same across the other axis (squared paper).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ WHOLE = 0.9  # ... or two lines, found in this share of the strips (a digit writ
 PITCH = 0.25  # their gaps are whole numbers of pitches to within this share of one
 ALIKE = 2.0  # dips within this factor of the usual depth are lines; a pixel darker than that, a stroke
 MOST = 0.5  # a ruling's lines are this share of the dips at least (a digit's strokes and noise the rest)
+FAINT = 0.7  # a line alone is at most this share of the ink's contrast (a printed ruling under a pen's digit)
 DRIFT = 0.06  # a line moves at most this share of a strip's width from one strip to the next (about 3.5 degrees)
 
 
@@ -47,21 +49,15 @@ def unruled(gray: np.ndarray) -> np.ndarray:
 
 def crossed(grays: np.ndarray, paper: np.ndarray) -> np.ndarray:
     """Which of pictures of one size, each on one exact paper grey (``paper``), may be ruled: big enough,
-    with two runs off that grey along both side edges, or along both the top and bottom edges (a
-    ruling's lines cross the picture, and few digits cross it twice each way). The cheap test that
-    spares most canvases ``unruled``."""
+    and off that grey somewhere along both side edges, or along both the top and bottom edges (a line
+    crosses the picture; few digits on a canvas touch two opposite edges). The cheap test that spares
+    most canvases ``unruled``."""
     count, height, width = grays.shape
-    crossed = np.zeros(count, bool)
     if min(height, width) < 3 * STRIP:
-        return crossed
+        return np.zeros(count, bool)
     off = ink.borders(grays) != paper[:, None]
-    if not off.any():  # most canvases: paper all round
-        return crossed
     top, bottom, left, right = np.split(off, [width, 2 * width, 2 * width + height], axis=1)
-    for edges in (np.stack([left, right], 1), np.stack([top, bottom], 1)):
-        runs = edges[..., 0] + np.count_nonzero(edges[..., 1:] & ~edges[..., :-1], axis=2)
-        crossed |= (runs >= 2).all(1)
-    return crossed
+    return np.asarray((left.any(1) & right.any(1)) | (top.any(1) & bottom.any(1)))
 
 
 def _erased(gray: np.ndarray) -> np.ndarray:
@@ -76,21 +72,18 @@ def _erased(gray: np.ndarray) -> np.ndarray:
     probe = _profiles(gray, [0, strips - 1], size)
     least = max(MIN_DEPTH, DEPTH * 1.4826 * float(np.median(np.abs(np.diff(probe, axis=1)))) / np.sqrt(2))
     both = _runs(np.concatenate([probe, -probe]), reach, least)  # dark lines, then light ones
-    signs = [sign for sign, found in zip((1.0, -1.0), (both[:2], both[2:])) if min(map(len, found)) >= 2]
+    signs = [sign for sign, found in zip((1.0, -1.0), (both[:2], both[2:])) if min(map(len, found)) >= 1]
     if not signs:
         return gray
     profiles = _profiles(gray, range(strips), size)
     for sign in signs:
         runs = _runs(sign * profiles, reach, least)
         lines = _lines(runs, DRIFT * size + 1)
-        across = [line for line in lines if len(line) >= ACROSS * strips]
-        if len(across) == 2 and min(map(len, across)) < WHOLE * strips:
-            continue
-        grid = _ruling(across, reach, height)
-        if grid is None:
-            continue
-        ruling = across + [line for line in lines if 2 <= len(line) < ACROSS * strips and _on(grid, line)]
-        if sum(map(len, ruling)) >= MOST * sum(map(len, runs)):  # not a texture's dips, some of them in line
+        ruling = _ruled(lines, strips, reach, height)
+        if ruling and sum(map(len, ruling)) < MOST * sum(map(len, runs)):  # a texture's dips, some of them in line
+            ruling = []
+        ruling = ruling or _alone(lines, strips, reach, height, FAINT * _contrast(gray, sign))
+        if ruling:
             edges = np.append(np.arange(strips) * size, width)  # the last strip takes the remainder
             return _erase(gray, ruling, edges, sign, least)
     return gray
@@ -136,13 +129,15 @@ def _runs(profiles: np.ndarray, reach: int, least: float) -> list[list[Dip]]:
 
 def _lines(runs: list[list[Dip]], drift: float) -> list[Line]:
     """Dips followed from strip to strip, each line taking the nearest dip within ``drift`` per strip of
-    its last. Only dips about as thin and as deep as most are followed: where a stroke runs along a
-    line, or crosses it wide, the line is not seen there (the strips beside it say where it is)."""
-    every = [dip for found in runs for dip in found]
-    if not every:
+    its last. Only dips about as thin and as deep as most in the first and last strips are followed
+    (the lines cross those; a digit seldom reaches them, and its strokes' dips would outnumber one
+    line's): where a stroke runs along a line, or crosses it wide, the line is not seen there (the
+    strips beside it say where it is)."""
+    edges = runs[0] + runs[-1]
+    if not edges:
         return []
-    thick = float(np.median([dip.bottom - dip.top for dip in every]))
-    depth = float(np.median([dip.depth for dip in every]))
+    thick = float(np.median([dip.bottom - dip.top for dip in edges]))
+    depth = float(np.median([dip.depth for dip in edges]))
     lines: list[Line] = []
     where = np.zeros((0, 2))  # each line's last strip and centre
     for strip, found in enumerate(runs):
@@ -162,6 +157,43 @@ def _lines(runs: list[list[Dip]], drift: float) -> list[Line]:
         lines += [{strip: found[d]} for d in fresh]
         where = np.concatenate([where, [(strip, centres[d]) for d in fresh]]) if fresh else where
     return lines
+
+
+def _ruled(lines: list[Line], strips: int, reach: int, height: int) -> list[Line]:
+    """A ruling's lines (``_ruling``), with those that strokes hid in most strips; else none."""
+    across = [line for line in lines if len(line) >= ACROSS * strips]
+    if len(across) < LINES and min(map(len, across), default=0) < WHOLE * strips:
+        return []
+    grid = _ruling(across, reach, height)
+    if grid is None:
+        return []
+    return across + [line for line in lines if 2 <= len(line) < ACROSS * strips and _on(grid, line)]
+
+
+def _alone(lines: list[Line], strips: int, reach: int, height: int, faint: float) -> list[Line]:
+    """One line across the picture (a notebook's margin, the line a digit was written on, its base along
+    the line): seen in the first and last strips and in half of all, three at least (a digit's strokes
+    that meet the sides of a tight crop at one height are seen in two), thin, off the picture's edges,
+    and fainter than the ink (``faint``: a digit's own bar, cropped tight, is as dark as its other
+    strokes); else none."""
+    across = [line for line in lines if len(line) >= max(3, strips / 2) and {0, strips - 1} <= line.keys()]
+    if len(across) != 1 or _bar(across[0], reach, height):
+        return []
+    return across if float(np.median([dip.depth for dip in across[0].values()])) <= faint else []
+
+
+def _contrast(gray: np.ndarray, sign: float) -> float:
+    """How much darker (``sign`` 1) or lighter (-1) than the paper (the median of a sample) the ink is at most."""
+    paper = float(np.median(gray[::4, ::4]))
+    return sign * (paper - float(gray.min() if sign > 0 else gray.max()))
+
+
+def _bar(line: Line, reach: int, height: int) -> bool:
+    """Whether a line is too thick for a ruling's, or at the picture's first or last rows (a digit's own
+    bar where the picture is cropped tight: a 7's top, a 2's base)."""
+    thick = float(np.median([dip.bottom - dip.top for dip in line.values()]))
+    edge = 2 * thick + 2
+    return thick > 2 * reach + 1 or not edge < _centre(line) < height - 1 - edge
 
 
 def _ruling(lines: list[Line], reach: int, height: int) -> tuple[float, float] | None:

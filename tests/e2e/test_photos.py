@@ -188,12 +188,13 @@ def test_digits_in_a_form_box_inside_a_dark_border_underlined_or_circled_are_rea
         assert 40 <= x <= x + w <= 160 and 60 <= y <= y + h <= 180, prediction["box"]
 
 
-def ruled_pictures(digits) -> list[bytes]:
-    """Digits written across a notebook's lines and on graph paper: flat scans (PNG), and photos turned
-    by up to 2 degrees under uneven light (JPEG)."""
+def ruled_pictures(digits, marks: tuple[str, ...]) -> list[bytes]:
+    """Digits on paper with ``marks`` taken in turn (``forms.page``: a notebook's lines, graph paper, one
+    line alone, a notebook's margin): flat scans (PNG), and photos turned by up to 2 degrees under uneven
+    light (JPEG)."""
     pictures = []
     for index, digit in enumerate(digits):
-        page = forms.page(digit, "ruled" if index % 2 else "squared")
+        page = forms.page(digit, marks[index % len(marks)])
         if index % 3 == 0:
             pictures.append(encode(page, "PNG"))
             continue
@@ -204,12 +205,13 @@ def ruled_pictures(digits) -> list[bytes]:
     return pictures
 
 
-def test_digits_on_ruled_and_squared_paper_are_read(server, mnist_test):
-    """The lines of a notebook's page or a graph paper are paper, not ink: each digit written across them
-    is read as the digit, not flagged, and its box is the digit's, not the page's."""
+@pytest.mark.parametrize(("marks", "first"), [(("squared", "ruled"), 30), (("line", "margin"), 42)])
+def test_digits_on_ruled_and_squared_paper_are_read(server, mnist_test, marks, first):
+    """The lines of a notebook's page or a graph paper, or one line alone, are paper, not ink: each digit
+    written across them is read as the digit, not flagged, and its box is the digit's, not the page's."""
     digits, labels = mnist_test
-    predictions = predictions_for(server, ruled_pictures(digits[30:42].numpy()))
-    assert [p["label"] for p in predictions] == labels[30:42].tolist(), predictions
+    predictions = predictions_for(server, ruled_pictures(digits[first:first + 12].numpy(), marks))
+    assert [p["label"] for p in predictions] == labels[first:first + 12].tolist(), predictions
     assert not any("not_a_digit" in p["flags"] for p in predictions), predictions
     for prediction in predictions:
         x, y, w, h = prediction["box"]

@@ -151,10 +151,11 @@ def test_a_stroke_close_under_the_digit_stays_part_of_it(mnist_test):
     assert found.box[3] >= height + 3
 
 
-@pytest.mark.parametrize("mark", ["ruled", "squared"])
+@pytest.mark.parametrize("mark", ["ruled", "squared", "line", "margin"])
 def test_ruled_and_squared_paper_is_paper(mnist_test, default_model, mark):
-    """A digit written across a notebook's lines (or a graph paper's squares) is read as on bare paper:
-    the lines are gone, the strokes they crossed are kept, and the box is the digit's."""
+    """A digit written across a notebook's lines (or a graph paper's squares, or one line alone, or beside
+    a notebook's margin) is read as on bare paper: the lines are gone, the strokes they crossed are kept,
+    and the box is the digit's."""
     pages = [forms.page(digit) for digit in digits(mnist_test, 20)]
     plain, plain_inks = framing.to_mnist_with_ink([page.astype(np.float32) for page in pages])
     lined = [forms.page(digit, mark).astype(np.float32) for digit in digits(mnist_test, 20)]
@@ -178,13 +179,18 @@ def test_a_stroke_along_a_line_is_kept_and_the_line_beside_it_goes():
 
 def test_a_digits_own_bars_are_not_a_ruling():
     """Strokes a digit is made of are never taken for a ruling: a thin "3" of three bars cropped tight (its
-    bars span the picture, evenly spaced), pictures with no lines, a single line under a digit."""
+    bars span the picture, evenly spaced), a thin "4" whose bar spans it (as dark as its other strokes: a
+    line alone is fainter than the ink), pictures with no lines, a single line under a digit."""
     three = np.full((200, 120), 240, np.float32)
     three[np.r_[0:3, 99:102, 197:200]] = 20  # top, middle and bottom bars, edge to edge
     three[:, 117:] = 20
+    four = np.full((200, 140), 240, np.float32)
+    four[130:133] = 20  # the bar, edge to edge
+    four[:, 100:103] = 20  # the stem
+    four[np.arange(130), np.linspace(60, 0, 130).astype(int)] = 20  # the diagonal, to the bar's left end
     plain = forms.page(np.full((28, 28), 255, np.uint8)).astype(np.float32)
     underlined = forms.page(np.full((28, 28), 255, np.uint8), "underline").astype(np.float32)
-    for picture in (three, plain, underlined, np.ascontiguousarray(three.T)):
+    for picture in (three, four, plain, underlined, np.ascontiguousarray(three.T), np.ascontiguousarray(four.T)):
         assert ruled.unruled(picture) is picture  # untouched: framed on one exact grey, as before
 
 
