@@ -7,7 +7,8 @@ Read top to bottom, like pytorch/examples' mnist/main.py: arguments, data, ``tra
 
 - real MNIST, elastically distorted and affinely jittered batch by batch (``augment``, Simard 2003);
 - printed digits from the fonts on this machine and MNIST digits dressed as photographs (``synth``),
-  framed by the service's own preprocessing, so the model learns on the frames it is served;
+  framed by the service's own preprocessing, so the model learns on the frames it is served, and only
+  affinely jittered (``--picture-elastic``: elastic distortion made print look like no print);
 - non-digits (letters, symbols, shapes, scribbles, textures, photographs) with a uniform target
   (outlier exposure, Hendrycks et al. 2019), so that what is not a digit does not look like one;
 - a calibration split of MNIST train, never fitted on, and those digits pictured, with printed ones in
@@ -55,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", type=float, default=1.0,
                    help="strength of random affine distortions (0 disables; 1 = +-10 deg, +-10%% scale, +-2 px)")
     p.add_argument("--elastic", type=float, default=24.0,
-                   help="elastic distortion: Simard's alpha, pixels before smoothing (0 disables)")
+                   help="elastic distortion of the MNIST digits: Simard's alpha, pixels before smoothing (0 disables)")
+    p.add_argument("--picture-elastic", type=float, default=0.0,
+                   help="elastic alpha for the pictures (printed, dressed, non-digits), already varied as people "
+                        "send them (0: the affine jitter alone)")
     p.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic distortion: smoothing, pixels")
     p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font groups")
     p.add_argument("--dressed", type=int, default=10000, help="MNIST training digits pictured as photographs")
@@ -137,8 +141,12 @@ def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, pi
         yb = torch.cat([y[idx], pictures.labels[pick]]).to(device)
         others = normalize(pictures.others[other_order[step * per_other:(step + 1) * per_other]]).to(device)
         xb = torch.cat([xb, others])
-        if args.augment > 0 or args.elastic > 0:
-            xb = augment.distort(xb, generator, args.augment, args.elastic, args.elastic_sigma)
+        if args.augment > 0 or args.elastic > 0 or args.picture_elastic > 0:
+            parts = [augment.distort(xb[:len(idx)], generator, args.augment, args.elastic, args.elastic_sigma)]
+            if len(xb) > len(idx):
+                parts.append(augment.distort(xb[len(idx):], generator, args.augment, args.picture_elastic,
+                                             args.elastic_sigma))
+            xb = torch.cat(parts)
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits[:len(yb)], yb, label_smoothing=args.label_smoothing)
@@ -277,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                  "pictures": picture_counts, "sha256": data.raw_checksums(args.data_dir)},
         "training": {**hyperparameters, "optimizer": "SGD (Nesterov) + OneCycleLR", "device": str(device),
                      "recipe": "MNIST with elastic distortion and affine jitter (Simard 2003); printed digits "
-                               "(training font groups) and dressed MNIST framed by service.imaging; outlier "
-                               "exposure on non-digits; the reference's printed digits from the calibration "
-                               "font groups",
+                               "(training font groups) and dressed MNIST framed by service.imaging, affine "
+                               "jitter and --picture-elastic; outlier exposure on non-digits; the reference's "
+                               "printed digits from the calibration font groups",
                      "font_partitions": printed.summary() if uses_fonts(args) else None},
         "seed": args.seed,
         "torch_version": torch.__version__,
