@@ -24,7 +24,7 @@ LIMIT = 256
 def train_args(data_dir: Path, root: Path, seed: int = 1, *extra: str) -> list[str]:
     """Command-line arguments for a fast one-epoch run on a small real subset (its static graph uncompiled)."""
     return ["--static-graph", "exported", "--data-dir", str(data_dir), "--store", str(root), "--epochs", "1",
-            "--limit", str(LIMIT), "--batch-size", "64", "--seed", str(seed), *extra]
+            "--limit", str(LIMIT), "--batch-size", "16", "--seed", str(seed), *extra]
 
 
 def run_in_process(args: list[str]) -> tuple[int, str, str]:
@@ -78,7 +78,7 @@ def test_progress_and_final_accuracy_are_printed(two_runs):
     assert printed, out
     stored = store.load(root, version=1).test_accuracy
     assert float(printed.group(1)) == pytest.approx(100 * stored, abs=5e-5)
-    assert 0.2 < stored < 1.0  # 256 real images, one epoch: clearly above chance (0.1), not perfect
+    assert 0.3 < stored < 1.0  # 256 real images, 16 steps: far above chance (0.1; 0.15 untrained), not perfect
 
 
 def test_no_progress_hides_the_bars(two_runs):
@@ -95,7 +95,7 @@ def test_metadata_records_this_run(two_runs, data_dir):
     assert meta["training"]["no_progress"] is True and meta["seed"] == 1
     assert meta["data"]["train_images"] == LIMIT
     assert len(meta["data"]["sha256"]) == 4
-    assert meta["command"].endswith(f"--limit {LIMIT} --batch-size 64 --seed 1 --no-progress")
+    assert meta["command"].endswith(f"--limit {LIMIT} --batch-size 16 --seed 1 --no-progress")
     assert meta["metrics"]["history"][0]["epoch"] == 1
 
 
