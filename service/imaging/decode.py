@@ -200,7 +200,7 @@ def _colour_axis(pixels: np.ndarray, backdrop: float = 255.0) -> Axis | None:
     change most (weights, offset), mapping the picture into 0..255 with its most common colour light.
     Changes, not values: a gradient of light is smooth. None for every other picture (their luminance is
     what a person reads): measured on at most about 2^10 pixels, shown on ``backdrop`` where transparent."""
-    step = max(1, math.isqrt((pixels.shape[0] * pixels.shape[1]) >> 10))
+    step = _sample_step(pixels.shape[1], pixels.shape[0])
     sample = pixels[::step, ::step, :3].astype(np.float32)
     if pixels.shape[2] == 4:
         sample = backdrop + (sample - backdrop) * pixels[::step, ::step, 3:].astype(np.float32) * np.float32(1 / 255)
@@ -208,11 +208,11 @@ def _colour_axis(pixels: np.ndarray, backdrop: float = 255.0) -> Axis | None:
         return None
     changes = np.concatenate([np.diff(sample, axis=0).reshape(-1, 3), np.diff(sample, axis=1).reshape(-1, 3)])
     colours = changes.T @ changes / len(changes)  # luminance's share is _LUMA's quadratic form
-    total = float(np.trace(colours))
-    if total < ISOLUMINANT_SPREAD ** 2 or float(_LUMA @ colours @ _LUMA) > ISOLUMINANT * total:
+    total, luminance = float(np.trace(colours)), float(_LUMA @ colours @ _LUMA)
+    if total < ISOLUMINANT_SPREAD ** 2 or luminance > ISOLUMINANT * total:
         return None  # every ordinary picture stops here
     spread, axes = np.linalg.eigh(colours)
-    if float(_LUMA @ colours @ _LUMA) > ISOLUMINANT * float(spread[-1]):
+    if luminance > ISOLUMINANT * float(spread[-1]):
         return None
     rgb = sample.reshape(-1, 3)
     mean = rgb.mean(0)
@@ -222,6 +222,11 @@ def _colour_axis(pixels: np.ndarray, backdrop: float = 255.0) -> Axis | None:
         principal, along = -principal, -along
     weights = (principal * np.float32(127 / max(float(np.abs(along).max()), 1e-6))).astype(np.float32)
     return weights, np.float32(128 - float(mean @ weights))
+
+
+def _sample_step(width: int, height: int) -> int:
+    """Every how many pixels, each way, ``_colour_axis`` samples a picture: about 2^10 pixels in all."""
+    return max(1, math.isqrt((width * height) >> 10))
 
 
 def _backdrop(rgba: np.ndarray) -> float:
@@ -296,7 +301,7 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (grey, grey, grey, 255)), rgba)
     if image.mode in ("L", "1", "LA", "La"):
         return np.array(image.convert("L"), dtype=np.float32)
-    step = max(1, math.isqrt((image.width * image.height) >> 10))
+    step = _sample_step(image.width, image.height)
     sample = image.resize((max(1, image.width // step), max(1, image.height // step)), Image.Resampling.NEAREST)
     axis = _colour_axis(np.asarray(sample.convert("RGB")))
     if axis is None:

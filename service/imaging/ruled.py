@@ -82,7 +82,7 @@ def _erased(gray: np.ndarray) -> np.ndarray:
         ruling = _ruled(lines, strips, reach, height)
         if ruling and sum(map(len, ruling)) < MOST * sum(map(len, runs)):  # a texture's dips, some of them in line
             ruling = []
-        ruling = ruling or _alone(lines, strips, reach, height, FAINT * _contrast(gray, sign))
+        ruling = ruling or _alone(lines, strips, reach, gray, sign)
         if ruling:
             edges = np.append(np.arange(strips) * size, width)  # the last strip takes the remainder
             return _erase(gray, ruling, edges, sign, least)
@@ -170,16 +170,16 @@ def _ruled(lines: list[Line], strips: int, reach: int, height: int) -> list[Line
     return across + [line for line in lines if 2 <= len(line) < ACROSS * strips and _on(grid, line)]
 
 
-def _alone(lines: list[Line], strips: int, reach: int, height: int, faint: float) -> list[Line]:
+def _alone(lines: list[Line], strips: int, reach: int, gray: np.ndarray, sign: float) -> list[Line]:
     """One line across the picture (a notebook's margin, the line a digit was written on, its base along
     the line): seen in the first and last strips and in half of all, three at least (a digit's strokes
     that meet the sides of a tight crop at one height are seen in two), thin, off the picture's edges,
-    and fainter than the ink (``faint``: a digit's own bar, cropped tight, is as dark as its other
-    strokes); else none."""
+    and fainter than the ink (``FAINT`` of ``_contrast``: a digit's own bar, cropped tight, is as dark as
+    its other strokes); else none."""
     across = [line for line in lines if len(line) >= max(3, strips / 2) and {0, strips - 1} <= line.keys()]
-    if len(across) != 1 or _bar(across[0], reach, height):
+    if len(across) != 1 or _bar(across[0], reach, len(gray)):
         return []
-    return across if float(np.median([dip.depth for dip in across[0].values()])) <= faint else []
+    return across if _depth(across[0]) <= FAINT * _contrast(gray, sign) else []
 
 
 def _contrast(gray: np.ndarray, sign: float) -> float:
@@ -191,7 +191,7 @@ def _contrast(gray: np.ndarray, sign: float) -> float:
 def _bar(line: Line, reach: int, height: int) -> bool:
     """Whether a line is too thick for a ruling's, or at the picture's first or last rows (a digit's own
     bar where the picture is cropped tight: a 7's top, a 2's base)."""
-    thick = float(np.median([dip.bottom - dip.top for dip in line.values()]))
+    thick = _thickness(line)
     edge = 2 * thick + 2
     return thick > 2 * reach + 1 or not edge < _centre(line) < height - 1 - edge
 
@@ -206,7 +206,7 @@ def _ruling(lines: list[Line], reach: int, height: int) -> tuple[float, float] |
     centres = sorted(_centre(line) for line in lines)
     span = centres[-1] - centres[0]
     pitch = span / max(1, round(span / float(np.median(np.diff(centres)))))  # the mean of the whole pitches
-    thick = max(float(np.median([dip.bottom - dip.top for dip in line.values()])) for line in lines)
+    thick = max(map(_thickness, lines))
     edge = 2 * thick + 2
     at_edges = [centres[0] <= edge, centres[-1] >= height - 1 - edge]
     if (thick > 2 * reach + 1 or pitch <= 2 * thick or not _on((centres[0], pitch), *centres)
@@ -226,6 +226,14 @@ def _centre(line: Line) -> float:
     return float(np.median([dip.centre for dip in line.values()]))
 
 
+def _thickness(line: Line) -> float:
+    return float(np.median([dip.bottom - dip.top for dip in line.values()]))
+
+
+def _depth(line: Line) -> float:
+    return float(np.median([dip.depth for dip in line.values()]))
+
+
 def _erase(gray: np.ndarray, lines: list[Line], edges: np.ndarray, sign: float, least: float) -> np.ndarray:
     """Each line's pixels, strip by strip, given the values interpolated between the rows just above and
     below it (the row on one side only, at the picture's edge): paper where the line crossed paper, ink
@@ -235,7 +243,7 @@ def _erase(gray: np.ndarray, lines: list[Line], edges: np.ndarray, sign: float, 
     out = gray.copy()
     height = len(gray)
     for line in lines:
-        depth = ALIKE * float(np.median([dip.depth for dip in line.values()])) + least
+        depth = ALIKE * _depth(line) + least
         for strip in range(len(edges) - 1):
             dip = line.get(strip) or line[min(line, key=lambda found: abs(found - strip))]
             above, below = dip.top - 2, dip.bottom + 1

@@ -47,6 +47,8 @@ def distort(x: torch.Tensor, generator: torch.Generator, affine: float = 1.0, al
     ``alpha=0`` leaves the affine jitter alone, ``affine=0`` the elastic part alone.
     """
     n, _, h, w = x.shape
+    if n == 0:  # a batch with no rows of this kind
+        return x
     theta = affine_theta(n, affine, generator, x.device)
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     if alpha > 0:

@@ -142,11 +142,8 @@ def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, pi
         others = normalize(pictures.others[other_order[step * per_other:(step + 1) * per_other]]).to(device)
         xb = torch.cat([xb, others])
         if args.augment > 0 or args.elastic > 0 or args.picture_elastic > 0:
-            parts = [augment.distort(xb[:len(idx)], generator, args.augment, args.elastic, args.elastic_sigma)]
-            if len(xb) > len(idx):
-                parts.append(augment.distort(xb[len(idx):], generator, args.augment, args.picture_elastic,
-                                             args.elastic_sigma))
-            xb = torch.cat(parts)
+            xb = torch.cat([augment.distort(part, generator, args.augment, alpha, args.elastic_sigma)
+                            for part, alpha in ((xb[:len(idx)], args.elastic), (xb[len(idx):], args.picture_elastic))])
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits[:len(yb)], yb, label_smoothing=args.label_smoothing)
