@@ -1,6 +1,7 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
 dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper,
-across one printed line or beside a notebook's margin.
+across one printed line or beside a notebook's margin; on a grey board photographed with a flash; and
+strewn with specks.
 Both test tiers draw from here."""
 
 from __future__ import annotations
@@ -42,3 +43,28 @@ def page(digit: np.ndarray, *marks: str) -> np.ndarray:
     if "comb" in marks:
         paper[187:199, 30:33], paper[187:199, 167:170] = 35, 35
     return paper
+
+
+def board(digit: np.ndarray, glare: tuple[float, float] | None = None, side: int = 180) -> np.ndarray:
+    """A 28x28 MNIST digit, 100 pixels tall, dark (40) on a grey board (190); with ``glare`` (its centre,
+    as shares of the height and width), photographed with a flash: a round glare wider than the strokes,
+    brighter than the board and white in its middle. float32."""
+    ink = np.zeros((side, side), np.float32)
+    at = (side - 100) // 2
+    ink[at: at + 100, at: at + 100] = np.asarray(
+        Image.fromarray(np.asarray(digit, np.uint8)).resize((100, 100), Image.Resampling.BICUBIC), np.float32) / 255
+    picture = 190 * (1 - ink) + 40 * ink
+    if glare is not None:
+        rows, cols = np.mgrid[:side, :side]
+        spread = 2 * (side / 7) ** 2
+        picture += 180 * np.exp(-((rows - glare[0] * side) ** 2 + (cols - glare[1] * side) ** 2) / spread)
+    return np.clip(picture, 0, 255).round().astype(np.float32)
+
+
+def speckled(picture: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``picture`` (uint8) with ``share`` of its pixels turned black and as many white: salt and pepper,
+    as dust on a scanner or a sensor's dead pixels make it."""
+    out = np.array(picture, np.uint8)
+    spots = np.random.default_rng(seed).random(out.shape)
+    out[spots < share], out[spots > 1 - share] = 0, 255
+    return out

@@ -25,6 +25,8 @@ LOW_CONTRAST = 40.0  # grey levels of ink contrast under which ink and paper are
 LOW_SNR = 10.0  # ... or this many noise deviations (photo.py)
 MULTIPLE = "multiple_digits"
 FAINT = "low_contrast"  # flags are listed in this order: multiple_digits before low_contrast
+SPECKS = 0.01  # a border with more than this share of specks (and ``SPECK_COUNT``) is not one grey
+SPECK_COUNT = 4
 EIGHT = np.ones((3, 3), bool)
 
 
@@ -95,12 +97,20 @@ def borders(grays: np.ndarray) -> np.ndarray:
 def paper_grey(grays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) -> each picture's border median (N,), and whether the paper is that one exact grey (N,
     bool): four fifths of the border are exactly that grey (its 10th and 90th percentiles are), which no
-    gradient, shadow, grain or noise leaves; what differs inside is the digit."""
+    gradient, shadow, grain or noise leaves, and no more than ``SPECKS`` of it are specks (single pixels
+    of another grey between two of the paper's: dust, dead pixels, salt and pepper); what differs
+    inside is the digit."""
     border = borders(grays)
     size = border.shape[1]
     low, middle, high = size // 10, size // 2, size - 1 - size // 10
     ranked = np.partition(border, (low, middle, high), axis=1)
-    return ranked[:, middle], ranked[:, low] == ranked[:, high]
+    paper = ranked[:, middle]
+    flat = ranked[:, low] == ranked[:, high]
+    if flat.any():
+        on = border == paper[:, None]
+        specks = np.count_nonzero(~on[:, 1:-1] & on[:, :-2] & on[:, 2:], axis=1)
+        flat &= specks <= max(SPECK_COUNT, SPECKS * size)
+    return paper, flat
 
 
 def flat_inks(grays: np.ndarray, paper: np.ndarray) -> list[Ink]:

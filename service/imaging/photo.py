@@ -5,7 +5,8 @@ grain and the sensor adds noise, so no one grey is the paper. On a copy of the p
 ``ANALYSIS_SIDE`` a side (block means: cheap, and they average the noise away):
 
 1. noise: measured from differences of neighbours (along the border too: a digit cropped tight is
-   mostly edges, its border mostly paper); where there is any, a 3x3 median first;
+   mostly edges, its border mostly paper); where there is any, or specks (``_speckled``), a 3x3
+   median first;
 2. polarity: dark ink on light paper or light on dark (``_polarity``), and the strokes' width;
 3. background: a morphological opening of the picture turned so that ink is bright, four strokes
    wide: it removes the strokes and keeps the paper's gradients and the edges of shadows. Picture
@@ -48,6 +49,9 @@ NOISE_MARGIN = 3.0  # ... nor under this many deviations of its noise: ink stand
 BLANK_SNR = 3.0  # a photo whose strongest ink (averaged across a stroke) stands less far is blank
 MEDIAN_NOISE = 0.5  # what a 3x3 median leaves of Gaussian noise (0.42 in theory; its output is smoother)
 MAX_GAIN = 4.0  # dark ink in a shadow is divided by its paper's brightness, relative to the lit paper, up to this
+GLARE = 1.3  # light beyond a one-grey border, soft-edged, is glare where dark strokes keep this much more contrast ...
+SOFT = 0.6  # ... soft-edged: under this share of it reaches half its strongest contrast (a stroke's edge is sharp)
+SPECKLED = 0.025  # specks: separate changes by a 3x3 median, at least this share of the pixels' count
 SMALL_SIDE = 32  # pixels: a picture whose longer side is under this is too small for these steps (``crowded``)
 ANALYSIS_SIDE = 160  # longer side of the copy the whole-image steps run on
 
@@ -57,7 +61,7 @@ class Flattened:
     """A photo's analysis copy flattened: ``flat`` is ink contrast over a paper at zero, ``factor``
     the copy's shrink factor; ``sign``, ``background``, ``gain`` and ``offset`` make the same
     flattening at the picture's own resolution; ``noise`` is what is left of the paper's spread;
-    ``width`` the strokes' width, as measured."""
+    ``width`` the strokes' width, as measured; ``specks`` whether the picture is speckled (``_speckled``)."""
 
     flat: np.ndarray
     factor: int
@@ -67,13 +71,15 @@ class Flattened:
     offset: float
     noise: float
     width: float
+    specks: bool
 
 
 def flatten(gray: np.ndarray) -> Flattened:
     """Steps 1-3 of the module docstring, on the analysis copy."""
     small, factor = _analysis_copy(gray)
     noise = min(_noise(small), border_noise(small))  # a digit cropped tight is mostly edges: its border tells
-    clean = noise < 0.5  # a render, a screenshot, a clean scan
+    specks = noise < 0.5 and _speckled(small)  # specks leave most neighbours equal: the noise misses them
+    clean = noise < 0.5 and not specks  # a render, a screenshot, a clean scan
     if not clean:  # sensor noise or grain: a 3x3 median before anything is thresholded
         small = ndimage.median_filter(small, size=3, mode="nearest")
         noise *= MEDIAN_NOISE
@@ -84,7 +90,7 @@ def flatten(gray: np.ndarray) -> Flattened:
     flat, gain, offset = _flatten(small, sign, background)
     # the paper's spread, not the ink's: in a digit cropped tight, ink is much of the picture
     noise = max(noise * float(np.median(gain)), _spread(flat[flat <= INK_SHARE * float(flat.max())]))
-    return Flattened(flat, factor, sign, background, gain, offset, noise, width)
+    return Flattened(flat, factor, sign, background, gain, offset, noise, width, specks)
 
 
 def photo_ink(gray: np.ndarray, found: Flattened | None = None) -> Ink:
@@ -138,8 +144,10 @@ def _polarity(small: np.ndarray, noise: float) -> tuple[float, float]:
     """+1 for light ink on a darker background, -1 for dark ink on lighter paper; and the strokes' width.
 
     Where the picture's border is nearly one grey, as for a paper of one grey: the side of that grey
-    with more contrast mass beyond the noise. Otherwise the paper's level varies (light, shadow)
-    and morphology tells (``_ink_side``).
+    with more contrast mass beyond the noise; but light that fades out gradually (``_soft``) and,
+    without its wide parts, keeps clearly less contrast than the dark side (``GLARE``) is a flash's
+    glare on a board, and the dark strokes in it are the ink. Otherwise the paper's level varies
+    (light, shadow) and morphology tells (``_ink_side``).
     """
     size = max(3, int(max(small.shape) / 4) | 1)
     border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
@@ -149,9 +157,21 @@ def _polarity(small: np.ndarray, noise: float) -> tuple[float, float]:
         light = np.maximum(small - (paper + margin), 0).sum() >= np.maximum((paper - margin) - small, 0).sum()
         sign = 1.0 if light else -1.0
         residual = _flatten(small, sign, _reconstructed(small * np.float32(sign), size))[0]
+        if light and _soft(small - np.float32(paper), margin):  # a glare, or light strokes?
+            dark = _flatten(small, -1.0, _reconstructed(-small, size))[0]
+            if float(dark.max()) > GLARE * float(residual.max()):
+                sign, residual = -1.0, dark
         peak = float(residual.max())
         return sign, _main_shape(residual, residual >= max(MIN_PHOTO_CONTRAST, NOISE_MARGIN * noise, peak / 4))[1]
     return _ink_side(small, noise, size)
+
+
+def _soft(lit: np.ndarray, margin: float) -> bool:
+    """Whether what stands above the paper (``lit``: the picture minus the paper's grey) fades out
+    gradually, as a glare does: under ``SOFT`` of it reaches half its strongest contrast. Strokes,
+    even blurred ones, are mostly as bright as their middle, and only their edges are fainter."""
+    above = int(np.count_nonzero(lit > margin))
+    return above > 0 and int(np.count_nonzero(lit > 0.5 * float(lit.max()))) < SOFT * above
 
 
 def _ink_side(small: np.ndarray, noise: float, size: int) -> tuple[float, float]:
@@ -282,12 +302,36 @@ def _region(kept: np.ndarray, factor: int, shape: tuple[int, ...]) -> tuple[slic
 
 def _full_resolution(gray: np.ndarray, region: tuple[slice, slice], found: Flattened) -> np.ndarray:
     """The flattened picture in ``region`` at the picture's resolution: the analysis copy's background and
-    gain interpolated up to it."""
-    contrast = gray[region] * np.float32(found.sign) - _upsample(found.background, found.factor, region)
+    gain interpolated up to it; of a speckled picture, its 3x3 median (``_median3``), as for the analysis
+    copy: each speck would read as a touch of ink, all over the digit's box."""
+    picture = _median3(gray[region]) if found.specks else gray[region]
+    contrast = picture * np.float32(found.sign) - _upsample(found.background, found.factor, region)
     if not isinstance(found.gain, float):
         contrast *= _upsample(found.gain, found.factor, region)
     contrast -= np.float32(found.offset)
     return contrast
+
+
+def _speckled(small: np.ndarray) -> bool:
+    """Whether the picture is strewn with specks (dust, dead pixels, salt and pepper): many separate
+    pixels or clusters that a 3x3 median changes by more than ``MIN_PHOTO_CONTRAST`` (at least
+    ``SPECKLED`` of the pixels' count), where a thin stroke, which the median also removes, is a few."""
+    changed = np.abs(small - _median3(small)) > MIN_PHOTO_CONTRAST
+    if np.count_nonzero(changed) < SPECKLED * changed.size:
+        return False
+    return ndimage.label(changed, EIGHT)[1] >= SPECKLED * changed.size
+
+
+def _median3(picture: np.ndarray) -> np.ndarray:
+    """A 3x3 median taken as the median of 3 along rows, then along columns (cheap at any size): a speck
+    or a pair of them is gone, a stroke two pixels wide stays."""
+    p = np.pad(picture, 1, mode="edge")
+    rows = _median_of(p[:, :-2], p[:, 1:-1], p[:, 2:])
+    return _median_of(rows[:-2], rows[1:-1], rows[2:])
+
+
+def _median_of(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
 
 
 def _upsample(small: np.ndarray, factor: int, region: tuple[slice, slice]) -> np.ndarray:
