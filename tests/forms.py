@@ -1,7 +1,7 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
 dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper,
-across one printed line or beside a notebook's margin; on a grey board photographed with a flash; and
-strewn with specks.
+across one printed line or beside a notebook's margin; on a grey board photographed with a flash;
+strewn with specks; and on a sticky note on a desk.
 Both test tiers draw from here."""
 
 from __future__ import annotations
@@ -68,3 +68,16 @@ def speckled(picture: np.ndarray, share: float, seed: int) -> np.ndarray:
     spots = np.random.default_rng(seed).random(out.shape)
     out[spots < share], out[spots > 1 - share] = 0, 255
     return out
+
+
+def sticky_note(digit: np.ndarray, at: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A 28x28 MNIST digit, 70 pixels tall, dark on a light sticky note 130 pixels a side whose top left
+    corner is ``at`` (row, column), on a dark desk with a grain, 240x300. float32."""
+    grain = np.asarray(Image.fromarray(np.random.default_rng(seed).integers(0, 255, (30, 38), np.uint8)).resize(
+        (300, 240), Image.Resampling.BICUBIC), np.float32)
+    picture = 60 + 0.1 * grain
+    note = np.full((130, 130), 235, np.float32)
+    big = Image.fromarray(np.asarray(digit, np.uint8)).resize((70, 70), Image.Resampling.BICUBIC)
+    note[30:100, 30:100] -= np.asarray(big, np.float32) * (200 / 255)
+    picture[at[0]: at[0] + 130, at[1]: at[1] + 130] = note
+    return picture

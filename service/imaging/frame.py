@@ -26,6 +26,7 @@ RING_HOLDS = 0.3  # a ring round ink at least this share of its height: a circle
 SURROUNDS = 0.8  # ... that it surrounds: a line from the digit's centre meets it in this share of directions ...
 RING_INK = 6.0  # ... and that holds at least a sixth as much ink as it does (a pen's ring round a digit) ...
 RING_TALL = 1.4  # ... and is round: at most this many times as tall as wide (a dotted or outlined zero is taller)
+FRINGE = 1 / 16  # share of a frame box's rows or columns, mostly paper, its ring test looks past (``_trimmed``)
 PEELS = 3  # frames within frames read through: a box drawn on paper, inside a picture's dark border
 STROKE = 1.3  # strokes this wide or less in the 20x20 box (under all but 0.3% of MNIST's) are drawn thicker ...
 STROKE_WIDTH = 2.2  # ... to about this width (MNIST's median is 2.6)
@@ -172,13 +173,17 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     box given in ``gray``'s pixels), up to ``peels`` frames deep; else, or where the frame holds nothing
     (a 0 drawn square), ``found``.
 
-    A frame is ink all round its box (``SOLID_RING`` of the box's border) round holes (``ENCLOSES`` of
-    the box). A box drawn round a digit is one: what is inside its line is read. So is the paper inside
-    a dark border (a scan's dark margin, a picture with a border), where the border's grey is taken for
-    the paper and the paper, with the digit as its hole, for ink: that paper is read. A digit is not."""
-    if not peels or min(found.strokes.shape) < 3 or (ink.ring(found.strokes) > 0.5).mean() < SOLID_RING:
-        return found
+    A frame is ink all round its box (``SOLID_RING`` of the box's border, past a fringe: ``_trimmed``)
+    round holes (``ENCLOSES`` of the box). A box drawn round a digit is one: what is inside its line is
+    read. So is the paper inside a dark border (a scan's dark margin, a picture with a border, a sticky
+    note on a desk), where the border's grey is taken for the paper and the paper, with the digit as
+    its hole, for ink: that paper is read. A digit is not."""
     strokes = found.strokes > 0.5
+    if not peels or min(strokes.shape) < 3:
+        return found
+    rows, cols = _trimmed(strokes)
+    if ink.ring(strokes[rows, cols]).mean() < SOLID_RING:
+        return found
     holes = ndimage.binary_fill_holes(strokes) & ~strokes
     if holes.mean() < ENCLOSES:
         return found
@@ -186,6 +191,8 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     if strokes.mean() < 0.5:  # a line drawn round the digit: inside the line
         left, top, w, h = ink.box_of(holes)
         x, y = x + left, y + top
+    else:  # the paper inside a border: all of it, not the fringe
+        x, y, w, h = x + cols.start, y + rows.start, cols.stop - cols.start, rows.stop - rows.start
     crop = np.ascontiguousarray(gray[y: y + h, x: x + w])
     inner = _found(crop[None])[0]
     if inner is None:
@@ -194,6 +201,25 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     ix, iy, iw, ih = inner.box
     inner.box = (ix + x, iy + y, iw, ih)
     return inner
+
+
+def _trimmed(solid: np.ndarray) -> tuple[slice, slice]:
+    """The box's rows and columns without those at each edge that are mostly paper, where one beyond
+    them is mostly ink (``FRINGE``): read at the picture's resolution from a smaller copy, a frame's
+    box may take in a fringe of what surrounds it (a sticky note's, a few pixels of the desk)."""
+    rows, cols = solid.mean(1) >= 0.5, solid.mean(0) >= 0.5
+    top, bottom = _dense_from(rows), len(rows) - _dense_from(rows[::-1])
+    left, right = _dense_from(cols), len(cols) - _dense_from(cols[::-1])
+    if top >= bottom or left >= right:
+        return slice(0, len(rows)), slice(0, len(cols))
+    return slice(top, bottom), slice(left, right)
+
+
+def _dense_from(dense: np.ndarray) -> int:
+    """How many of the first lines to skip to reach a dense one, up to ``FRINGE`` of them (a small
+    digit's box has no fringe to look past); none if none is dense."""
+    first = np.flatnonzero(dense[:int(FRINGE * len(dense)) + 1])
+    return int(first[0]) if len(first) else 0
 
 
 def _flat_together(stack: np.ndarray, paper: np.ndarray) -> list[ink.Ink | None]:

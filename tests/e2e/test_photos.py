@@ -254,3 +254,17 @@ def test_digits_strewn_with_specks_are_read_and_not_flagged(server, mnist_test):
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[74:86].tolist(), predictions
     assert sum("not_a_digit" in p["flags"] for p in predictions) <= 1, predictions
+
+
+def test_a_digit_on_a_sticky_note_photographed_on_a_desk_is_read(server, mnist_test):
+    """A light note on a dark desk is the paper inside a border: the digit written on it is read, and its
+    box is the digit's, not the note's (JPEG, as a phone sends it)."""
+    digits, labels = mnist_test
+    pictures = [encode(forms.sticky_note(digits[index].numpy(), (21 + 7 * (index % 8), 23 + 13 * (index % 7)),
+                                         index).astype(np.uint8), "JPEG", quality=85) for index in range(86, 98)]
+    predictions = predictions_for(server, pictures)
+    assert [p["label"] for p in predictions] == labels[86:98].tolist(), predictions
+    for index, prediction in zip(range(86, 98), predictions):
+        x, y, w, h = prediction["box"]
+        top, left = 21 + 7 * (index % 8), 23 + 13 * (index % 7)
+        assert w < 100 and h < 100 and left + 20 <= x and top + 20 <= y, prediction["box"]

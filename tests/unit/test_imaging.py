@@ -154,6 +154,20 @@ def test_specks_along_the_border_make_a_paper_not_one_grey():
     assert ink.paper_grey(paper)[1].tolist() == [False, True, True]
 
 
+def test_a_digit_on_a_sticky_note_on_a_desk_is_read_not_the_note(mnist_test, default_model):
+    """A light note on a dark desk is a frame: the paper inside a border, read as a picture of its own.
+    Read at full resolution from a copy at half of it, the note's box may take in a row or two of the
+    desk (JPEG's ringing at its edge), and its ring was not solid: the note itself was framed (a grey
+    square holding the digit)."""
+    images, labels = mnist_test[0][:40].numpy(), mnist_test[1][:40].numpy()
+    photos = [encode(forms.sticky_note(digit, (21 + 7 * (i % 8), 23 + 13 * (i % 7)), i).astype(np.uint8),
+                     "JPEG", quality=85) for i, digit in enumerate(images)]
+    frames = to_mnist([decode_image(photo, Limits()) for photo in photos])
+    inked = (frames > 0.3).mean((1, 2))
+    assert inked.max() < 0.4, inked  # strokes, not a square note
+    assert (predictions(default_model, frames) == labels).mean() >= 0.95
+
+
 @pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border"), ("circle",), ("circle", "border")])
 def test_a_digit_inside_a_frame_is_read_as_the_digit(mnist_test, marks):
     """A box or a ring drawn round the digit, or a dark border round the picture, is a frame, not the
