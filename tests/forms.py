@@ -45,14 +45,24 @@ def page(digit: np.ndarray, *marks: str) -> np.ndarray:
     return paper
 
 
+def enlarged(digit: np.ndarray, side: int) -> np.ndarray:
+    """A 28x28 MNIST digit enlarged to ``side`` pixels a side (bicubic), light on black; uint8."""
+    return np.asarray(Image.fromarray(np.asarray(digit, np.uint8)).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def note_corner(index: int) -> tuple[int, int]:
+    """Where ``sticky_note``'s note lies in the picture (row, column), varied by ``index``: every corner
+    of the analysis copy's pixel grid, odd and even."""
+    return 21 + 7 * (index % 8), 23 + 13 * (index % 7)
+
+
 def board(digit: np.ndarray, glare: tuple[float, float] | None = None, side: int = 180) -> np.ndarray:
     """A 28x28 MNIST digit, 100 pixels tall, dark (40) on a grey board (190); with ``glare`` (its centre,
     as shares of the height and width), photographed with a flash: a round glare wider than the strokes,
     brighter than the board and white in its middle. float32."""
     ink = np.zeros((side, side), np.float32)
     at = (side - 100) // 2
-    ink[at: at + 100, at: at + 100] = np.asarray(
-        Image.fromarray(np.asarray(digit, np.uint8)).resize((100, 100), Image.Resampling.BICUBIC), np.float32) / 255
+    ink[at: at + 100, at: at + 100] = enlarged(digit, 100) / np.float32(255)
     picture = 190 * (1 - ink) + 40 * ink
     if glare is not None:
         rows, cols = np.mgrid[:side, :side]
@@ -77,7 +87,6 @@ def sticky_note(digit: np.ndarray, at: tuple[int, int], seed: int = 0) -> np.nda
         (300, 240), Image.Resampling.BICUBIC), np.float32)
     picture = 60 + 0.1 * grain
     note = np.full((130, 130), 235, np.float32)
-    big = Image.fromarray(np.asarray(digit, np.uint8)).resize((70, 70), Image.Resampling.BICUBIC)
-    note[30:100, 30:100] -= np.asarray(big, np.float32) * (200 / 255)
+    note[30:100, 30:100] -= enlarged(digit, 70) * np.float32(200 / 255)
     picture[at[0]: at[0] + 130, at[1]: at[1] + 130] = note
     return picture

@@ -249,8 +249,8 @@ def test_digits_strewn_with_specks_are_read_and_not_flagged(server, mnist_test):
     """Salt and pepper on a scan (5% of the pixels each way): the specks are noise, not ink; each digit is
     read and none is called "not a digit" for them."""
     digits, labels = mnist_test
-    pictures = [encode(forms.speckled(255 - np.asarray(Image.fromarray(digits[index].numpy()).resize(
-        (170, 170), Image.Resampling.BICUBIC)), 0.05, index), "PNG") for index in range(74, 86)]
+    pictures = [encode(forms.speckled(255 - forms.enlarged(digits[index].numpy(), 170), 0.05, index), "PNG")
+                for index in range(74, 86)]
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[74:86].tolist(), predictions
     assert sum("not_a_digit" in p["flags"] for p in predictions) <= 1, predictions
@@ -260,11 +260,11 @@ def test_a_digit_on_a_sticky_note_photographed_on_a_desk_is_read(server, mnist_t
     """A light note on a dark desk is the paper inside a border: the digit written on it is read, and its
     box is the digit's, not the note's (JPEG, as a phone sends it)."""
     digits, labels = mnist_test
-    pictures = [encode(forms.sticky_note(digits[index].numpy(), (21 + 7 * (index % 8), 23 + 13 * (index % 7)),
-                                         index).astype(np.uint8), "JPEG", quality=85) for index in range(86, 98)]
+    pictures = [encode(forms.sticky_note(digits[index].numpy(), forms.note_corner(index), index).astype(np.uint8),
+                       "JPEG", quality=85) for index in range(86, 98)]
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[86:98].tolist(), predictions
     for index, prediction in zip(range(86, 98), predictions):
         x, y, w, h = prediction["box"]
-        top, left = 21 + 7 * (index % 8), 23 + 13 * (index % 7)
+        top, left = forms.note_corner(index)
         assert w < 100 and h < 100 and left + 20 <= x and top + 20 <= y, prediction["box"]

@@ -135,8 +135,7 @@ def test_a_picture_strewn_with_specks_is_read_as_without_them(mnist_test, defaul
     (1 of 40 read and not flagged over HTTP, at 170 px): such a picture is median-filtered as a noisy
     photo is, and framed as the clean one."""
     images, labels = mnist_test[0][:40].numpy(), mnist_test[1][:40].numpy()
-    clean = [255 - np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC))
-             for digit in images]
+    clean = [255 - forms.enlarged(digit, side) for digit in images]
     frames = to_mnist([forms.speckled(picture, 0.05, seed).astype(np.float32) for seed, picture in enumerate(clean)])
     plain = to_mnist([picture.astype(np.float32) for picture in clean])
     alike = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(frames, plain)]
@@ -160,7 +159,7 @@ def test_a_digit_on_a_sticky_note_on_a_desk_is_read_not_the_note(mnist_test, def
     desk (JPEG's ringing at its edge), and its ring was not solid: the note itself was framed (a grey
     square holding the digit)."""
     images, labels = mnist_test[0][:40].numpy(), mnist_test[1][:40].numpy()
-    photos = [encode(forms.sticky_note(digit, (21 + 7 * (i % 8), 23 + 13 * (i % 7)), i).astype(np.uint8),
+    photos = [encode(forms.sticky_note(digit, forms.note_corner(i), i).astype(np.uint8),
                      "JPEG", quality=85) for i, digit in enumerate(images)]
     frames = to_mnist([decode_image(photo, Limits()) for photo in photos])
     inked = (frames > 0.3).mean((1, 2))
