@@ -1,7 +1,7 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
 dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper,
-across one printed line or beside a notebook's margin; on a grey board photographed with a flash;
-strewn with specks; and on a sticky note on a desk.
+across one printed line or beside a notebook's margin, in brackets; on a grey board photographed with
+a flash; strewn with specks; on a sticky note on a desk; and cut out of a badge.
 Both test tiers draw from here."""
 
 from __future__ import annotations
@@ -90,3 +90,35 @@ def sticky_note(digit: np.ndarray, at: tuple[int, int], seed: int = 0) -> np.nda
     note[30:100, 30:100] -= enlarged(digit, 70) * np.float32(200 / 255)
     picture[at[0]: at[0] + 130, at[1]: at[1] + 130] = note
     return picture
+
+
+def bracketed(digit: np.ndarray, square: bool = False) -> np.ndarray:
+    """``page``'s digit between brackets 130 pixels tall, as a list's "(3)" or a form's "[3]" has it, dark
+    as the digit; uint8."""
+    paper = Image.fromarray(page(digit))
+    draw = ImageDraw.Draw(paper)
+    for edge, foot, start in ((28, 16, 125), (172, -16, 305)):  # each bracket's outer edge, its feet's way
+        if square:
+            draw.line([(edge + foot, 55), (edge, 55), (edge, 185), (edge + foot, 185)], fill=35, width=5)
+        else:  # an arc of an ellipse 56 wide, its outer side at the edge
+            left = edge - 20 if foot > 0 else edge - 36
+            draw.arc((left, 55, left + 56, 185), start, start + 110, fill=35, width=5)
+    return np.asarray(paper)
+
+
+def badge(digit: np.ndarray, shape: str, colour: tuple[int, int, int]) -> np.ndarray:
+    """A 28x28 MNIST digit, 80 pixels tall, cut out (white) of a filled ``shape`` of ``colour`` on white
+    paper, 180x180: a "disc" 140 pixels across (a map marker, a notification's badge) or a "label" (a
+    rounded rectangle 120 wide and 150 tall). uint8 RGB."""
+    cover = Image.new("L", (180, 180), 0)
+    box = (20, 20, 160, 160) if shape == "disc" else (30, 15, 150, 165)
+    if shape == "disc":
+        ImageDraw.Draw(cover).ellipse(box, fill=255)
+    else:
+        ImageDraw.Draw(cover).rounded_rectangle(box, 18, fill=255)
+    shape_share = np.asarray(cover, np.float32)[..., None] / 255
+    cut = np.zeros((180, 180), np.float32)
+    cut[50:130, 50:130] = enlarged(digit, 80) / np.float32(255)
+    picture = 255 * (1 - shape_share) + np.asarray(colour, np.float32) * shape_share
+    picture = picture * (1 - cut[..., None]) + 255 * cut[..., None]
+    return picture.round().astype(np.uint8)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 from scipy import ndimage  # type: ignore[import-untyped]
-from skimage.morphology import skeletonize
+from skimage.morphology import convex_hull_image, skeletonize
 
 from service.errors import InputError
 from service.imaging import ink, margin, photo, ruled
@@ -27,6 +27,15 @@ SURROUNDS = 0.8  # ... that it surrounds: a line from the digit's centre meets i
 RING_INK = 6.0  # ... and that holds at least a sixth as much ink as it does (a pen's ring round a digit) ...
 RING_TALL = 1.4  # ... and is round: at most this many times as tall as wide (a dotted or outlined zero is taller)
 FRINGE = 1 / 16  # share of a frame box's rows or columns, mostly paper, its ring test looks past (``_trimmed``)
+CUT_OUT_TALL = 0.3  # paper holes at least this share of a solid shape's height, ...
+CUT_OUT_WHOLE = 0.6  # ... most of them (this share) in one part, ...
+CUT_OUT_THIN = 0.35  # ... as thin as strokes: at most this share of their height across ...
+CUT_OUT_LONG = 3.5  # ... long: at least this many times their width squared in area, ...
+CUT_OUT_BENT = 0.83  # ... and bent: at most this share of their convex hull (``_cut_out``)
+BRACKET_TALL = 1.05  # ink at each side at least this share of the rest's height (taller), ...
+BRACKET_THIN = 0.25  # ... one stroke: its rows at most this share of its height wide on average, ...
+BRACKET_RUNS = 0.9  # ... and this share of them crossing it once, ...
+BRACKET_HOLDS = 0.35  # ... round a rest at least this share of its height: brackets (``_bracketed``)
 PEELS = 3  # frames within frames read through: a box drawn on paper, inside a picture's dark border
 STROKE = 1.3  # strokes this wide or less in the 20x20 box (under all but 0.3% of MNIST's) are drawn thicker ...
 STROKE_WIDTH = 2.2  # ... to about this width (MNIST's median is 2.6)
@@ -79,8 +88,9 @@ def to_mnist_with_ink(grays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ink
 
 def _inks(stack: np.ndarray) -> list[ink.Ink | None]:
     """The digit of each image of one size (None where there is none): inside a frame, the ink within it
-    (``_inside``), without a ring drawn round it (``_encircled``) or a line drawn under it (``_underlined``)."""
-    return [None if found is None else _underlined(_encircled(_inside(stack[position], found, PEELS)))
+    (``_inside``), without a ring drawn round it (``_encircled``), brackets round it (``_bracketed``) or a
+    line drawn under it (``_underlined``)."""
+    return [None if found is None else _underlined(_bracketed(_encircled(_inside(stack[position], found, PEELS))))
             for position, found in enumerate(_found(stack))]
 
 
@@ -146,6 +156,43 @@ def _found(stack: np.ndarray) -> list[ink.Ink | None]:
             for position, is_flat in enumerate(flat.tolist())]
 
 
+def _bracketed(found: ink.Ink) -> ink.Ink:
+    """The digit without brackets round it (a list's "(3)", a form's "[7]", a table's rules either side):
+    the parts of the ink reaching furthest left and right, each of its own, taller than the rest
+    (``BRACKET_TALL``: stripes are alike) and one thin stroke (``BRACKET_THIN``: its rows' mean width
+    against its height, as an italic one leans; ``BRACKET_RUNS``: where an H or a D is two), the rest
+    between their middles, level with them and a digit's size within them (``BRACKET_HOLDS``), where a
+    0 broken in three keeps only a short arc between its sides."""
+    strokes = found.strokes > 0.5
+    if _runs(strokes[len(strokes) // 2]) < 3:  # bracket, digit, bracket across the middle row
+        return found
+    labels, count = ndimage.label(strokes, ink.EIGHT)
+    if count < 3:
+        return found
+    parts = ndimage.find_objects(labels)
+    sides = [1 + min(range(count), key=lambda i: parts[i][1].start),
+             1 + max(range(count), key=lambda i: parts[i][1].stop)]
+    if sides[0] == sides[1]:
+        return found
+    brackets = np.isin(labels, sides)
+    x, y, w, h = ink.box_of(strokes & ~brackets)
+    middles = []
+    for side in sides:
+        rows, cols = parts[side - 1]
+        height = rows.stop - rows.start
+        bracket = labels[rows, cols] == side
+        once = np.count_nonzero((bracket[:, 1:] & ~bracket[:, :-1]).sum(1) + bracket[:, 0] == 1)
+        if (height < BRACKET_TALL * h or np.count_nonzero(bracket) > BRACKET_THIN * height ** 2
+                or once < BRACKET_RUNS * height or h < BRACKET_HOLDS * height
+                or not rows.start <= y + h / 2 <= rows.stop):
+            return found
+        middles.append((cols.start + cols.stop) / 2)
+    if not middles[0] < x < x + w < middles[1]:  # the rest is not between them
+        return found
+    kept = ~ndimage.binary_dilation(brackets, ink.EIGHT, 2)  # the digit's faint fringe too, not the brackets'
+    return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
+
+
 def _underlined(found: ink.Ink) -> ink.Ink:
     """The digit without a line drawn under it (people underline a 6 or a 9; a form's field has one):
     a part of the ink of its own along the box's last row, below the rest with a gap (``UNDERLINE_GAP``
@@ -181,19 +228,26 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     strokes = found.strokes > 0.5
     if not peels or min(strokes.shape) < 3:
         return found
+    x, y, w, h = found.box
     rows, cols = _trimmed(strokes)
     if ink.ring(strokes[rows, cols]).mean() < SOLID_RING:
-        return found
-    holes = ndimage.binary_fill_holes(strokes) & ~strokes
-    if holes.mean() < ENCLOSES:
-        return found
-    x, y, w, h = found.box
-    if strokes.mean() < 0.5:  # a line drawn round the digit: inside the line
-        left, top, w, h = ink.box_of(holes)
+        cut = _cut_out(strokes) if strokes.shape == (h, w) else None  # not a tight crop's padded strokes
+        if cut is None:
+            return found
+        (top, bottom), (left, right) = ((part.start, part.stop) for part in cut)
+        crop = np.array(gray[y + top: y + bottom, x + left: x + right])
+        outside = ~ndimage.binary_fill_holes(strokes)[cut]  # the paper round the shape takes the shape's grey
+        crop[outside] = np.median(gray[y: y + h, x: x + w][strokes])
         x, y = x + left, y + top
-    else:  # the paper inside a border: all of it, not the fringe
-        x, y, w, h = x + cols.start, y + rows.start, cols.stop - cols.start, rows.stop - rows.start
-    crop = np.ascontiguousarray(gray[y: y + h, x: x + w])
+    elif (holes := ndimage.binary_fill_holes(strokes) & ~strokes).mean() < ENCLOSES:
+        return found
+    else:
+        if strokes.mean() < 0.5:  # a line drawn round the digit: inside the line
+            left, top, w, h = ink.box_of(holes)
+            x, y = x + left, y + top
+        else:  # the paper inside a border: all of it, not the fringe
+            x, y, w, h = x + cols.start, y + rows.start, cols.stop - cols.start, rows.stop - rows.start
+        crop = np.ascontiguousarray(gray[y: y + h, x: x + w])
     inner = _found(crop[None])[0]
     if inner is None:
         return found
@@ -201,6 +255,36 @@ def _inside(gray: np.ndarray, found: ink.Ink, peels: int) -> ink.Ink:
     ix, iy, iw, ih = inner.box
     inner.box = (ix + x, iy + y, iw, ih)
     return inner
+
+
+def _cut_out(strokes: np.ndarray) -> tuple[slice, slice] | None:
+    """Where the ink is a solid shape with a digit cut out of it (a light digit on a dark disc, badge,
+    label or sign's panel, the picture's paper round it): the rows and columns round the cut-out, a
+    quarter of its size wider each way, within the shape's box; else None. The cut-out is the shape's
+    paper holes: most in one part (``CUT_OUT_WHOLE``), where a decorated face's or a symbol's are a
+    pattern; a digit's size within the shape (``CUT_OUT_TALL``); strokes (``CUT_OUT_THIN``,
+    ``CUT_OUT_LONG``) with a bend (``CUT_OUT_BENT``), where a bold digit's counters, its own holes, are
+    round, short or a straight lens (a heavy 0's). A straight bar cut out (a 1 without a foot) is such
+    a lens to this test, and the shape is read as it is."""
+    if min(strokes.shape) <= BOX or strokes.mean() < 0.5:
+        return None
+    holes = ndimage.binary_fill_holes(strokes) & ~strokes
+    if not holes.any():
+        return None
+    labels, count = ndimage.label(holes)  # paper joins along edges where ink joins at corners too
+    areas = ndimage.sum_labels(holes, labels, np.arange(1, count + 1))
+    kept = areas >= 0.1 * areas.max()  # not the specks of a shape's noise
+    if areas.max() < CUT_OUT_WHOLE * areas[kept].sum():  # a pattern of holes: a decorated face's, a symbol's
+        return None
+    cut = np.isin(labels, 1 + np.flatnonzero(kept))
+    left, top, w, h = ink.box_of(cut)
+    across = 2 * float(ndimage.distance_transform_edt(cut).max())
+    if (h < CUT_OUT_TALL * len(strokes) or across > CUT_OUT_THIN * h or cut.sum() < CUT_OUT_LONG * across ** 2
+            or cut.sum() > CUT_OUT_BENT * convex_hull_image(cut).sum()):
+        return None
+    pad = max(w, h) // 4
+    return (slice(max(0, top - pad), min(len(strokes), top + h + pad)),
+            slice(max(0, left - pad), min(strokes.shape[1], left + w + pad)))
 
 
 def _trimmed(solid: np.ndarray) -> tuple[slice, slice]:

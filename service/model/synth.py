@@ -32,7 +32,7 @@ from service.model import dress, negatives, printed
 
 CACHE = Path(os.environ.get("DIGITSERVE_CACHE", Path.home() / ".cache" / "digitserve")) / "synth"
 CHUNK = 256
-RECIPE = 12  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
+RECIPE = 13  # raise with any change to how pictures are drawn, dressed or framed: the cache is keyed by it
 HELD_OUT = "-heldout"  # a kind's suffix: drawn from the held-out fonts and photographs (evaluation only)
 CALIBRATION = "-calibration"  # printed digits from the calibration font groups (the typicality reference only)
 _SUFFIXES: dict[str, printed.Partition] = {HELD_OUT: "heldout", CALIBRATION: "calibration"}

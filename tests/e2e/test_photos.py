@@ -268,3 +268,32 @@ def test_a_digit_on_a_sticky_note_photographed_on_a_desk_is_read(server, mnist_t
         x, y, w, h = prediction["box"]
         top, left = forms.note_corner(index)
         assert w < 100 and h < 100 and left + 20 <= x and top + 20 <= y, prediction["box"]
+
+
+def test_light_digits_cut_out_of_dark_badges_are_read(server, mnist_test):
+    """A white digit in a red disc or on a dark label (a map marker, a badge, a tag), sent as JPEG: the
+    digit is read, not the shape round it, and its box is the digit's."""
+    digits, labels = mnist_test
+    shapes = [("disc", (200, 40, 40)), ("label", (35, 35, 50)), ("disc", (30, 90, 200))]
+    pictures = [encode(Image.fromarray(forms.badge(digits[index].numpy(), *shapes[index % 3])), "JPEG", quality=90)
+                for index in range(98, 110)]
+    predictions = predictions_for(server, pictures)
+    read = sum(p["label"] == label for p, label in zip(predictions, labels[98:110].tolist()))
+    assert read >= 11, predictions  # a straight 1 cut out reads as a heavy 0's counter (docs/pictures.md)
+    for prediction in predictions:
+        x, y, w, h = prediction["box"]
+        assert x >= 40 and y >= 40 and w <= 100 and h <= 100, prediction["box"]  # within the cut-out's place
+
+
+def test_digits_in_brackets_are_read_without_them(server, mnist_test):
+    """"(7)" and "[7]" on paper: the brackets are not part of the digit; each is read, not flagged, and its
+    box is the digit's, inside the brackets."""
+    digits, labels = mnist_test
+    pictures = [encode(forms.bracketed(digits[index].numpy(), square=index % 2 == 1), "PNG")
+                for index in range(110, 122)]
+    predictions = predictions_for(server, pictures)
+    assert [p["label"] for p in predictions] == labels[110:122].tolist(), predictions
+    assert sum("not_a_digit" in p["flags"] for p in predictions) <= 1, predictions
+    for prediction in predictions:
+        x, _, w, _ = prediction["box"]
+        assert x > 32 and x + w < 168, prediction["box"]  # between the brackets' inner edges

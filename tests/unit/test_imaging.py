@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
@@ -165,6 +165,71 @@ def test_a_digit_on_a_sticky_note_on_a_desk_is_read_not_the_note(mnist_test, def
     inked = (frames > 0.3).mean((1, 2))
     assert inked.max() < 0.4, inked  # strokes, not a square note
     assert (predictions(default_model, frames) == labels).mean() >= 0.95
+
+
+@pytest.mark.parametrize(("shape", "colour"), [("disc", (200, 40, 40)), ("label", (35, 35, 50))])
+def test_a_light_digit_cut_out_of_a_dark_badge_is_read_not_the_badge(mnist_test, default_model, shape, colour):
+    """A white digit cut out of a filled disc or label on white paper: the dark shape was taken for the
+    ink and its holes for paper (3 of 40 discs and 2 of 40 labels read). The digit is read as light ink
+    on the shape's colour."""
+    images, labels = mnist_test[0][:40].numpy(), mnist_test[1][:40].numpy()
+    frames = to_mnist([decode_image(encode(forms.badge(digit, shape, colour), "PNG"), Limits()) for digit in images])
+    plain = to_mnist([forms.enlarged(digit, 80).astype(np.float32) for digit in images])  # on black paper
+    alike = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(frames, plain)]
+    assert np.median(alike) > 0.9, alike  # the digit's strokes, not a filled shape
+    # a straight 1 cut out is a heavy 0's counter to the framing (``_cut_out``): the shape is read
+    assert (predictions(default_model, frames) == labels).mean() >= 0.9
+
+
+def test_a_bold_digits_counters_are_not_a_cut_out():
+    """``_cut_out`` reads a solid shape's holes as a digit only when they are strokes with a bend, most in
+    one part: not a heavy 0's lens of a counter, an 8's two round ones or a pattern of dots in a
+    decorated face; a 7 cut out of a disc is one."""
+    def shape(draw_holes) -> np.ndarray:
+        picture = Image.new("L", (120, 160), 0)
+        draw = ImageDraw.Draw(picture)
+        draw.ellipse((0, 0, 119, 159), fill=255)
+        draw_holes(draw)
+        return np.asarray(picture) > 127
+
+    heavy_zero = shape(lambda draw: draw.polygon([(60, 25), (72, 80), (60, 135), (48, 80)], fill=0))
+    eight = shape(lambda draw: (draw.ellipse((40, 25, 80, 70), fill=0), draw.ellipse((35, 85, 85, 135), fill=0)))
+    seven = shape(lambda draw: draw.line([(35, 40), (85, 40), (55, 125)], fill=0, width=10))
+    assert framing._cut_out(heavy_zero) is None
+    assert framing._cut_out(eight) is None
+    dotted = shape(lambda draw: [draw.ellipse((x, y, x + 14, y + 14), fill=0)
+                                 for x in (30, 55, 80) for y in (30, 70, 110)])
+    assert framing._cut_out(dotted) is None
+    rows, cols = framing._cut_out(seven)
+    assert rows.start < 40 and rows.stop > 125 and cols.start < 35 and cols.stop > 85
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_brackets_round_a_digit_are_not_read_with_it(mnist_test, default_model, square):
+    """A list's "(3)" or a form's "[3]": the brackets were framed with the digit (10 of 40 printed "(d)"
+    read, all flagged). They are tall, thin and either side of it: the digit is framed as on bare paper."""
+    images, labels = mnist_test[0][:40].numpy(), mnist_test[1][:40].numpy()
+    frames = to_mnist([forms.bracketed(digit, square).astype(np.float32) for digit in images])
+    plain = to_mnist([forms.page(digit).astype(np.float32) for digit in images])
+    alike = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(frames, plain)]
+    assert min(alike) > 0.9, alike
+    assert (predictions(default_model, frames) == labels).mean() >= 0.95
+
+
+def test_stripes_and_a_broken_zero_keep_their_sides():
+    """``_bracketed`` takes away sides only taller than a digit's size of ink between them: a 0 drawn in
+    three strokes (two sides and a short arc at its top) and a texture's stripes are kept whole."""
+    stripes = np.zeros((90, 70), np.float32)
+    stripes[:, 2:70:12] = stripes[:, 3:70:12] = stripes[:, 4:70:12] = 1
+    striped = ink.cropped(stripes, (0, 0), [])
+    assert framing._bracketed(striped) is striped
+    picture = Image.new("L", (80, 110), 0)
+    draw = ImageDraw.Draw(picture)
+    draw.arc((2, 2, 78, 108), 100, 250, fill=255, width=6)
+    draw.arc((2, 2, 78, 108), 290, 430, fill=255, width=6)
+    draw.arc((2, 2, 78, 108), 255, 285, fill=255, width=6)
+    zero = ink.cropped(np.asarray(picture, np.float32) / 255, (0, 0), [])
+    assert framing._bracketed(zero) is zero
 
 
 @pytest.mark.parametrize("marks", [("box",), ("border",), ("box", "border"), ("circle",), ("circle", "border")])
