@@ -266,7 +266,7 @@ def _cut_out(strokes: np.ndarray) -> tuple[slice, slice] | None:
     ``CUT_OUT_LONG``) with a bend (``CUT_OUT_BENT``), where a bold digit's counters, its own holes, are
     round, short or a straight lens (a heavy 0's). A straight bar cut out (a 1 without a foot) is such
     a lens to this test, and the shape is read as it is."""
-    if min(strokes.shape) <= BOX or strokes.mean() < 0.5:
+    if min(strokes.shape) <= BOX or np.count_nonzero(strokes) < 0.5 * strokes.size:
         return None
     holes = ndimage.binary_fill_holes(strokes) & ~strokes
     if not holes.any():
