@@ -9,8 +9,9 @@ Read top to bottom, like pytorch/examples' mnist/main.py: arguments, data, ``tra
 - printed digits from the fonts on this machine and MNIST digits dressed as photographs (``synth``),
   framed by the service's own preprocessing, so the model learns on the frames it is served, and only
   affinely jittered (``--picture-elastic``: elastic distortion made print look like no print);
-- non-digits (letters, symbols, shapes, scribbles, textures, photographs) with a uniform target
-  (outlier exposure, Hendrycks et al. 2019), so that what is not a digit does not look like one;
+- non-digits (letters, symbols, shapes, scribbles, textures, photographs) kept at a low energy and
+  digits at a high one (outlier exposure with energy margins, Liu et al. 2020), so that what is not a
+  digit does not look like one;
 - a calibration split of MNIST train, never fitted on, and those digits pictured, with printed ones in
   the calibration font groups, never trained on (``reference``): the temperature and the typicality
   reference.
@@ -65,8 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dressed", type=int, default=10000, help="MNIST training digits pictured as photographs")
     p.add_argument("--negatives", type=int, default=3000,
                    help=f"non-digit pictures of each kind ({', '.join(negatives.KINDS)})")
-    p.add_argument("--outlier-weight", type=float, default=0.3,
-                   help="weight of the uniform-target loss on non-digits (0: no outlier exposure)")
+    p.add_argument("--outlier-loss", choices=["energy", "uniform"], default="energy",
+                   help="outlier exposure: squared hinges on the energy, non-digits under --energy-out and "
+                        "digits over --energy-in (Liu et al. 2020), or cross-entropy to a uniform answer on "
+                        "non-digits (Hendrycks et al. 2019; versions 2-4, weight 0.3)")
+    p.add_argument("--outlier-weight", type=float, default=0.1,
+                   help="weight of the outlier-exposure loss on non-digits (0: no outlier exposure)")
+    p.add_argument("--energy-out", type=float, default=2.5,
+                   help="--outlier-loss energy: the logsumexp of the logits non-digits are pushed under "
+                        "(a uniform answer of zero logits is log 10 = 2.3)")
+    p.add_argument("--energy-in", type=float, default=4.0,
+                   help="--outlier-loss energy: the logsumexp of the logits digits are pushed over")
     p.add_argument("--typicality-score", choices=SCORES, default="energy",
                    help="what typicality is computed from (docs/typicality.md)")
     add_reference_argument(p)
@@ -147,14 +157,24 @@ def train(model: FNN, device: torch.device, x: torch.Tensor, y: torch.Tensor, pi
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits[:len(yb)], yb, label_smoothing=args.label_smoothing)
-        if len(others) and args.outlier_weight > 0:  # cross-entropy to the uniform distribution
-            loss = loss - args.outlier_weight * F.log_softmax(logits[len(yb):], 1).mean()
+        if len(others) and args.outlier_weight > 0:
+            loss = loss + args.outlier_weight * outlier_loss(logits[:len(yb)], logits[len(yb):], args)
         loss.backward()
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(idx)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / len(x)
+
+
+def outlier_loss(digits: torch.Tensor, others: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """Outlier exposure on one batch's logits: the non-digits' cross-entropy to the uniform distribution,
+    or squared hinges that keep the energy (logsumexp of the logits) of non-digits low and of digits
+    high, and leave those already past their margin alone."""
+    if args.outlier_loss == "uniform":
+        return -F.log_softmax(others, 1).mean()
+    return (F.relu(torch.logsumexp(others, 1) - args.energy_out).pow(2).mean()
+            + F.relu(args.energy_in - torch.logsumexp(digits, 1)).pow(2).mean())
 
 
 def make_pictures(args: argparse.Namespace, digits: torch.Tensor, labels: torch.Tensor) -> tuple[Pictures, dict]:
@@ -283,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         "training": {**hyperparameters, "optimizer": "SGD (Nesterov) + OneCycleLR", "device": str(device),
                      "recipe": "MNIST with elastic distortion and affine jitter (Simard 2003); printed digits "
                                "(training font groups) and dressed MNIST framed by service.imaging, affine "
-                               "jitter and --picture-elastic; outlier exposure on non-digits; the reference's "
-                               "printed digits from the calibration font groups",
+                               "jitter and --picture-elastic; outlier exposure on non-digits (--outlier-loss); the "
+                               "reference's printed digits from the calibration font groups",
                      "font_partitions": printed.summary() if uses_fonts(args) else None},
         "seed": args.seed,
         "torch_version": torch.__version__,
