@@ -69,7 +69,9 @@ class MessageReader:
     """Cuts one pipe's byte stream into message payloads, resynchronising after a cut message.
 
     A message is delivered only when whole: its tail follows its payload, and no MAGIC starts
-    inside it (a new writer's message right after one that was cut short). A writer that died inside
+    inside it (a new writer's message right after one that was cut short), its own first bytes
+    included: a MAGIC cut one byte short whose last byte is its first looks like a whole one, and
+    the next writer's MAGIC begins inside it. A writer that died inside
     the tail, followed by a new writer whose MAGIC begins with the missing tail bytes (1 in 256 for
     one byte), passes the tail's check: its payload is whole and is delivered, and the new MAGIC,
     begun inside that tail, is found there (``_began_in_tail``) rather than its message dropped.
@@ -78,7 +80,7 @@ class MessageReader:
     def __init__(self, magic: bytes):
         self.magic, self.tail = magic, _tail(magic)
         self.pending = bytearray()
-        self.scanned = len(magic)  # where the search for a MAGIC inside the current message resumes
+        self.scanned = 1  # where the search for a MAGIC inside the current message resumes
         self.after_tail = False  # the buffer starts right after a delivered message's tail
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -100,14 +102,14 @@ class MessageReader:
                 self._resync(inside)
                 continue
             if len(pending) < end + len(self.tail):
-                self.scanned = max(len(magic), min(end, len(pending)) - len(magic) + 1)
+                self.scanned = max(1, min(end, len(pending)) - len(magic) + 1)
                 break
             if pending[end:end + len(self.tail)] != self.tail:
                 self._resync(1)
                 continue
             payloads.append(bytes(pending[head:end]))
             del pending[:end + len(self.tail)]
-            self.scanned = len(magic)
+            self.scanned = 1
             self.after_tail = True
         return payloads
 
@@ -132,7 +134,7 @@ class MessageReader:
         if count:
             log.warning("dropped %d bytes of a message cut short (a process died mid-transfer)", count)
             del self.pending[:count]
-        self.scanned = len(self.magic)
+        self.scanned = 1
         self.after_tail = False
         return found >= 0
 

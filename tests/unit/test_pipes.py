@@ -78,3 +78,14 @@ def test_a_writer_dead_in_the_tail_whose_successor_s_magic_completes_it_loses_no
         reader = MessageReader(magic)
         got = [pickle.loads(p) for p in reader.feed(stream[:cut]) + reader.feed(stream[cut:])]
         assert got == ["first", "second"], cut
+
+
+def test_a_magic_cut_one_byte_short_does_not_hide_the_next_message():
+    """A writer that died one byte into its MAGIC's end, where that MAGIC's last byte is its first: the
+    cut bytes and the next MAGIC's first byte read as a whole MAGIC. The next message, whose MAGIC
+    begins inside that one, is delivered (it was lost, with all up to the MAGIC after it)."""
+    magic = bytes([7]) + bytes(range(100, 114)) + bytes([7])
+    messages = [pack(magic, item) for item in (b"lost", b"next", ("after", 1))]
+    stream = messages[0][:len(magic) - 1] + messages[1] + messages[2]
+    reader = MessageReader(magic)
+    assert [pickle.loads(payload) for payload in reader.feed(stream)] == [b"next", ("after", 1)]
