@@ -190,7 +190,11 @@ def _bracketed(found: ink.Ink) -> ink.Ink:
     if not middles[0] < x < x + w < middles[1]:  # the rest is not between them
         return found
     kept = ~ndimage.binary_dilation(brackets, ink.EIGHT, 2)  # the digit's faint fringe too, not the brackets'
-    return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
+    digit = np.where(kept, found.strokes, 0)
+    flags = [flag for flag in found.flags if flag != ink.MULTIPLE]  # the brackets were the other "digits"
+    if ink.several(digit, ink.STRONG_SHARE):
+        flags.insert(0, ink.MULTIPLE)
+    return ink.cropped(digit, found.box[:2], flags)
 
 
 def _underlined(found: ink.Ink) -> ink.Ink:

@@ -158,6 +158,12 @@ def _places(ink: np.ndarray) -> tuple[list[tuple[int, int, int, int, float, floa
     return list(zip(tops.tolist(), lefts.tolist(), *spans, cys, cxs)), gapped
 
 
+def several(ink: np.ndarray, strong: float) -> bool:
+    """Whether ``ink`` (contrast, zero off its strokes) is several digits side by side, as ``choose`` tells."""
+    labels, count = ndimage.label(ink > 0, EIGHT)
+    return count > 1 and choose(labels, count, ink, strong)[1]
+
+
 def _separate(ink: np.ndarray, strokes: np.ndarray, flags: list[str]) -> None:
     """One picture's stroke components: stray ones erased from ``ink``, ``multiple_digits`` flagged."""
     labels, count = ndimage.label(strokes, EIGHT)

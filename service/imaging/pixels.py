@@ -4,7 +4,6 @@ on the wrong scale, would otherwise get a confident wrong answer), never moved; 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage  # type: ignore[import-untyped]
 
 from service.errors import InputError
 from service.imaging import ink
@@ -75,8 +74,7 @@ def frame_note(frame: np.ndarray) -> tuple[list[int], list[str]]:
     rows, cols = np.flatnonzero(strokes.any(1)), np.flatnonzero(strokes.any(0))
     box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
     flags = [ink.FAINT] if peak * 255 < ink.LOW_CONTRAST else []
-    labels, count = ndimage.label(strokes, ink.EIGHT)
-    if count > 1 and ink.choose(labels, count, frame, ink.STRONG_SHARE * peak)[1]:
+    if ink.several(np.where(strokes, frame, 0), ink.STRONG_SHARE * peak):
         flags.insert(0, ink.MULTIPLE)
     return box, flags
 

@@ -286,14 +286,15 @@ def test_light_digits_cut_out_of_dark_badges_are_read(server, mnist_test):
 
 
 def test_digits_in_brackets_are_read_without_them(server, mnist_test):
-    """"(7)" and "[7]" on paper: the brackets are not part of the digit; each is read, not flagged, and its
-    box is the digit's, inside the brackets."""
+    """"(7)" and "[7]" on paper: the brackets are not part of the digit, nor other digits; each is read,
+    not flagged, and its box is the digit's, inside the brackets."""
     digits, labels = mnist_test
     pictures = [encode(forms.bracketed(digits[index].numpy(), square=index % 2 == 1), "PNG")
                 for index in range(110, 122)]
     predictions = predictions_for(server, pictures)
     assert [p["label"] for p in predictions] == labels[110:122].tolist(), predictions
     assert sum("not_a_digit" in p["flags"] for p in predictions) <= 1, predictions
+    assert not any("multiple_digits" in p["flags"] for p in predictions), predictions  # brackets are not digits
     for prediction in predictions:
         x, _, w, _ = prediction["box"]
         assert x > 32 and x + w < 168, prediction["box"]  # between the brackets' inner edges
