@@ -124,9 +124,9 @@ def _encircled(found: ink.Ink) -> ink.Ink:
     return ink.cropped(np.where(kept, found.strokes, 0), found.box[:2], found.flags)
 
 
-def _runs(line: np.ndarray) -> int:
-    """How many runs of ink a row or column of the strokes crosses."""
-    return int(line[0]) + int(np.count_nonzero(line[1:] & ~line[:-1]))
+def _runs(lines: np.ndarray) -> np.ndarray:
+    """How many runs of ink each row (or one row or column) of the strokes crosses."""
+    return lines[..., 0] + np.count_nonzero(lines[..., 1:] & ~lines[..., :-1], axis=-1)
 
 
 def _surrounded(ring: np.ndarray, centre: tuple[float, float], rays: int = 16) -> float:
@@ -181,7 +181,7 @@ def _bracketed(found: ink.Ink) -> ink.Ink:
         rows, cols = parts[side - 1]
         height = rows.stop - rows.start
         bracket = labels[rows, cols] == side
-        once = np.count_nonzero((bracket[:, 1:] & ~bracket[:, :-1]).sum(1) + bracket[:, 0] == 1)
+        once = np.count_nonzero(_runs(bracket) == 1)
         if (height < BRACKET_TALL * h or np.count_nonzero(bracket) > BRACKET_THIN * height ** 2
                 or once < BRACKET_RUNS * height or h < BRACKET_HOLDS * height
                 or not rows.start <= y + h / 2 <= rows.stop):
