@@ -6,13 +6,13 @@ the same on any number of cores, and cached under ``~/.cache/digitserve/synth`` 
 (the arguments, ``RECIPE``, and the MNIST digits given or the fonts and photographs drawn from); nothing
 is committed.
 
-Kinds: ``printed`` (digits from the training font groups), ``dressed`` (MNIST digits given as
-``source``, pictured), ``canvas`` (the same on clean paper, as a scan), and the non-digit kinds of
-``negatives.KINDS``; with the suffix ``-heldout`` (``printed-heldout``, ``letters-heldout``, ...) drawn
-from the held-out font groups and photographs, for evaluation only; ``printed-calibration``: digits
-from the calibration font groups, for the typicality reference only (``printed.partition``). A digit
-that dressing lost (its frame unlike that of its clean picture) is left out, as is a non-digit a person
-would read as a 1.
+Kinds: ``printed`` (digits from the training font groups), ``segments`` (seven-segment digits,
+``segments``), ``dressed`` (MNIST digits given as ``source``, pictured), ``canvas`` (the same on clean
+paper, as a scan), and the non-digit kinds of ``negatives.KINDS``; with the suffix ``-heldout``
+(``printed-heldout``, ``letters-heldout``, ...) drawn from the held-out font groups and photographs, for
+evaluation only; ``printed-calibration``: digits from the calibration font groups, for the typicality
+reference only (``printed.partition``). A digit that dressing lost (its frame unlike that of its clean
+picture) is left out, as is a non-digit a person would read as a 1.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.model import dress, negatives, printed
+from service.model import dress, negatives, printed, segments
 
 CACHE = Path(os.environ.get("DIGITSERVE_CACHE", Path.home() / ".cache" / "digitserve")) / "synth"
 CHUNK = 256
@@ -72,6 +72,9 @@ def _digit_ink(kind: str, index: int, rng: np.random.Generator, source: Source |
         side = int(rng.integers(28, 200))
         scaled = np.asarray(digit.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32) / 255
         return np.clip(scaled, 0, 1), int(source[1][index])
+    if kind == "segments":
+        label = int(rng.integers(10))
+        return segments.draw(label, rng), label
     part = split_kind(kind)[1]
     fonts = _sources(part).fonts
     if not fonts:

@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "send them (0: the affine jitter alone)")
     p.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic distortion: smoothing, pixels")
     p.add_argument("--printed", type=int, default=20000, help="printed digits from the training font groups")
+    p.add_argument("--segments", type=int, default=0,
+                   help="seven-segment digits (service.model.segments; docs/pictures.md measures 2000)")
     p.add_argument("--dressed", type=int, default=10000, help="MNIST training digits pictured as photographs")
     p.add_argument("--negatives", type=int, default=3000,
                    help=f"non-digit pictures of each kind ({', '.join(negatives.KINDS)})")
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs, args.limit = min(args.epochs, 2), args.limit or 2048
     if args.limit is not None:  # picture sets in proportion to a small run
         args.printed, args.dressed = min(args.printed, args.limit // 2), min(args.dressed, args.limit // 4)
+        args.segments = min(args.segments, args.limit // 16)
         args.negatives = min(args.negatives, args.limit // 8)
     for flag in ("epochs", "batch_size", "hidden_size"):
         if getattr(args, flag) < 1:
@@ -181,14 +184,16 @@ def make_pictures(args: argparse.Namespace, digits: torch.Tensor, labels: torch.
     """The picture sets for this run (made once per seed and cached, ``synth``) and what they hold."""
     started = time.monotonic()
     printed, printed_labels = synth.build("printed", args.printed, args.seed, workers=args.workers)
+    segmented, segmented_labels = synth.build("segments", args.segments, args.seed, workers=args.workers)
     dressed, dressed_labels = synth.build("dressed", args.dressed, args.seed,
                                           (digits[:args.dressed].numpy(), labels[:args.dressed].numpy()),
                                           workers=args.workers)
     others = [synth.build(kind, args.negatives, args.seed, workers=args.workers)[0] for kind in negatives.KINDS]
-    counts = {"printed": len(printed), "dressed": len(dressed),
+    counts = {"printed": len(printed), "segments": len(segmented), "dressed": len(dressed),
               **{kind: len(frames) for kind, frames in zip(negatives.KINDS, others)}}
     print(f"pictures ({time.monotonic() - started:.0f} s): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    pictures = Pictures(torch.cat([printed, dressed]), torch.cat([printed_labels, dressed_labels]),
+    pictures = Pictures(torch.cat([printed, segmented, dressed]),
+                        torch.cat([printed_labels, segmented_labels, dressed_labels]),
                         torch.cat(others) if others else torch.zeros(0, 28, 28, dtype=torch.uint8))
     return pictures, counts
 

@@ -108,6 +108,18 @@ def test_training_writes_the_static_graph(two_runs):
     static.check_parity(loaded, static.FeatureNet(loaded.model), static.load(loaded, cpu), cpu)
 
 
+def test_seven_segment_digits_join_the_training_pictures_on_request(data_dir, tmp_path):
+    """``--segments N`` (scaled to the small run as the other picture sets are) trains on seven-segment digits;
+    the metadata counts those framed."""
+    code, out, _ = run_in_process(train_args(data_dir, tmp_path, 1, "--no-progress", "--segments", "1000",
+                                             "--static-graph", "none"))
+    assert code == 0, out
+    meta = json.loads((tmp_path / store.DEFAULT_NAME / "1" / store.METADATA_FILE).read_text())
+    assert meta["training"]["segments"] == LIMIT // 16
+    assert LIMIT // 32 <= meta["data"]["pictures"]["segments"] <= LIMIT // 16
+    assert re.search(rf"^pictures \(\d+ s\): printed \d+, segments {meta['data']['pictures']['segments']}, ", out, re.M)
+
+
 # ---------------------------------------------------------------- reproducibility
 
 def test_same_seed_gives_identical_weights(two_runs):
