@@ -1,8 +1,8 @@
 """A real digit on paper as forms and scans have it: in a box drawn round it (a form's field), inside a
 dark border (a scan's margin), with a line or a comb drawn under it, circled, on ruled or squared paper,
 across one printed line or beside a notebook's margin, in brackets; on a grey board photographed with
-a flash; strewn with specks; on a sticky note on a desk; and cut out of a badge.
-Both test tiers draw from here."""
+a flash; strewn with specks; on a sticky note on a desk; and cut out of a badge. And a digit on a
+seven-segment display. Both test tiers draw from here."""
 
 from __future__ import annotations
 
@@ -121,4 +121,32 @@ def badge(digit: np.ndarray, shape: str, colour: tuple[int, int, int]) -> np.nda
     cut[50:130, 50:130] = enlarged(digit, 80) / np.float32(255)
     picture = 255 * (1 - shape_share) + np.asarray(colour, np.float32) * shape_share
     picture = picture * (1 - cut[..., None]) + 255 * cut[..., None]
+    return picture.round().astype(np.uint8)
+
+
+# The segments a display lights for each digit (a top, b top right, c bottom right, d bottom, e bottom
+# left, f top left, g middle), as a calculator's: drawn here as plain bars, not as training draws them.
+SEVEN_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
+                  8: "abcdefg", 9: "abcdfg"}
+
+
+def display(label: int, lcd: bool) -> np.ndarray:
+    """``label`` on a seven-segment display, 100 pixels tall, leaning a little, 160x150: an ``lcd``'s dark
+    segments on grey-green glass with its unlit ones faintly there, or an LED's red ones on black. uint8 RGB."""
+    width, height, bar, left, top = 56, 100, 12, 47, 25
+    half = height // 2
+    inner, low = width - bar, height - bar  # bars meet at their corners with a gap of 2 pixels
+    bars = {"a": (bar + 2, 0, inner - 2, bar), "g": (bar + 2, half - bar // 2, inner - 2, half + bar // 2),
+            "d": (bar + 2, low, inner - 2, height), "f": (0, bar // 2 + 2, bar, half - 2),
+            "b": (inner, bar // 2 + 2, width, half - 2), "e": (0, half + 2, bar, low + bar // 2 - 2),
+            "c": (inner, half + 2, width, low + bar // 2 - 2)}
+    lit = Image.new("L", (150, 160), 0)
+    pen = ImageDraw.Draw(lit)
+    for name, (x0, y0, x1, y1) in bars.items():
+        shade = 255 if name in SEVEN_SEGMENTS[label] else 30 if lcd else 0
+        pen.rectangle((left + x0, top + y0, left + x1, top + y1), fill=shade)
+    lit = lit.transform(lit.size, Image.Transform.AFFINE, (1, 0.12, -10, 0, 1, 0), resample=Image.Resampling.BILINEAR)
+    share = np.asarray(lit, np.float32)[..., None] / 255
+    glass, ink = ((150, 165, 140), (30, 35, 30)) if lcd else ((10, 10, 10), (235, 40, 30))
+    picture = np.asarray(glass, np.float32) * (1 - share) + np.asarray(ink, np.float32) * share
     return picture.round().astype(np.uint8)
