@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.model import segments
+
 DIGIT = (slice(64, 176), slice(44, 156))  # where the digit is written on the 240x200 page (rows, columns)
 
 
@@ -124,15 +126,10 @@ def badge(digit: np.ndarray, shape: str, colour: tuple[int, int, int]) -> np.nda
     return picture.round().astype(np.uint8)
 
 
-# The segments a display lights for each digit (a top, b top right, c bottom right, d bottom, e bottom
-# left, f top left, g middle), as a calculator's: drawn here as plain bars, not as training draws them.
-SEVEN_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
-                  8: "abcdefg", 9: "abcdfg"}
-
-
 def display(label: int, lcd: bool) -> np.ndarray:
     """``label`` on a seven-segment display, 100 pixels tall, leaning a little, 160x150: an ``lcd``'s dark
-    segments on grey-green glass with its unlit ones faintly there, or an LED's red ones on black. uint8 RGB."""
+    segments on grey-green glass with its unlit ones faintly there, or an LED's red ones on black: plain
+    bars lighting ``segments.LIT``'s first spelling, not drawn as training draws them. uint8 RGB."""
     width, height, bar, left, top = 56, 100, 12, 47, 25
     half = height // 2
     inner, low = width - bar, height - bar  # bars meet at their corners with a gap of 2 pixels
@@ -143,7 +140,7 @@ def display(label: int, lcd: bool) -> np.ndarray:
     lit = Image.new("L", (150, 160), 0)
     pen = ImageDraw.Draw(lit)
     for name, (x0, y0, x1, y1) in bars.items():
-        shade = 255 if name in SEVEN_SEGMENTS[label] else 30 if lcd else 0
+        shade = 255 if name in segments.LIT[label][0] else 30 if lcd else 0
         pen.rectangle((left + x0, top + y0, left + x1, top + y1), fill=shade)
     lit = lit.transform(lit.size, Image.Transform.AFFINE, (1, 0.12, -10, 0, 1, 0), resample=Image.Resampling.BILINEAR)
     share = np.asarray(lit, np.float32)[..., None] / 255

@@ -132,11 +132,18 @@ def draw(text: str, font: Font, size: int, stroke: int = 0,
                                stroke_width=stroke, stroke_fill=255)
     if turn is not None:
         shear, angle = turn
-        h = image.size[1]
-        image = image.transform(image.size, Image.Transform.AFFINE, (1, shear, -shear * h / 2, 0, 1, 0),
-                                resample=Image.Resampling.BILINEAR).rotate(angle, resample=Image.Resampling.BILINEAR)
+        image = sheared(image, shear).rotate(angle, resample=Image.Resampling.BILINEAR)
     ink = np.asarray(image, dtype=np.float32) / 255
-    rows, cols = np.flatnonzero(ink.max(1) > 0.1), np.flatnonzero(ink.max(0) > 0.1)
-    if not len(rows):
-        return None
+    return cropped(ink, 0.1) if ink.max() > 0.1 else None
+
+
+def sheared(image: Image.Image, shear: float) -> Image.Image:
+    """``image`` sheared about its middle row: a positive ``shear`` leans it right, as italics."""
+    return image.transform(image.size, Image.Transform.AFFINE, (1, shear, -shear * image.size[1] / 2, 0, 1, 0),
+                           resample=Image.Resampling.BILINEAR)
+
+
+def cropped(ink: np.ndarray, level: float) -> np.ndarray:
+    """``ink`` cropped to the rows and columns that reach ``level`` (some must)."""
+    rows, cols = np.flatnonzero(ink.max(1) > level), np.flatnonzero(ink.max(0) > level)
     return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.model import printed
+
 # Segments lit per digit (a top, b top right, c bottom right, d bottom, e bottom left, f top left,
 # g middle); the second spelling of 6, 7 and 9 is the one some displays use.
 LIT = {0: ("abcdef",), 1: ("bc",), 2: ("abged",), 3: ("abgcd",), 4: ("fgbc",), 5: ("afgcd",),
@@ -48,9 +50,5 @@ def draw(label: int, rng: np.random.Generator) -> np.ndarray:
         shade = 255 if name in lit else round(255 * ghost)
         if shade:
             pen.polygon([(x + pad, y + pad) for x, y in _segment(x0, y0, x1, y1, bevel)], fill=shade)
-    slant = rng.uniform(-0.05, 0.25)  # displays lean right, as italics do
-    image = image.transform(image.size, Image.Transform.AFFINE, (1, slant, -slant * image.size[1] / 2, 0, 1, 0),
-                            resample=Image.Resampling.BILINEAR)
-    ink = np.asarray(image, dtype=np.float32) / 255
-    rows, cols = np.flatnonzero(ink.max(1) > 0.5), np.flatnonzero(ink.max(0) > 0.5)
-    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    image = printed.sheared(image, rng.uniform(-0.05, 0.25))  # displays lean right, as italics do
+    return printed.cropped(np.asarray(image, dtype=np.float32) / 255, 0.5)  # to the lit bars, not the faint ones

@@ -7,7 +7,7 @@ the same on any number of cores, and cached under ``~/.cache/digitserve/synth`` 
 is committed.
 
 Kinds: ``printed`` (digits from the training font groups), ``segments`` (seven-segment digits,
-``segments``), ``dressed`` (MNIST digits given as ``source``, pictured), ``canvas`` (the same on clean
+drawn by ``segments``), ``dressed`` (MNIST digits given as ``source``, pictured), ``canvas`` (the same on clean
 paper, as a scan), and the non-digit kinds of ``negatives.KINDS``; with the suffix ``-heldout``
 (``printed-heldout``, ``letters-heldout``, ...) drawn from the held-out font groups and photographs, for
 evaluation only; ``printed-calibration``: digits from the calibration font groups, for the typicality

@@ -38,7 +38,6 @@ def test_a_1_is_two_segments_on_one_side_so_a_bar():
         assert lit(8, seed).shape[1] > 1.5 * width
 
 
-
 def test_synth_frames_segmented_digits_as_the_service_frames_them(monkeypatch, tmp_path):
     """``synth.build("segments")``: pictured and framed like printed digits, labelled, and cached."""
     monkeypatch.setattr(synth, "CACHE", tmp_path)
